@@ -1,0 +1,5 @@
+import sys
+
+from distilled.cli import main
+
+sys.exit(main())
