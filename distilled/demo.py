@@ -1,0 +1,225 @@
+"""``distill demo``: the whole distillation pipeline, offline, on CPU, at toy scale.
+
+Why a separate orchestrator: every stage here is the *real* command a cluster run uses
+(``distill generate`` against a teacher server, ``distill reject``, MindFormers'
+``datasets_preprocess.py`` with this project's handlers, ``msrun`` through
+``scripts/msrun_launcher.sh``, ``distill parity``, ``distill eval``), run as a subprocess with
+its own progress bar. The demo only wires them together, times them, skips finished stages on a
+rerun, and writes ``report.md`` from the stages' own JSON outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class StageFailed(RuntimeError):
+    """A stage's command failed; the message names the stage and the command."""
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and paths of the demo. Defaults fit the 15-minute budget on 2 CPU cores."""
+
+    output: Path = Path("runs/demo")
+    n_train: int = 400
+    n_test: int = 50
+    num_generations: int = 2
+    wrong_rate: float = 0.2
+    seq_length: int = 512
+    epochs: int = 3
+    workers: int = 2
+    parity_steps: int = 3
+    eval_max_tokens: int = 256
+    seed: int = 0
+    force: bool = False
+
+    @property
+    def python(self) -> str:
+        return sys.executable
+
+
+@dataclass
+class StageResult:
+    """One row of the stage table: what went in, what came out, how long it took."""
+
+    name: str
+    rows_in: int | None = None
+    rows_out: int | None = None
+    seconds: float = 0.0
+    throughput: str = ""
+    summary: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class Demo:
+    """Runs the stages in order; each stage returns a ``StageResult`` saved under ``stages/``."""
+
+    def __init__(self, cfg: DemoConfig):
+        self.cfg = cfg
+        self.out = cfg.output.resolve()
+        self.results: list[StageResult] = []
+        self.env = dict(os.environ)
+        self.env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.env.setdefault("HF_HUB_OFFLINE", "1")
+        self.env.setdefault("HF_DATASETS_OFFLINE", "1")
+        self.env.setdefault("GLOG_v", "3")
+        self.env["PYTHONPATH"] = str(REPO) + os.pathsep + self.env.get("PYTHONPATH", "")
+        bindir = str(Path(sys.executable).parent)
+        self.env["PATH"] = bindir + os.pathsep + self.env.get("PATH", "")
+
+    # -- paths ---------------------------------------------------------------
+    def p(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    # -- running commands ----------------------------------------------------
+    def run(self, stage: str, cmd: list[str], cwd: Path | None = None) -> None:
+        """Run one real command; its progress bar goes to the terminal, a copy of its output to
+        ``logs/<stage>.log``. A non-zero exit raises ``StageFailed`` naming the stage."""
+        log = self.p("logs", f"{stage}.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"  $ {shlex.join(cmd)}", flush=True)
+        with open(log, "ab") as lf:
+            lf.write(f"$ {shlex.join(cmd)}\n".encode())
+            proc = subprocess.Popen(cmd, cwd=cwd or REPO, env=self.env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
+            assert proc.stdout is not None
+            for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+                lf.write(chunk)
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            rc = proc.wait()
+        if rc != 0:
+            raise StageFailed(f"stage '{stage}' failed: `{shlex.join(cmd)}` exited {rc} (log: {log})")
+
+    def distill(self, stage: str, *args: str) -> None:
+        self.run(stage, [self.cfg.python, "-m", "distilled", *args])
+
+    @contextlib.contextmanager
+    def teacher(self) -> Iterator[str]:
+        """Start the stand-in teacher on 127.0.0.1 in the background; always stop it."""
+        port = _free_port()
+        log = self.p("logs", "serve-teacher.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [self.cfg.python, "-m", "distilled", "serve-teacher", "--host", "127.0.0.1", "--port", str(port),
+               "--wrong-rate", str(self.cfg.wrong_rate), "--latency-ms", "20", "--capacity", "32",
+               "--seed", str(self.cfg.seed)]
+        print(f"  $ {shlex.join(cmd)} &", flush=True)
+        with open(log, "ab") as lf:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=lf, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None:
+                    raise StageFailed(f"stage 'generate': serve-teacher exited {proc.returncode} (log: {log})")
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise StageFailed("stage 'generate': serve-teacher did not start within 60 s")
+                    time.sleep(0.2)
+            yield f"127.0.0.1:{port}"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+    # -- stage bookkeeping ---------------------------------------------------
+    def stage(self, name: str, fn: Callable[[], StageResult]) -> StageResult:
+        marker = self.p("stages", f"{name}.json")
+        if marker.exists() and not self.cfg.force:
+            res = StageResult(**_read_json(marker))
+            print(f"[{name}] done already ({res.summary}); skipping (use --force to redo)", flush=True)
+            self.results.append(res)
+            return res
+        print(f"[{name}]", flush=True)
+        t0 = time.perf_counter()
+        res = fn()
+        res.seconds = round(time.perf_counter() - t0, 2)
+        from distilled.io_utils import write_json
+
+        write_json(marker, asdict(res))
+        print(f"[{name}] {res.summary} ({res.seconds:.1f}s)", flush=True)
+        self.results.append(res)
+        return res
+
+    # -- the stages ----------------------------------------------------------
+    def s_problems(self) -> StageResult:
+        c = self.cfg
+        self.distill("problems", "problems", "synth", "--n", str(c.n_train), "--seed", str(c.seed),
+                     "--output", str(self.p("data", "train.jsonl")),
+                     "--test-n", str(c.n_test), "--test-output", str(self.p("data", "test.jsonl")))
+        n_tr, n_te = _count_lines(self.p("data", "train.jsonl")), _count_lines(self.p("data", "test.jsonl"))
+        return StageResult("problems", rows_in=None, rows_out=n_tr,
+                           summary=f"{n_tr} train problems, {n_te} held-out test problems",
+                           extra={"train": n_tr, "test": n_te})
+
+    def s_generate(self) -> StageResult:
+        c = self.cfg
+        out = self.p("data", "generations.jsonl")
+        t0 = time.perf_counter()
+        with self.teacher() as addr:
+            self.distill("generate", "generate", "--model", "stand-in-teacher",
+                         "--dataset-name", str(self.p("data", "train.jsonl")),
+                         "--output-file", str(out), "--prompt-column", "problem", "--uuid-column", "id",
+                         "--api-addr", addr, "--num-generations", str(c.num_generations),
+                         "--max-tokens", "2048", "--max-concurrent", "32", "--seed", str(c.seed))
+        dt = time.perf_counter() - t0
+        rows = _count_lines(out)
+        gens = rows * c.num_generations
+        return StageResult("generate", rows_in=_count_lines(self.p("data", "train.jsonl")), rows_out=rows,
+                           throughput=f"{gens / dt:.1f} gen/s",
+                           summary=f"{rows} problems x {c.num_generations} generations",
+                           extra={"generations": gens, "failed": _count_lines(Path(str(out) + "").with_suffix(".failed.jsonl"))})
+
+    def s_reject(self) -> StageResult:
+        rep = self.p("data", "reject_report.json")
+        self.distill("reject", "reject", "--src", str(self.p("data", "generations.jsonl")),
+                     "--dst", str(self.p("data", "verified.jsonl")),
+                     "--rejected", str(self.p("data", "rejected.jsonl")),
+                     "--keep", "all", "--workers", str(self.cfg.workers), "--report", str(rep))
+        r = _read_json(rep)
+        kept = _count_lines(self.p("data", "verified.jsonl"))
+        return StageResult("reject", rows_in=_count_lines(self.p("data", "generations.jsonl")), rows_out=kept,
+                           throughput=f"{r.get('throughput', {}).get('pairs_per_s', 0):.0f} pairs/s"
+                           if isinstance(r.get("throughput"), dict) else "",
+                           summary=f"{kept} verified rows", extra={"report": r})
