@@ -1,0 +1,579 @@
+"""A stand-in teacher: a real OpenAI-compatible HTTP server (aiohttp) that answers synth problems.
+
+**This is not DeepSeek-R1.** It lets the whole pipeline (generate -> reject -> train -> eval) run
+offline, in tests, benchmarks and the demo, against a server that behaves like vLLM/SGLang on the
+wire: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (plus
+``GET /stats`` and ``POST /stats/reset`` for tests). For real distillation point ``distill
+generate`` at DeepSeek-R1 served by vLLM, SGLang or MindIE (see docs/generate.md).
+
+What it does and why:
+
+- It recognises problems written by ``distill problems synth`` (the parser and solver live in
+  :mod:`distilled.problems`, next to the generator) and answers R1-style:
+  ``<think>\\n`` step-by-step reasoning ``\\n</think>\\n\\n`` a short final text with ``\\boxed{}``.
+  A controlled share (``--wrong-rate``) is deliberately wrong, so rejection sampling has
+  something to reject. Unknown prompts get a plausible generic answer.
+- Answers are deterministic per ``(--seed, problem text, request seed, choice index)`` when the
+  request carries ``seed``; without one, each request draws fresh randomness (like sampling).
+- ``--capacity K`` serves at most K requests at a time and queues the rest, like a GPU server's
+  batch slots. Latency is fixed or log-normal (heavy tail: sigma 1.0 gives p99 ~ 10x median).
+- Faults on request, for client tests: ``429`` with ``Retry-After``, ``500``, connection
+  ``reset``, ``slow`` responses, ``truncated_json`` bodies and ``length`` (text cut short with
+  ``finish_reason: length``). ``--fault-rate F`` picks a fault for that share of requests, from
+  ``--faults`` (default: all kinds).
+- Tokens are counted as whitespace-separated words (no tokenizer is needed; documented in
+  docs/generate.md). ``max_tokens`` cuts the output after that many words (``finish_reason:
+  length``). ``--max-tokens-cap`` makes a request asking for more answer 400, as vLLM does when
+  ``max_tokens`` exceeds the model's context.
+
+For tests: :func:`start_in_thread` starts it on a free port in a background thread and returns a
+handle with ``.addr``, ``.base_url``, ``.stats()``, ``.config`` (mutable at run time) and ``.stop()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from distilled.problems import latex_number, parse_problem, solve
+
+FAULT_KINDS = ("429", "500", "reset", "slow", "truncated_json", "length")
+DEFAULT_MODEL = "stand-in-teacher"
+
+
+@dataclass
+class TeacherConfig:
+    """Every knob of the stand-in teacher (CLI flags map one to one)."""
+
+    seed: int = 0
+    wrong_rate: float = 0.2
+    latency_ms: float = 0.0
+    latency_dist: str = "lognormal"  # or "fixed"
+    latency_sigma: float = 1.0  # log-normal shape: p99/median = exp(2.326 * sigma)
+    capacity: int = 0  # 0 = unlimited
+    fault_rate: float = 0.0
+    faults: tuple[str, ...] = FAULT_KINDS
+    retry_after: float = 1.0  # seconds sent in Retry-After with a 429
+    slow_ms: float = 2000.0  # extra delay of a "slow" fault
+    reasoning_content: bool = False  # return reasoning in message.reasoning_content, like vLLM's parser
+    max_tokens_cap: int | None = None
+    api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
+    model: str = DEFAULT_MODEL
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.faults if f not in FAULT_KINDS]
+        if bad:
+            raise ValueError(f"unknown fault kind(s) {bad}; choose from {', '.join(FAULT_KINDS)}")
+        if self.latency_dist not in ("lognormal", "fixed"):
+            raise ValueError(f"latency_dist must be 'lognormal' or 'fixed', got {self.latency_dist!r}")
+        if not 0.0 <= self.wrong_rate <= 1.0 or not 0.0 <= self.fault_rate <= 1.0:
+            raise ValueError("wrong_rate and fault_rate must be within [0, 1]")
+
+
+# --- answer composition (pure functions) --------------------------------------------------------
+_OPENERS = ("Okay, let me solve this step by step.", "Let me work through this carefully.",
+            "Alright, let's break this down.", "Let me think about what is being asked.")
+_CHECKS = ("Let me double-check that.", "Wait, let me verify the arithmetic.", "That looks right.")
+_WORD = re.compile(r"\S+")
+
+
+def count_tokens(text: str) -> int:
+    """The stand-in's token count: whitespace-separated words (cheap, tokenizer-free, documented)."""
+    return len(text.split())
+
+
+def cut_tokens(text: str, n: int) -> str:
+    """The first ``n`` whitespace tokens of ``text``, original spacing kept."""
+    if n <= 0:
+        return ""
+    for i, m in enumerate(_WORD.finditer(text)):
+        if i == n - 1:
+            return text[: m.end()]
+    return text
+
+
+def _wrong_value(rng: random.Random, value) -> Any:
+    from fractions import Fraction
+
+    if value.denominator == 1:
+        return value + rng.choice([-3, -2, -1, 1, 2, 3, 10])
+    return Fraction(value.numerator + rng.choice([-1, 1, 2]), value.denominator) if rng.random() < 0.5 \
+        else Fraction(value.numerator, value.denominator + 1)
+
+
+def compose_answer(prompt: str, rng: random.Random, wrong_rate: float) -> tuple[str, str, dict]:
+    """Return ``(reasoning, final_text, info)`` for a prompt; ``info`` says kind/answer/correct."""
+    parsed = parse_problem(prompt)
+    lines = [rng.choice(_OPENERS)]
+    if parsed is None:
+        k = rng.randint(2, 99)
+        lines += ["I need to identify the quantities in the problem and combine them.",
+                  f"Working through the details, the result comes out to {k}."]
+        final = f"Combining the given quantities, the result is {k}.\n\nThe final answer is $\\boxed{{{k}}}$."
+        return "\n".join(lines), final, {"kind": None, "answer": str(k), "correct": None}
+    sol = solve(parsed)
+    wrong = rng.random() < wrong_rate
+    steps = list(sol.steps)
+    answer = sol.answer
+    if wrong:
+        bad = _wrong_value(rng, sol.value)
+        answer = latex_number(bad)
+        steps[-1] = re.sub(r"= [^=]*\.$", f"= {answer}.", steps[-1]) if "=" in steps[-1] else steps[-1]
+    lines += steps
+    if rng.random() < 0.5:
+        lines.append(rng.choice(_CHECKS))
+    lines.append(f"So the answer is {answer}.")
+    final = f"{steps[-1]}\n\nThe final answer is $\\boxed{{{answer}}}$."
+    return "\n".join(lines), final, {"kind": parsed.kind, "answer": answer, "correct": not wrong}
+
+
+def r1_text(reasoning: str, final: str) -> str:
+    """The R1 layout: ``<think>\\n`` reasoning ``\\n</think>\\n\\n`` final."""
+    return f"<think>\n{reasoning}\n</think>\n\n{final}"
+
+
+def split_r1(text: str) -> tuple[str | None, str]:
+    """Split (possibly truncated) R1 text into ``(reasoning_content, content)`` like vLLM's parser."""
+    if not text.startswith("<think>\n"):
+        return None, text
+    body = text[len("<think>\n"):]
+    if "\n</think>\n\n" in body:
+        r, c = body.split("\n</think>\n\n", 1)
+        return r, c
+    return body, ""
+
+
+# --- the server ---------------------------------------------------------------------------------
+@dataclass
+class _Stats:
+    requests: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    serving: int = 0
+    max_serving: int = 0
+    completed: int = 0
+    status: dict = field(default_factory=dict)
+    faults: dict = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)
+    completion_tokens: int = 0
+    started: float = field(default_factory=time.time)
+
+
+class TeacherServer:
+    """The aiohttp application and its state; :meth:`make_app` builds the routes."""
+
+    def __init__(self, config: TeacherConfig | None = None):
+        self.config = config or TeacherConfig()
+        self.stats = _Stats()
+        self._sem: asyncio.Semaphore | None = None
+        self._sem_cap = None
+        self._fault_rng = random.Random(f"faults:{self.config.seed}")
+        self._lat_rng = random.Random(f"latency:{self.config.seed}")
+        self._free_rng = random.Random()
+
+    # helpers
+    def _semaphore(self) -> asyncio.Semaphore | None:
+        cap = self.config.capacity
+        if cap <= 0:
+            return None
+        if self._sem is None or self._sem_cap != cap:
+            self._sem, self._sem_cap = asyncio.Semaphore(cap), cap
+        return self._sem
+
+    def _latency(self) -> float:
+        c = self.config
+        if c.latency_ms <= 0:
+            return 0.0
+        if c.latency_dist == "fixed":
+            return c.latency_ms / 1000.0
+        mu = math.log(c.latency_ms / 1000.0) - c.latency_sigma ** 2 / 2  # mean = latency_ms
+        return self._lat_rng.lognormvariate(mu, c.latency_sigma)
+
+    def _pick_fault(self) -> str | None:
+        c = self.config
+        if c.fault_rate > 0 and c.faults and self._fault_rng.random() < c.fault_rate:
+            return self._fault_rng.choice(c.faults)
+        return None
+
+    def _count(self, status: int) -> None:
+        s = self.stats.status
+        s[str(status)] = s.get(str(status), 0) + 1
+
+    def _json(self, obj: Any, status: int = 200, headers: dict | None = None):
+        from aiohttp import web
+
+        self._count(status)
+        return web.Response(body=json.dumps(obj).encode(), status=status, headers=headers,
+                            content_type="application/json")
+
+    def _error(self, status: int, message: str, etype: str, headers: dict | None = None):
+        return self._json({"error": {"message": message, "type": etype, "code": status}}, status, headers)
+
+    def _rng_for(self, text: str, seed: Any, index: int) -> random.Random:
+        if seed is None:
+            return random.Random(self._free_rng.getrandbits(64))
+        h = hashlib.blake2b(f"{self.config.seed}|{seed}|{index}|{text}".encode(), digest_size=8).hexdigest()
+        return random.Random(h)
+
+    # routes
+    async def models(self, request):
+        return self._json({"object": "list", "data": [{"id": self.config.model, "object": "model",
+                                                        "owned_by": "distilled", "created": int(self.stats.started)}]})
+
+    async def stats_view(self, request):
+        d = asdict(self.stats)
+        d["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()
+                       if k != "api_key"}
+        return self._json(d)
+
+    async def stats_reset(self, request):
+        in_flight, serving = self.stats.in_flight, self.stats.serving
+        self.stats = _Stats(in_flight=in_flight, serving=serving, max_in_flight=in_flight, max_serving=serving)
+        return self._json({"ok": True})
+
+    async def chat(self, request):
+        return await self._handle(request, chat=True)
+
+    async def completions(self, request):
+        return await self._handle(request, chat=False)
+
+    async def _handle(self, request, chat: bool):
+        st = self.stats
+        st.requests += 1
+        st.paths[request.path] = st.paths.get(request.path, 0) + 1
+        st.in_flight += 1
+        st.max_in_flight = max(st.max_in_flight, st.in_flight)
+        try:
+            return await self._handle_inner(request, chat)
+        finally:
+            st.in_flight -= 1
+
+    async def _handle_inner(self, request, chat: bool):
+        c = self.config
+        if c.api_key is not None:
+            if request.headers.get("Authorization", "") != f"Bearer {c.api_key}":
+                return self._error(401, "Incorrect API key provided.", "authentication_error")
+        try:
+            body = json.loads(await request.read())
+            if not isinstance(body, dict):
+                raise ValueError("body is not a JSON object")
+        except ValueError as exc:
+            return self._error(400, f"invalid JSON body: {exc}", "invalid_request_error")
+        model = body.get("model")
+        if model not in (c.model, None, "default"):
+            return self._error(404, f"The model `{model}` does not exist.", "NotFoundError")
+        if chat:
+            msgs = body.get("messages")
+            if not isinstance(msgs, list) or not msgs:
+                return self._error(400, "'messages' must be a non-empty list", "invalid_request_error")
+            user = [m.get("content") or "" for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
+            prompt = user[-1] if user else ""
+            prompt_all = " ".join(str(m.get("content") or "") for m in msgs if isinstance(m, dict))
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list):
+                prompt = prompt[0] if prompt else ""
+            if not isinstance(prompt, str):
+                return self._error(400, "'prompt' must be a string", "invalid_request_error")
+            prompt_all = prompt
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 16384
+        try:
+            max_tokens = int(max_tokens)
+            n = int(body.get("n") or 1)
+        except (TypeError, ValueError):
+            return self._error(400, "'max_tokens' and 'n' must be integers", "invalid_request_error")
+        if c.max_tokens_cap is not None and max_tokens > c.max_tokens_cap:
+            return self._error(400, f"max_tokens={max_tokens} exceeds this model's limit of {c.max_tokens_cap} "
+                                    "tokens", "BadRequestError")
+
+        fault = self._pick_fault()
+        if fault:
+            st = self.stats
+            st.faults[fault] = st.faults.get(fault, 0) + 1
+        if fault == "429":
+            ra = c.retry_after
+            return self._error(429, "Rate limit reached; retry later.", "rate_limit_error",
+                               headers={"Retry-After": str(int(ra)) if float(ra).is_integer() else str(ra)})
+        if fault == "500":
+            return self._error(500, "Internal server error (injected).", "InternalServerError")
+        if fault == "reset":
+            from aiohttp import web
+
+            self._reset(request)
+            self._count(0)
+            return web.Response(status=500)  # never sent: the transport is gone
+
+        sem = self._semaphore()
+        if sem is not None:
+            await sem.acquire()
+        st = self.stats
+        st.serving += 1
+        st.max_serving = max(st.max_serving, st.serving)
+        try:
+            delay = self._latency() + (c.slow_ms / 1000.0 if fault == "slow" else 0.0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            choices, comp_tokens = [], 0
+            for i in range(n):
+                choice, toks = self._choice(prompt, body.get("seed"), i, max_tokens, chat, fault == "length")
+                choices.append(choice)
+                comp_tokens += toks
+        finally:
+            st.serving -= 1
+            if sem is not None:
+                sem.release()
+        st.completion_tokens += comp_tokens
+        st.completed += 1
+        resp = {
+            "id": f"cmpl-{st.requests}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": c.model,
+            "choices": choices,
+            "usage": {"prompt_tokens": count_tokens(prompt_all), "completion_tokens": comp_tokens,
+                      "total_tokens": count_tokens(prompt_all) + comp_tokens},
+        }
+        if fault == "truncated_json":
+            from aiohttp import web
+
+            raw = json.dumps(resp).encode()
+            self._count(200)
+            return web.Response(body=raw[: max(1, len(raw) // 2)], content_type="application/json")
+        return self._json(resp)
+
+    def _choice(self, prompt: str, seed: Any, index: int, max_tokens: int, chat: bool,
+                force_length: bool) -> tuple[dict, int]:
+        rng = self._rng_for(prompt, seed, index)
+        reasoning, final, _info = compose_answer(prompt, rng, self.config.wrong_rate)
+        full = r1_text(reasoning, final)
+        if not chat:
+            full = _continuation(prompt, full)
+        total = count_tokens(full)
+        limit = max_tokens
+        if force_length:
+            limit = min(limit, max(1, total // 2))
+        finish = "stop"
+        if total > limit:
+            full, finish = cut_tokens(full, limit), "length"
+        toks = count_tokens(full)
+        if not chat:
+            return {"index": index, "text": full, "finish_reason": finish, "logprobs": None}, toks
+        msg: dict[str, Any] = {"role": "assistant"}
+        if self.config.reasoning_content:
+            r, content = split_r1(full)
+            msg["content"] = content
+            msg["reasoning_content"] = r
+        else:
+            msg["content"] = full
+        return {"index": index, "message": msg, "finish_reason": finish}, toks
+
+    @staticmethod
+    def _reset(request) -> None:
+        """Abort the TCP connection with an RST (SO_LINGER 0), as a crashed proxy would."""
+        tr = request.transport
+        if tr is None:
+            return
+        sock = tr.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        tr.abort()
+
+    def make_app(self):
+        """Build the aiohttp application (routes only; the caller runs it)."""
+        from aiohttp import web
+
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/stats", self.stats_view)
+        app.router.add_post("/stats/reset", self.stats_reset)
+        return app
+
+
+def _continuation(prompt: str, full: str) -> str:
+    """For ``/v1/completions``: continue a prompt that may already hold part of an R1 answer.
+
+    A prompt that already closed ``</think>`` gets only the boxed final line; one inside
+    ``<think>`` (e.g. budget forcing appended "Wait") gets the rest of the reasoning and the final.
+    """
+    if "</think>" in prompt:
+        box = full[full.rfind("The final answer is"):] if "The final answer is" in full else full
+        return " " + box
+    if "<think>" in prompt:
+        return full[len("<think>\n"):]
+    return full
+
+
+# --- running it -----------------------------------------------------------------------------------
+class RunningServer:
+    """Handle to a server started by :func:`start_in_thread`."""
+
+    def __init__(self, server: TeacherServer, host: str, port: int, loop, thread, runner):
+        self.server, self.host, self.port = server, host, port
+        self._loop, self._thread, self._runner = loop, thread, runner
+
+    @property
+    def config(self) -> TeacherConfig:
+        return self.server.config
+
+    @property
+    def addr(self) -> str:
+        """``host:port`` (what ``--api-addr`` takes)."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port/v1`` (what ``--base-url`` takes)."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def stats(self) -> dict:
+        """A snapshot of the server's counters (same as ``GET /stats``)."""
+        return asdict(self.server.stats)
+
+    def reset_stats(self) -> None:
+        async def _r():
+            s = self.server.stats
+            self.server.stats = _Stats(in_flight=s.in_flight, serving=s.serving, max_in_flight=s.in_flight,
+                                       max_serving=s.serving)
+
+        asyncio.run_coroutine_threadsafe(_r(), self._loop).result(10)
+
+    def stop(self) -> None:
+        """Stop serving (closes the listening socket and open connections) and join the thread."""
+        if not self._thread.is_alive():
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+        with contextlib.suppress(Exception):
+            fut.result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> "RunningServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def start_in_thread(config: TeacherConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
+    """Start the stand-in teacher in a background thread (its own event loop); port 0 = a free one.
+
+    >>> srv = start_in_thread(TeacherConfig(latency_ms=5))
+    >>> srv.addr  # doctest: +SKIP
+    '127.0.0.1:40123'
+    >>> srv.stop()
+    """
+    from aiohttp import web
+
+    server = TeacherServer(config)
+    loop = asyncio.new_event_loop()
+    ready: dict[str, Any] = {}
+    started = threading.Event()
+
+    def _run() -> None:
+        asyncio.set_event_loop(loop)
+
+        async def _start():
+            runner = web.AppRunner(server.make_app(), access_log=None, handle_signals=False)
+            await runner.setup()
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            await site.start()
+            ready["runner"] = runner
+            ready["port"] = runner.addresses[0][1]
+
+        try:
+            loop.run_until_complete(_start())
+        except BaseException as exc:  # surface bind errors to the caller
+            ready["error"] = exc
+            started.set()
+            return
+        started.set()
+        loop.run_forever()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+    th = threading.Thread(target=_run, name="teacher-server", daemon=True)
+    th.start()
+    started.wait(30)
+    if "error" in ready:
+        raise ready["error"]
+    return RunningServer(server, host, ready["port"], loop, th, ready["runner"])
+
+
+def config_from_args(args: argparse.Namespace) -> TeacherConfig:
+    """Map CLI flags to a :class:`TeacherConfig` (the key comes from an env var, never a flag)."""
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise SystemExit(f"error: --api-key-env {args.api_key_env}: that environment variable is empty")
+    faults = tuple(f.strip() for f in args.faults.split(",") if f.strip())
+    return TeacherConfig(seed=args.seed, wrong_rate=args.wrong_rate, latency_ms=args.latency_ms,
+                         latency_dist=args.latency_dist, latency_sigma=args.latency_sigma, capacity=args.capacity,
+                         fault_rate=args.fault_rate, faults=faults, retry_after=args.retry_after,
+                         slow_ms=args.slow_ms, reasoning_content=args.reasoning_content,
+                         max_tokens_cap=args.max_tokens_cap, api_key=api_key, model=args.model)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``distill serve-teacher``: serve until SIGINT/SIGTERM."""
+    from aiohttp import web
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    server = TeacherServer(cfg)
+    lat = f"{cfg.latency_ms:g} ms mean ({cfg.latency_dist})" if cfg.latency_ms > 0 else "no added latency"
+    print(f"stand-in teacher (NOT a real model) on http://{args.host}:{args.port}/v1, model {cfg.model!r}; "
+          f"{lat}; capacity {cfg.capacity or 'unlimited'}; wrong-rate {cfg.wrong_rate:g}; "
+          f"fault-rate {cfg.fault_rate:g}", flush=True)
+    web.run_app(server.make_app(), host=args.host, port=args.port, access_log=None, print=None,
+                handle_signals=True)
+    return 0
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    """Add ``distill serve-teacher``."""
+    p = sub.add_parser("serve-teacher", help="serve the offline stand-in teacher (OpenAI-compatible HTTP)",
+                       description="A stand-in teacher for offline use, tests and the demo: an OpenAI-compatible "
+                                   "server that solves `distill problems synth` problems R1-style. It is NOT "
+                                   "DeepSeek-R1; use vLLM/SGLang/MindIE for real distillation.")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model id served (requests may also say 'default')")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wrong-rate", type=float, default=0.2, help="share of deliberately wrong answers")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="mean latency per request in ms (0 = none)")
+    p.add_argument("--latency-dist", choices=("lognormal", "fixed"), default="lognormal")
+    p.add_argument("--latency-sigma", type=float, default=1.0,
+                   help="log-normal sigma (1.0: p99 ~ 10x median)")
+    p.add_argument("--capacity", type=int, default=0, help="max requests served at once; the rest queue (0 = no cap)")
+    p.add_argument("--fault-rate", type=float, default=0.0, help="share of requests that get an injected fault")
+    p.add_argument("--faults", default=",".join(FAULT_KINDS),
+                   help=f"fault kinds to draw from (default {','.join(FAULT_KINDS)})")
+    p.add_argument("--retry-after", type=float, default=1.0, help="seconds in the Retry-After of a 429")
+    p.add_argument("--slow-ms", type=float, default=2000.0, help="extra delay of a 'slow' fault")
+    p.add_argument("--reasoning-content", action="store_true",
+                   help="return the reasoning in message.reasoning_content (like vLLM --reasoning-parser)")
+    p.add_argument("--max-tokens-cap", type=int, default=None,
+                   help="answer 400 when a request asks for more max_tokens than this")
+    p.add_argument("--api-key-env", default=None, help="require the key held in this environment variable")
+    p.set_defaults(func=cmd_serve)
