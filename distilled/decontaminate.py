@@ -344,6 +344,11 @@ class Decontaminator:
         rng = np.random.default_rng(0x5EED)
         self._vals = rng.integers(1, np.iinfo(np.uint64).max, size=len(self.vocab) + 1, dtype=np.uint64)
         self._vals[0] = 0
+        self._build_hashes()
+
+    def _build_hashes(self) -> None:
+        """Sorted 64-bit hashes of every benchmark n-gram, per gram length (rebuilt by tests
+        that force collisions)."""
         self._hashes: dict[int, np.ndarray] = {}
         for m, table in self.tables.items():
             hs = [self._hash_words(g.split(" ")) for g in table]
