@@ -112,7 +112,7 @@ def test_hit_reports_benchmark_id_ngram_and_count(tmp_path):
     (h,) = hits
     assert (h.row, h.benchmark, h.benchmark_index, h.benchmark_id) == (0, "math_500", 1, "test/geo/7.json")
     assert h.ngram == "compute the area of a triangle with sides"
-    assert h.shared_ngrams == 6  # the 13-word problem has 6 eight-grams, all inside the row
+    assert h.shared_ngrams == 7  # the 14-word problem has 7 eight-grams, all inside the row
     assert h.rule == "ngram"
 
 
