@@ -182,6 +182,11 @@ class Demo:
         self.results.append(res)
         return res
 
+    def run_all(self) -> None:
+        self.stage("problems", self.s_problems)
+        self.stage("generate", self.s_generate)
+        self.stage("reject", self.s_reject)
+
     # -- the stages ----------------------------------------------------------
     def s_problems(self) -> StageResult:
         c = self.cfg
@@ -223,3 +228,39 @@ class Demo:
                            throughput=f"{r.get('throughput', {}).get('pairs_per_s', 0):.0f} pairs/s"
                            if isinstance(r.get("throughput"), dict) else "",
                            summary=f"{kept} verified rows", extra={"report": r})
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    """``distill demo``: run the whole pipeline at toy scale (``make demo``)."""
+    d = DemoConfig()
+    p = sub.add_parser("demo", help="run the whole distillation pipeline offline on CPU at toy scale",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", type=Path, default=d.output, help="output directory (default: %(default)s)")
+    p.add_argument("--n-train", type=int, default=d.n_train, help="synthetic training problems")
+    p.add_argument("--n-test", type=int, default=d.n_test, help="held-out synthetic test problems")
+    p.add_argument("--num-generations", type=int, default=d.num_generations, help="teacher generations per problem")
+    p.add_argument("--seq-length", type=int, default=d.seq_length, help="packed row length")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="fine-tuning epochs")
+    p.add_argument("--workers", type=int, default=d.workers, help="msrun workers / verifier processes")
+    p.add_argument("--parity-steps", type=int, default=d.parity_steps)
+    p.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--force", action="store_true", help="redo finished stages")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__})
+    return run_demo(cfg)
+
+
+def run_demo(cfg: DemoConfig) -> int:
+    """Run every stage; on failure print the failing stage and return non-zero."""
+    demo = Demo(cfg)
+    try:
+        demo.run_all()
+    except StageFailed as exc:
+        print(f"demo FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(f"demo done: {demo.p('report.md')}")
+    return 0
