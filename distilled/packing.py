@@ -1,0 +1,480 @@
+"""Best-fit-decreasing (BFD) packing of tokenised samples into fixed-length rows, on Arrow/numpy.
+
+Why this exists: MindFormers' ``PackingHandler`` packs greedily next-fit in a Python loop (83% of
+each 16k row filled on OpenR1-like lengths, ~2.4M tokens/s, gigabytes of Python lists), and when it
+is configured through ``HFDataLoader`` its ``pad_token`` is silently replaced by 0, so the last label
+of every document trains the model on token 0 (FACTS §2). Here:
+
+* :func:`bfd_assign` decides which row each sample goes to (best fit decreasing: ~99.9% fill);
+* :func:`pack_table` builds the packed Arrow columns with numpy/pyarrow array operations only
+  (one Python step per *sample* in the bin search, none per token), writing straight into the
+  output buffers, so peak memory is the Arrow output plus one bounded input slice.
+
+Output rows follow MindFormers' packed format exactly, so its own ``_get_packed_data`` (used by
+``HFDataLoader``/``CommonDataLoader`` with ``create_attention_mask: True``) builds the right
+``loss_mask``, ``position_ids`` and block-diagonal ``attention_mask`` from them:
+
+* ``input_ids``: documents back to back, then ``pad_id`` up to ``seq_length``;
+* ``labels``: per document shifted left by one exactly as ``PackingHandler`` does
+  (``labels[1:] + [X]``), -100 on padding. ``X`` (the label after a document's last token) is
+  -100 by default: the token after a document is not part of it (``boundary_label="pad"`` writes
+  ``pad_id`` instead, which *trains* the model to emit pad there);
+* ``actual_seq_len``: cumulative document ends inside the row, no leading 0, padding tail not
+  listed (MindFormers' format: ``_get_packed_data`` makes the tail its own segment);
+* ``position_ids``: restart at 0 for every document and for the padding tail.
+
+Example::
+
+    >>> import pyarrow as pa
+    >>> t = pa.table({"input_ids": [[1, 2, 3], [4, 5]], "labels": [[-100, 2, 3], [4, 5]]},
+    ...              schema=pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))]))
+    >>> packed, stats = pack_table(t, seq_length=6, pad_id=0)
+    >>> packed.to_pydict()["input_ids"], packed.to_pydict()["labels"]
+    ([[1, 2, 3, 4, 5, 0]], [[2, 3, -100, 5, -100, -100]])
+    >>> packed.to_pydict()["actual_seq_len"], packed.to_pydict()["position_ids"]
+    ([[3, 5]], [[0, 1, 2, 0, 1, 0]])
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left, insort
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+IGNORE_INDEX = -100
+QWEN_PAD_ID = 151643  # <|endoftext|>
+PACKED_COLUMNS = ("input_ids", "labels", "actual_seq_len", "position_ids")
+
+# Work on the input in slices of at most this many tokens: bounds the per-token temporaries
+# (index arrays) independently of the dataset size.
+_SLICE_TOKENS = 1 << 22
+# Rows per output Arrow chunk are chosen so that one chunk holds at most this many tokens
+# (list<int32> offsets are 32-bit).
+_CHUNK_TOKENS = 1 << 26
+
+
+@dataclass
+class PackStats:
+    """What packing did, for ``report.json`` and the one-line summary.
+
+    ``tokens`` counts real (non-pad) tokens in the output; ``fill_ratio`` is
+    ``tokens / (rows * seq_length)``; ``label_tokens`` counts trained positions (labels != -100
+    after the shift); ``truncated_tokens`` is how many tokens truncation cut off.
+    """
+
+    samples_in: int = 0
+    samples_packed: int = 0
+    dropped_overlong: int = 0
+    dropped_empty: int = 0
+    truncated: int = 0
+    truncated_tokens: int = 0
+    rows: int = 0
+    tokens: int = 0
+    label_tokens: int = 0
+    seq_length: int = 0
+    fill_ratio: float = 0.0
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-ready)."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line for the end of a run."""
+        extra = []
+        if self.dropped_overlong:
+            extra.append(f"{self.dropped_overlong} overlong dropped")
+        if self.truncated:
+            extra.append(f"{self.truncated} truncated")
+        if self.dropped_empty:
+            extra.append(f"{self.dropped_empty} empty dropped")
+        tail = f" ({', '.join(extra)})" if extra else ""
+        rate = self.tokens / self.elapsed_s / 1e6 if self.elapsed_s > 0 else float("inf")
+        return (
+            f"packed {self.samples_packed}/{self.samples_in} samples{tail} into {self.rows} rows of "
+            f"{self.seq_length}: fill {self.fill_ratio:.2%}, {self.tokens} tokens in "
+            f"{self.elapsed_s:.2f}s ({rate:.1f}M tok/s)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Bin assignment
+# --------------------------------------------------------------------------------------------
+def bfd_assign(lengths: np.ndarray, seq_length: int) -> np.ndarray:
+    """Best-fit-decreasing bin index for every sample (``bins[i]`` is the row of sample ``i``).
+
+    Samples are taken longest first (ties: lower index first) and each goes into the open row
+    with the *least* room that still fits it, or a new row. Rows are numbered in the order they
+    are opened. Deterministic: same lengths, same answer.
+
+    Why BFD: next-fit (MindFormers) closes a row as soon as one sample does not fit, wasting
+    ~17% of a 16k row on OpenR1-like lengths; BFD leaves ~0.1%.
+
+    Cost: one bisect on a sorted list of distinct free capacities per sample (C-level
+    ``bisect``/``list.insert``), so O(n log S) with no per-token work.
+
+    >>> bfd_assign(np.array([3, 5, 2, 4]), 7).tolist()
+    [1, 0, 0, 1]
+
+    Raises ``ValueError`` when a length is < 1 or > ``seq_length`` (drop or truncate those
+    first, as :func:`pack_table` does).
+    """
+    lengths = np.asarray(lengths)
+    if lengths.ndim != 1:
+        raise ValueError(f"lengths must be 1-D, got shape {lengths.shape}")
+    if not np.issubdtype(lengths.dtype, np.integer):
+        raise ValueError(f"lengths must be integers, got dtype {lengths.dtype}")
+    seq_length = int(seq_length)
+    if seq_length < 1:
+        raise ValueError(f"seq_length must be >= 1, got {seq_length}")
+    n = len(lengths)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    lo, hi = int(lengths.min()), int(lengths.max())
+    if lo < 1 or hi > seq_length:
+        bad = int(np.nonzero((lengths < 1) | (lengths > seq_length))[0][0])
+        raise ValueError(
+            f"sample {bad} has length {int(lengths[bad])}, outside 1..seq_length={seq_length}"
+        )
+    order = np.argsort(-lengths.astype(np.int64), kind="stable")
+    sorted_lengths = lengths[order].tolist()
+    assigned = [0] * n
+    caps: list[int] = []  # sorted distinct free capacities of open rows (> 0)
+    buckets: dict[int, list[int]] = {}  # free capacity -> rows with exactly that room
+    n_rows = 0
+    for pos, length in enumerate(sorted_lengths):
+        j = bisect_left(caps, length)
+        if j == len(caps):
+            row = n_rows
+            n_rows += 1
+            room = seq_length - length
+        else:
+            cap = caps[j]
+            stack = buckets[cap]
+            row = stack.pop()
+            if not stack:
+                del buckets[cap]
+                del caps[j]
+            room = cap - length
+        assigned[pos] = row
+        if room:
+            stack = buckets.get(room)
+            if stack is None:
+                buckets[room] = [row]
+                insort(caps, room)
+            else:
+                stack.append(row)
+    bins = np.empty(n, dtype=np.int64)
+    bins[order] = assigned
+    return bins
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation helpers
+# --------------------------------------------------------------------------------------------
+def _column(table, name: str):
+    """The list column ``name`` of ``table`` as a ChunkedArray, with a clear error if unusable."""
+    import pyarrow as pa
+
+    if name not in table.column_names:
+        raise ValueError(
+            f"packing input has no column {name!r} (columns: {table.column_names}); "
+            f"expected list<int32> input_ids and labels from a format handler"
+        )
+    col = table.column(name)
+    t = col.type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
+        raise ValueError(f"packing input column {name!r} must be a list of integers, got {t}")
+    return col
+
+
+def _lengths(col, name: str) -> np.ndarray:
+    """Per-row list lengths of a ChunkedArray of lists; null rows or null values are errors."""
+    import pyarrow.compute as pc
+
+    out = np.empty(len(col), dtype=np.int64)
+    start = 0
+    for chunk in col.chunks:
+        m = len(chunk)
+        if chunk.null_count:
+            bad = start + int(np.nonzero(chunk.is_null().to_numpy(zero_copy_only=False))[0][0])
+            raise ValueError(f"packing input row {bad} (0-based): column {name!r} is null")
+        values = chunk.flatten()
+        if values.null_count:
+            parents = pc.list_parent_indices(chunk).to_numpy()
+            first = int(np.nonzero(values.is_null().to_numpy(zero_copy_only=False))[0][0])
+            raise ValueError(
+                f"packing input row {start + int(parents[first])} (0-based): column {name!r} "
+                f"contains a null token"
+            )
+        out[start:start + m] = pc.list_value_length(chunk).to_numpy(zero_copy_only=False)
+        start += m
+    return out
+
+
+def _slices(col, max_tokens: int):
+    """Yield ``(row_start, list_array)`` slices of a ChunkedArray, each at most ``max_tokens``
+    tokens (or one row), zero-copy."""
+    import pyarrow.compute as pc
+
+    start = 0
+    for chunk in col.chunks:
+        m = len(chunk)
+        if m == 0:
+            continue
+        lens = pc.list_value_length(chunk).to_numpy(zero_copy_only=False).astype(np.int64)
+        csum = np.cumsum(lens)
+        a = 0
+        while a < m:
+            base = csum[a - 1] if a else 0
+            b = int(np.searchsorted(csum, base + max_tokens, side="right"))
+            b = max(b, a + 1)
+            yield start + a, chunk.slice(a, b - a)
+            a = b
+        start += m
+
+
+def _flat_int32(arr) -> np.ndarray:
+    """Flattened values of a list array as an int32 numpy array (safe cast: overflow raises)."""
+    import pyarrow as pa
+
+    values = arr.flatten()
+    if values.type != pa.int32():
+        values = values.cast(pa.int32())
+    return values.to_numpy(zero_copy_only=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------
+def packed_schema():
+    """Arrow schema of packed output (docs/data-contracts.md section 5)."""
+    import pyarrow as pa
+
+    return pa.schema([(c, pa.list_(pa.int32())) for c in PACKED_COLUMNS])
+
+
+def pack_table(
+    table,
+    seq_length: int,
+    pad_id: int = QWEN_PAD_ID,
+    overlong: Literal["drop", "truncate"] = "drop",
+    *,
+    boundary_label: Literal["ignore", "pad"] = "ignore",
+    seed: int | None = None,
+    progress: bool = False,
+):
+    """Pack a table of tokenised samples into rows of exactly ``seq_length`` tokens.
+
+    ``table``: a ``pyarrow.Table`` with ``input_ids`` and ``labels`` (list of integers, same
+    length per row; labels *unshifted*: the token id where trained, -100 elsewhere). Other
+    columns are ignored. It may be memory-mapped and have many chunks: it is read slice by
+    slice, each row once.
+
+    Returns ``(packed_table, PackStats)``; ``packed_table`` has the columns
+    ``input_ids, labels, actual_seq_len, position_ids`` (all ``list<int32>``), see the module
+    docstring for their meaning. Rows come in BFD order (rows with the longest documents first);
+    pass ``seed`` to shuffle rows deterministically when the trainer does not shuffle.
+
+    ``overlong``: samples longer than ``seq_length`` are dropped (``"drop"``) or cut to their
+    first ``seq_length`` tokens (``"truncate"``); both are counted. Empty samples are dropped and
+    counted. ``boundary_label``: the label of each document's last position (see module
+    docstring); ``"ignore"`` (-100, default) or ``"pad"`` (``pad_id``, what MindFormers writes).
+
+    Raises ``ValueError`` naming the column and (0-based) row for unusable input: a missing or
+    non-integer-list column, a null row or token, or ``labels`` whose length differs from
+    ``input_ids``.
+    """
+    import pyarrow as pa
+
+    t0 = time.perf_counter()
+    seq_length = int(seq_length)
+    if seq_length < 2:
+        raise ValueError(f"seq_length must be >= 2, got {seq_length}")
+    if overlong not in ("drop", "truncate"):
+        raise ValueError(f"overlong must be 'drop' or 'truncate', got {overlong!r}")
+    if boundary_label not in ("ignore", "pad"):
+        raise ValueError(f"boundary_label must be 'ignore' or 'pad', got {boundary_label!r}")
+    pad_id = int(pad_id)
+    if not -(2**31) <= pad_id < 2**31:
+        raise ValueError(f"pad_id {pad_id} does not fit int32")
+    x_label = IGNORE_INDEX if boundary_label == "ignore" else pad_id
+    S = seq_length
+
+    ids_col = _column(table, "input_ids")
+    lab_col = _column(table, "labels")
+    lengths = _lengths(ids_col, "input_ids")
+    lab_lengths = _lengths(lab_col, "labels")
+    if not np.array_equal(lengths, lab_lengths):
+        bad = int(np.nonzero(lengths != lab_lengths)[0][0])
+        raise ValueError(
+            f"packing input row {bad} (0-based): labels has {int(lab_lengths[bad])} tokens but "
+            f"input_ids has {int(lengths[bad])}"
+        )
+    del lab_lengths
+
+    stats = PackStats(samples_in=len(lengths), seq_length=S)
+    empty = lengths == 0
+    over = lengths > S
+    stats.dropped_empty = int(empty.sum())
+    if overlong == "drop":
+        stats.dropped_overlong = int(over.sum())
+        keep = ~empty & ~over
+    else:
+        stats.truncated = int(over.sum())
+        stats.truncated_tokens = int((lengths[over] - S).sum())
+        keep = ~empty
+    eff = np.minimum(lengths, S)
+    kept = np.nonzero(keep)[0]
+    stats.samples_packed = len(kept)
+
+    # --- plan: row of each kept sample, its start inside the flat padded output -----------
+    bins = bfd_assign(eff[kept], S)
+    n_rows = int(bins.max()) + 1 if len(bins) else 0
+    if seed is not None and n_rows:
+        relabel = np.random.default_rng(seed).permutation(n_rows)
+        bins = relabel[bins]
+    order = np.argsort(bins, kind="stable")  # by row, then input order inside a row
+    s_len = eff[kept][order]
+    s_row = bins[order]
+    docs_per_row = np.bincount(s_row, minlength=n_rows)
+    row_doc_start = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(docs_per_row, out=row_doc_start[1:])
+    csum = np.cumsum(s_len)
+    row_tok_before = np.concatenate([[0], csum])[row_doc_start[:-1]]  # tokens before each row
+    end_in_row = csum - np.repeat(row_tok_before, docs_per_row)  # cumulative ends, per row
+    start_in_row = end_in_row - s_len
+    fill = np.zeros(n_rows, dtype=np.int64)
+    if len(s_len):
+        fill = end_in_row[row_doc_start[1:] - 1]
+    dest_start = np.empty(len(s_len), dtype=np.int64)
+    dest_start_sorted = s_row * S + start_in_row
+    # dest_start is indexed like `kept` (input order)
+    dest_start[order] = dest_start_sorted
+
+    stats.rows = n_rows
+    stats.tokens = int(s_len.sum())
+    stats.fill_ratio = stats.tokens / (n_rows * S) if n_rows else 0.0
+
+    # --- output buffers ---------------------------------------------------------------------
+    total = n_rows * S
+    out_ids = np.empty(total, dtype=np.int32)
+    out_lab = np.empty(total, dtype=np.int32)
+    out_pos = np.empty(total, dtype=np.int32)
+    # padding tails: [row*S + fill, row*S + S)
+    pad_len = S - fill
+    if pad_len.any():
+        pad_idx = _ranges(np.arange(n_rows, dtype=np.int64) * S + fill, pad_len)
+        out_ids[pad_idx] = pad_id
+        out_lab[pad_idx] = IGNORE_INDEX
+        del pad_idx
+
+    # --- scatter every kept sample, input slice by input slice --------------------------------
+    # position of each input row in `kept` (or -1): to find a slice's kept samples quickly
+    kept_pos = np.full(len(lengths), -1, dtype=np.int64)
+    kept_pos[kept] = np.arange(len(kept))
+    label_tokens = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=stats.samples_in, desc="Packing", unit="sample")
+    lab_slices = _slices(lab_col, _SLICE_TOKENS)
+    for (row0, ids_arr), (row0_l, lab_arr) in zip(_slices(ids_col, _SLICE_TOKENS), lab_slices):
+        m = len(ids_arr)
+        if len(lab_arr) != m or row0_l != row0:  # chunking differs between the two columns
+            lab_arr = _take_rows(lab_col, row0, m)
+        local_pos = kept_pos[row0:row0 + m]
+        sel_local = np.nonzero(local_pos >= 0)[0]
+        if bar is not None:
+            bar.update(m)
+        if len(sel_local) == 0:
+            continue
+        sel = local_pos[sel_local]  # indices into `kept`
+        lens = eff[kept[sel]]
+        if len(sel_local) == m and not (lengths[row0:row0 + m] > S).any():
+            ids_sel, lab_sel = ids_arr, lab_arr  # whole slice kept as is: no copy
+        else:
+            import pyarrow.compute as pc
+
+            take = pa.array(sel_local)
+            ids_sel, lab_sel = ids_arr.take(take), lab_arr.take(take)
+            if (lengths[row0 + sel_local] > S).any():
+                ids_sel = pc.list_slice(ids_sel, 0, S)
+                lab_sel = pc.list_slice(lab_sel, 0, S)
+        ids_flat = _flat_int32(ids_sel)
+        lab_flat = _flat_int32(lab_sel)
+        # shifted labels, per document: labels[1:] + [X]
+        shifted = np.empty_like(lab_flat)
+        shifted[:-1] = lab_flat[1:]
+        ends = np.cumsum(lens)
+        shifted[ends - 1] = x_label
+        label_tokens += int(np.count_nonzero(shifted != IGNORE_INDEX))
+        dest = _ranges(dest_start[sel], lens)
+        out_ids[dest] = ids_flat
+        out_lab[dest] = shifted
+        del dest, shifted, ids_flat, lab_flat
+    if bar is not None:
+        bar.close()
+    stats.label_tokens = label_tokens
+
+    # --- position ids: restart at each document and at the padding tail ------------------------
+    # increments of 1, reset at segment starts, then a running sum along each row.
+    out_pos.fill(1)
+    if n_rows:
+        seg_start = dest_start_sorted  # every document start (row starts included)
+        prev_len = np.concatenate([[0], s_len[:-1]])
+        first_in_row = start_in_row == 0
+        out_pos[seg_start] = np.where(first_in_row, 0, 1 - prev_len).astype(np.int32)
+        tails = np.nonzero(pad_len > 0)[0]
+        last_doc_len = s_len[row_doc_start[1:] - 1]
+        out_pos[tails * S + fill[tails]] = (1 - last_doc_len[tails]).astype(np.int32)
+        pos2d = out_pos.reshape(n_rows, S)
+        np.cumsum(pos2d, axis=1, out=pos2d)
+
+    # --- Arrow output, zero-copy over the numpy buffers --------------------------------------
+    seq_ends = end_in_row.astype(np.int32)
+    rows_per_chunk = max(1, _CHUNK_TOKENS // S)
+    batches = []
+    schema = packed_schema()
+    for r0 in range(0, n_rows, rows_per_chunk):
+        r1 = min(n_rows, r0 + rows_per_chunk)
+        fixed_off = pa.array(np.arange(0, (r1 - r0) * S + 1, S, dtype=np.int32))
+        a, b = r0 * S, r1 * S
+        d0, d1 = int(row_doc_start[r0]), int(row_doc_start[r1])
+        seq_off = pa.array((row_doc_start[r0:r1 + 1] - d0).astype(np.int32))
+        batches.append(pa.RecordBatch.from_arrays(
+            [
+                pa.ListArray.from_arrays(fixed_off, pa.array(out_ids[a:b])),
+                pa.ListArray.from_arrays(fixed_off, pa.array(out_lab[a:b])),
+                pa.ListArray.from_arrays(seq_off, pa.array(seq_ends[d0:d1])),
+                pa.ListArray.from_arrays(fixed_off, pa.array(out_pos[a:b])),
+            ],
+            schema=schema,
+        ))
+    packed = pa.Table.from_batches(batches, schema=schema)
+    stats.elapsed_s = time.perf_counter() - t0
+    return packed, stats
+
+
+def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + n)`` for each (s, n), vectorised (int64)."""
+    lens = np.asarray(lens, dtype=np.int64)
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    cs = np.cumsum(lens) - lens
+    out = np.repeat(np.asarray(starts, dtype=np.int64) - cs, lens)
+    out += np.arange(total, dtype=np.int64)
+    return out
+
+
+def _take_rows(col, row0: int, m: int):
+    """Rows ``[row0, row0 + m)`` of a ChunkedArray as one array (copies only across chunks)."""
+    sliced = col.slice(row0, m)
+    if sliced.num_chunks == 1:
+        return sliced.chunk(0)
+    return sliced.combine_chunks()
