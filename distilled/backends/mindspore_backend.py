@@ -1,0 +1,299 @@
+"""MindSpore backend: MindFormers' legacy ``LlamaForCausalLM`` (the Qwen2.5 path), in process.
+
+Why in process (not through the Trainer): parity needs per-step losses, grad norms, logits and
+parameters from the exact same batches. This backend uses MindFormers' own pieces for everything
+that defines the numbers -- the model built from the YAML's ``model_config``, its loss
+(``CrossEntropyLoss`` with the loss mask), ``mindformers.core.optim.adamw.AdamW``,
+``LinearWithWarmUpLR`` and ``ClipGradNorm`` -- and only replaces the Trainer's loop.
+
+PyNative mode on CPU in float32 (``bfloat16`` sets ``compute_dtype`` only; parameters,
+layernorm, softmax and RoPE stay float32 as in the 7B YAML). Weights come from HF safetensors
+through ``distilled.convert.hf_to_mf``. The packed-data fix
+``distilled.mindformers_compat.apply_packed_rope_shim`` is applied by default; ``packed_shim=False``
+runs stock MindFormers 1.9 (tests use it to prove the packing check catches its leak).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from distilled.backends.base import (Backend, ForwardResult, PackedBatch, StepResult, TrainSettings,
+                                     wants_weight_decay)
+
+# MindFormers model_config keys this backend forces, and why (reported, never silent).
+FORCED = {
+    "use_past": False,  # training, no KV cache
+    "use_flash_attention": False,  # FlashAttentionScore has no CPU kernel
+    "use_rope_slice": True,  # batched RoPE matmul cannot broadcast on CPU (FACTS §2)
+    "input_sliced_sig": True,  # packed labels are already shifted
+    "qkv_concat": False,  # separate wq/wk/wv, as HF stores them
+}
+
+
+def _hf_name_to_mf(name: str) -> str:
+    """HF Qwen2 name -> MindFormers legacy Llama name (the table of ``LlamaForCausalLM.convert_name``)."""
+    n = name
+    for a, b in ((".self_attn.q_proj.", ".attention.wq."), (".self_attn.k_proj.", ".attention.wk."),
+                 (".self_attn.v_proj.", ".attention.wv."), (".self_attn.o_proj.", ".attention.wo."),
+                 (".mlp.gate_proj.", ".feed_forward.w1."), (".mlp.down_proj.", ".feed_forward.w2."),
+                 (".mlp.up_proj.", ".feed_forward.w3."), (".input_layernorm.", ".attention_norm."),
+                 (".post_attention_layernorm.", ".ffn_norm.")):
+        n = n.replace(a, b)
+    if n == "model.embed_tokens.weight":
+        return "model.tok_embeddings.embedding_weight"
+    if n == "model.norm.weight":
+        return "model.norm_out.weight"
+    return n
+
+
+def _mf_name_to_hf(name: str) -> str:
+    n = name
+    for b, a in ((".self_attn.q_proj.", ".attention.wq."), (".self_attn.k_proj.", ".attention.wk."),
+                 (".self_attn.v_proj.", ".attention.wv."), (".self_attn.o_proj.", ".attention.wo."),
+                 (".mlp.gate_proj.", ".feed_forward.w1."), (".mlp.down_proj.", ".feed_forward.w2."),
+                 (".mlp.up_proj.", ".feed_forward.w3."), (".input_layernorm.", ".attention_norm."),
+                 (".post_attention_layernorm.", ".ffn_norm.")):
+        n = n.replace(a, b)
+    if n == "model.tok_embeddings.embedding_weight":
+        return "model.embed_tokens.weight"
+    if n == "model.norm_out.weight":
+        return "model.norm.weight"
+    return n
+
+
+def hf_to_mf_state(state: Mapping[str, np.ndarray], tie_word_embeddings: bool) -> dict[str, np.ndarray]:
+    """HF state -> MindFormers names: ``distilled.convert.hf_to_mf`` when present (the project's
+    converter), else the same renaming done here."""
+    try:
+        from distilled.convert import hf_to_mf
+    except ImportError:
+        hf_to_mf = None
+    if hf_to_mf is not None:
+        out = hf_to_mf(dict(state), tie_word_embeddings)
+        return {k: np.asarray(v) for k, v in out.items()}
+    out = {_hf_name_to_mf(k): np.asarray(v) for k, v in state.items()}
+    if tie_word_embeddings and "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["model.tok_embeddings.embedding_weight"]
+    return out
+
+
+def mf_to_hf_state(state: Mapping[str, np.ndarray], tie_word_embeddings: bool) -> dict[str, np.ndarray]:
+    """MindFormers names -> HF names (drops ``lm_head.weight`` for tied embeddings)."""
+    try:
+        from distilled.convert import mf_to_hf
+    except ImportError:
+        mf_to_hf = None
+    if mf_to_hf is not None:
+        try:
+            out = mf_to_hf(dict(state), tie_word_embeddings)
+            return {k: np.asarray(v) for k, v in out.items()}
+        except TypeError:
+            pass
+    out = {_mf_name_to_hf(k): np.asarray(v) for k, v in state.items()}
+    if tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def model_config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """A legacy ``LlamaConfig`` dict for an HF Qwen2 ``config.json`` (when no YAML is given)."""
+    return {
+        "hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
+        "num_heads": hf["num_attention_heads"], "n_kv_heads": hf.get("num_key_value_heads"),
+        "vocab_size": hf["vocab_size"], "intermediate_size": hf["intermediate_size"],
+        "rms_norm_eps": hf.get("rms_norm_eps", 1e-6), "theta": hf.get("rope_theta", 10000.0),
+        "max_position_embedding": hf.get("max_position_embeddings", 4096), "qkv_has_bias": True,
+        "pad_token_id": hf.get("pad_token_id") or 0, "bos_token_id": hf.get("bos_token_id") or 0,
+        "eos_token_id": hf.get("eos_token_id") or 0, "tie_word_embeddings": hf.get("tie_word_embeddings", False),
+    }
+
+
+class MindSporeBackend(Backend):
+    """MindFormers 1.9 legacy ``LlamaForCausalLM`` in PyNative mode."""
+
+    name = "mindspore"
+
+    def __init__(self, device_target: str = "CPU", packed_shim: bool = True):
+        self.device_target = device_target
+        self.packed_shim = packed_shim
+        self.model = None
+        self.optimizer = None
+        self.settings: TrainSettings | None = None
+        self.step_count = 0
+        self.forced: dict[str, tuple[Any, Any]] = {}
+
+    # ---------------------------------------------------------------- loading and saving
+    def load_hf(self, weights_dir, model_config=None, dtype="float32", seq_length=None, batch_size=1) -> None:
+        import mindspore as ms
+        from safetensors.numpy import load_file
+
+        from distilled.backends.torch_backend import check_model_config
+        from distilled import mindformers_compat as compat
+
+        weights_dir = Path(weights_dir)
+        cfg_path = weights_dir / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{weights_dir}: no config.json (expected an HF model directory)")
+        hf = json.loads(cfg_path.read_text())
+        check_model_config(model_config, hf, str(cfg_path))
+        self.hf_config = hf
+        self.weights_dir = weights_dir
+
+        ms.set_context(mode=ms.PYNATIVE_MODE, device_target=self.device_target)
+        if self.device_target == "CPU":
+            compat.apply_cpu_shims()
+        compat.apply_packed_rope_shim(self.packed_shim)
+        from mindformers import LlamaConfig, LlamaForCausalLM
+
+        mc = dict(model_config_from_hf(hf))
+        if model_config:
+            mc.update({k: v for k, v in dict(model_config).items() if k != "type"})
+        for k, v in FORCED.items():
+            if k in mc and mc[k] != v:
+                self.forced[k] = (mc[k], v)
+            mc[k] = v
+        compute = "bfloat16" if dtype == "bfloat16" else "float32"
+        for k, v in (("compute_dtype", compute), ("param_init_type", "float32"),
+                     ("layernorm_compute_type", "float32"), ("softmax_compute_type", "float32"),
+                     ("rotary_dtype", "float32")):
+            if k in mc and mc[k] != v:
+                self.forced[k] = (mc[k], v)
+            mc[k] = v
+        if seq_length is not None:
+            mc["seq_length"] = int(seq_length)
+        mc["batch_size"] = int(batch_size)
+        mc.pop("checkpoint_name_or_path", None)
+        self.tie = bool(hf.get("tie_word_embeddings", mc.get("tie_word_embeddings", False)))
+        mc.pop("tie_word_embeddings", None)
+        model = LlamaForCausalLM(LlamaConfig(**mc))
+
+        files = sorted(weights_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{weights_dir}: no *.safetensors files")
+        state: dict[str, np.ndarray] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        mf_state = hf_to_mf_state(state, self.tie)
+        params = {p.name: p for p in model.get_parameters()}
+        missing = [n for n in params if n not in mf_state and params[n].requires_grad]
+        extra = [n for n in mf_state if n not in params]
+        if missing or extra:
+            raise ValueError(f"{weights_dir}: weights do not fit the MindFormers model: "
+                             f"missing {missing[:5]}, unexpected {extra[:5]}")
+        for n, p in params.items():
+            if n in mf_state:
+                v = mf_state[n].astype(np.float32)
+                if tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(f"{weights_dir}: {n} has shape {v.shape}, model wants {tuple(p.shape)}")
+                p.set_data(ms.Tensor(v, dtype=p.dtype))
+        self.model = model
+        self.model.set_train(True)
+
+    def named_parameters(self) -> dict[str, np.ndarray]:
+        st = {p.name: p.asnumpy().astype(np.float32).copy() for p in self.model.trainable_params()}
+        return mf_to_hf_state(st, self.tie)
+
+    def load_named_parameters(self, params: Mapping[str, np.ndarray]) -> None:
+        """Overwrite parameters by HF name (tests perturb weights through this)."""
+        import mindspore as ms
+
+        own = {p.name: p for p in self.model.get_parameters()}
+        for k, v in hf_to_mf_state(dict(params), False).items():
+            if k not in own:
+                raise KeyError(f"no parameter {k!r} in the MindSpore model")
+            own[k].set_data(ms.Tensor(np.asarray(v, dtype=np.float32), dtype=own[k].dtype))
+
+    def save_hf(self, output_dir) -> Path:
+        from safetensors.numpy import save_file
+
+        from distilled.io_utils import atomic_dir
+
+        out = Path(output_dir)
+        state = {k: np.ascontiguousarray(v) for k, v in self.named_parameters().items()}
+        with atomic_dir(out) as tmp:
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(self.hf_config, indent=2))
+        return out
+
+    # ---------------------------------------------------------------- forward and loss
+    def _tensors(self, batch: PackedBatch):
+        import mindspore as ms
+
+        return (ms.Tensor(batch.input_ids.astype(np.int32)), ms.Tensor(batch.labels.astype(np.int32)),
+                ms.Tensor(batch.loss_mask.astype(np.int32)), ms.Tensor(batch.position_ids.astype(np.int32)),
+                ms.Tensor(batch.mindformers_attention_mask()))
+
+    def _fwd(self, ids, labels, loss_mask, pos, mask):
+        return self.model(ids, labels=labels, loss_mask=loss_mask, position_ids=pos, attention_mask=mask)
+
+    def forward(self, batch: PackedBatch, return_logits: bool = False) -> ForwardResult:
+        t = self._tensors(batch)
+        self.model.set_train(True)
+        loss = float(self._fwd(*t).asnumpy())
+        count = batch.num_loss_tokens
+        logits = None
+        if return_logits:
+            self.model.set_train(False)
+            try:
+                out = self._fwd(*t)
+            finally:
+                self.model.set_train(True)
+            logits = out[0].asnumpy().astype(np.float32).reshape(batch.batch_size, batch.seq_length, -1)
+        return ForwardResult(loss, loss * (count + 1e-8), count, logits)
+
+    # ---------------------------------------------------------------- training
+    def setup_training(self, settings: TrainSettings) -> None:
+        import mindspore as ms
+        from mindformers.core.clip_grad import ClipGradNorm
+        from mindformers.core.lr import LinearWithWarmUpLR
+        from mindformers.core.optim.adamw import AdamW
+
+        ms.set_seed(settings.seed)
+        params = self.model.trainable_params()
+        decay = [p for p in params if wants_weight_decay(p.name, len(p.shape))]
+        no_decay = [p for p in params if not wants_weight_decay(p.name, len(p.shape))]
+        groups = []
+        if decay:
+            groups.append({"params": decay, "weight_decay": float(settings.weight_decay)})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"order_params": params})
+        if settings.lr_schedule == "constant":
+            lr = float(settings.learning_rate)
+        else:
+            lr = LinearWithWarmUpLR(learning_rate=float(settings.learning_rate), total_steps=int(settings.total_steps),
+                                    warmup_steps=int(settings.warmup_steps),
+                                    warmup_lr_init=float(settings.warmup_lr_init))
+        self.lr_schedule = lr
+        self.optimizer = AdamW(groups, learning_rate=lr, betas=tuple(float(b) for b in settings.betas),
+                               eps=float(settings.eps), weight_decay=float(settings.weight_decay))
+        self.clip = ClipGradNorm(max_norm=float(settings.max_grad_norm)) if settings.max_grad_norm else None
+        self.grad_fn = ms.value_and_grad(self._fwd, None, self.optimizer.parameters)
+        self.settings = settings
+        self.step_count = 0
+
+    def train_step(self, batch: PackedBatch) -> StepResult:
+        import mindspore as ms
+        from mindspore import ops
+
+        if self.optimizer is None:
+            raise RuntimeError("call setup_training() before train_step()")
+        self.model.set_train(True)
+        loss, grads = self.grad_fn(*self._tensors(batch))
+        if self.clip is not None:
+            grads, norm = self.clip(grads)
+        else:
+            norm = ops.sqrt(sum(ops.sum(ops.square(g.astype(ms.float32))) for g in grads))
+        if isinstance(self.lr_schedule, float):
+            lr = self.lr_schedule
+        else:  # MindFormers' own schedule value for this step (the optimizer reads the same)
+            lr = float(self.lr_schedule(ms.Tensor(self.step_count, ms.int32)).asnumpy())
+        self.optimizer(grads)
+        res = StepResult(self.step_count, float(loss.asnumpy()), float(np.asarray(norm.asnumpy()).reshape(-1)[0]),
+                         lr, batch.num_loss_tokens)
+        self.step_count += 1
+        return res

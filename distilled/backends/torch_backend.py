@@ -1,0 +1,261 @@
+"""torch backend: transformers ``Qwen2ForCausalLM`` trained with MindFormers' semantics.
+
+Why: users cross-check an Ascend run on GPU. This backend computes what MindFormers computes:
+the loss on pre-shifted labels as ``sum(ce * loss_mask) / (sum(loss_mask) + 1e-8)``, per-document
+(block-diagonal causal) attention with restarting ``position_ids``, AdamW with MindFormers' update
+and no-decay rule, ``LinearWithWarmUpLR`` and MindFormers' clip-by-global-norm.
+
+Packed attention:
+- CPU (and GPU without flash-attn): SDPA with an explicit (B, 1, S, S) boolean block-causal mask.
+  An explicit 4-D mask matters: with ``attention_mask=None`` transformers 4.57 silently *infers*
+  packing from ``position_ids`` instead.
+- CUDA with ``flash_attn`` installed: ``flash_attention_2`` with no mask; transformers derives the
+  varlen ``cu_seqlens`` from the restarting ``position_ids``.
+
+The mask is built from document boundaries. By default they are read from ``position_ids``
+(a document starts where the position is 0), the same single source flash-attn varlen uses, so a
+batch with non-restarting positions visibly leaks across documents and the packing check fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from distilled.backends.base import (Backend, ForwardResult, PackedBatch, StepResult, TrainSettings,
+                                     wants_weight_decay)
+
+# model_config keys of the YAML and the HF config field each must equal
+YAML_TO_HF = {
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "vocab_size": "vocab_size",
+    "intermediate_size": "intermediate_size",
+    "rms_norm_eps": "rms_norm_eps",
+    "theta": "rope_theta",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+
+
+def check_model_config(model_config: Mapping[str, Any] | None, hf_config: Mapping[str, Any], where: str) -> None:
+    """Refuse weights whose shape differs from the YAML's ``model_config`` (names both values)."""
+    if not model_config:
+        return
+    bad = []
+    for yk, hk in YAML_TO_HF.items():
+        if yk in model_config and hk in hf_config:
+            a, b = model_config[yk], hf_config[hk]
+            if isinstance(b, float) or isinstance(a, float):
+                ok = abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(b)))
+            else:
+                ok = a == b
+            if not ok:
+                bad.append(f"model_config.{yk}={a!r} but config.json {hk}={b!r}")
+    if bad:
+        raise ValueError(f"{where}: the YAML's model does not match the weights: " + "; ".join(bad))
+
+
+def doc_ids_from_positions(position_ids):
+    """Document index of each token: a new document starts wherever the position is 0.
+    Works on torch tensors or numpy arrays of shape (B, S)."""
+    starts = position_ids == 0
+    return starts.cumsum(-1)
+
+
+class TorchBackend(Backend):
+    """transformers ``Qwen2ForCausalLM`` on CPU or CUDA (optionally under DDP via ``torchrun``)."""
+
+    name = "torch"
+
+    def __init__(self, device: str | None = None, attn: str = "auto", mask_from: str = "position_ids",
+                 block_mask: bool = True, ddp: bool = False):
+        """``mask_from``: ``position_ids`` (default, like flash varlen) or ``doc_ids`` (the batch's
+        ``actual_seq_len``). ``block_mask=False`` gives a plain causal mask across the whole row:
+        only for tests proving the packing check catches leaks."""
+        import torch
+
+        self.torch = torch
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if ddp and device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        self.device = torch.device(device)
+        self.attn = attn
+        self.mask_from = mask_from
+        self.block_mask = block_mask
+        self.ddp = ddp
+        self.model = None
+        self.module = None  # the unwrapped model
+        self.optimizer = None
+        self.settings: TrainSettings | None = None
+        self.step_count = 0
+        self.autocast_dtype = None
+
+    # ---------------------------------------------------------------- loading and saving
+    def load_hf(self, weights_dir, model_config=None, dtype="float32", seq_length=None, batch_size=1) -> None:
+        torch = self.torch
+        from transformers import Qwen2ForCausalLM
+
+        weights_dir = Path(weights_dir)
+        cfg_path = weights_dir / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{weights_dir}: no config.json (expected an HF model directory)")
+        check_model_config(model_config, json.loads(cfg_path.read_text()), str(cfg_path))
+        attn = self.attn
+        if attn == "auto":
+            attn = "sdpa"
+            if self.device.type == "cuda":
+                try:
+                    import flash_attn  # noqa: F401
+
+                    attn = "flash_attention_2"
+                except ImportError:
+                    pass
+        self.attn_impl = attn
+        # master weights stay fp32; bf16 runs under autocast, like MindFormers' fp32 params with
+        # bf16 compute_dtype
+        load_dtype = torch.bfloat16 if attn == "flash_attention_2" and dtype == "bfloat16" else torch.float32
+        model = Qwen2ForCausalLM.from_pretrained(str(weights_dir), dtype=load_dtype, attn_implementation=attn)
+        model.config.use_cache = False
+        model.to(self.device)
+        model.train()
+        self.module = model
+        self.model = model
+        self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+        if attn == "flash_attention_2" and self.autocast_dtype is None:
+            raise ValueError("flash_attention_2 needs --dtype bfloat16; use attn='sdpa' for float32")
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def named_parameters(self) -> dict[str, np.ndarray]:
+        out = {}
+        for k, p in self.module.named_parameters():
+            out[k] = p.detach().float().cpu().numpy().copy()
+        if getattr(self.module.config, "tie_word_embeddings", False):
+            out.pop("lm_head.weight", None)
+        return out
+
+    def load_named_parameters(self, params: Mapping[str, np.ndarray]) -> None:
+        """Overwrite parameters by HF name (tests perturb weights through this)."""
+        torch = self.torch
+        own = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for k, v in params.items():
+                if k not in own:
+                    raise KeyError(f"no parameter {k!r} in the torch model")
+                own[k].copy_(torch.as_tensor(np.asarray(v), dtype=own[k].dtype))
+
+    def save_hf(self, output_dir) -> Path:
+        from distilled.io_utils import atomic_dir
+
+        out = Path(output_dir)
+        with atomic_dir(out) as tmp:
+            self.module.save_pretrained(tmp, safe_serialization=True)
+        return out
+
+    # ---------------------------------------------------------------- forward and loss
+    def _inputs(self, batch: PackedBatch) -> dict:
+        torch = self.torch
+        dev = self.device
+        input_ids = torch.as_tensor(batch.input_ids, dtype=torch.long, device=dev)
+        position_ids = torch.as_tensor(batch.position_ids, dtype=torch.long, device=dev)
+        kw = {"input_ids": input_ids, "position_ids": position_ids}
+        if self.attn_impl == "flash_attention_2":
+            if not self.block_mask:
+                raise ValueError("block_mask=False is not supported with flash_attention_2")
+            return kw  # varlen boundaries come from position_ids
+        S = batch.seq_length
+        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
+        if self.block_mask:
+            if self.mask_from == "position_ids":
+                docs = doc_ids_from_positions(position_ids)
+            else:
+                docs = torch.as_tensor(batch.doc_ids, device=dev)
+            mask = (docs[:, :, None] == docs[:, None, :]) & causal[None]
+        else:
+            mask = causal[None].expand(batch.batch_size, S, S)
+        if self.attn_impl == "eager":  # eager adds the mask
+            neg = torch.finfo(torch.float32).min
+            kw["attention_mask"] = torch.zeros(mask.shape, device=dev).masked_fill(~mask, neg)[:, None]
+        else:
+            kw["attention_mask"] = mask[:, None]
+        return kw
+
+    def _loss(self, batch: PackedBatch, return_logits: bool = False):
+        torch = self.torch
+        kw = self._inputs(batch)
+        if self.autocast_dtype is not None:
+            ctx = torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        else:
+            import contextlib
+
+            ctx = contextlib.nullcontext()
+        with ctx:
+            logits = self.model(**kw, use_cache=False).logits
+        logits = logits.float()
+        labels = torch.as_tensor(batch.labels, dtype=torch.long, device=self.device)
+        mask = torch.as_tensor(batch.loss_mask, dtype=torch.float32, device=self.device)
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                               labels.reshape(-1).clamp_min(0), reduction="none")
+        loss_sum = (ce * mask.reshape(-1)).sum()
+        count = mask.sum()
+        loss = loss_sum / (count + 1e-8)  # MindFormers CrossEntropyLoss
+        return loss, loss_sum, count, (logits if return_logits else None)
+
+    def forward(self, batch: PackedBatch, return_logits: bool = False) -> ForwardResult:
+        torch = self.torch
+        with torch.no_grad():
+            loss, loss_sum, count, logits = self._loss(batch, return_logits)
+        return ForwardResult(float(loss), float(loss_sum), int(count.item()),
+                             logits.cpu().numpy() if logits is not None else None)
+
+    # ---------------------------------------------------------------- training
+    def setup_training(self, settings: TrainSettings) -> None:
+        torch = self.torch
+        torch.manual_seed(settings.seed)
+        decay, no_decay = [], []
+        for n, p in self.module.named_parameters():
+            if p.requires_grad:
+                (decay if wants_weight_decay(n, p.ndim) else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": settings.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr_at(0),
+                                           betas=tuple(settings.betas), eps=settings.eps,
+                                           foreach=False)
+        self.settings = settings
+        self.step_count = 0
+
+    def _clip(self) -> float:
+        """MindFormers ClipGradNorm: ``coef = max_norm / (max(norm, max_norm) + 1e-6)``."""
+        torch = self.torch
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+        max_norm = self.settings.max_grad_norm
+        if max_norm is not None:
+            coef = max_norm / (torch.clamp(norm, min=max_norm) + 1e-6)
+            for g in grads:
+                g.mul_(coef.to(g.dtype))
+        return float(norm)
+
+    def train_step(self, batch: PackedBatch) -> StepResult:
+        if self.optimizer is None:
+            raise RuntimeError("call setup_training() before train_step()")
+        lr = self.settings.lr_at(self.step_count)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, _, count, _ = self._loss(batch)
+        loss.backward()
+        norm = self._clip()
+        self.optimizer.step()
+        res = StepResult(self.step_count, float(loss.detach()), norm, lr, int(count.item()))
+        self.step_count += 1
+        return res
