@@ -490,7 +490,7 @@ def start_in_thread(config: TeacherConfig | None = None, host: str = "127.0.0.1"
         asyncio.set_event_loop(loop)
 
         async def _start():
-            runner = web.AppRunner(server.make_app(), access_log=None, handle_signals=False)
+            runner = web.AppRunner(server.make_app(), access_log=None, handle_signals=False, handler_cancellation=True)
             await runner.setup()
             site = web.TCPSite(runner, host, port, reuse_address=True)
             await site.start()
@@ -546,7 +546,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{lat}; capacity {cfg.capacity or 'unlimited'}; wrong-rate {cfg.wrong_rate:g}; "
           f"fault-rate {cfg.fault_rate:g}", flush=True)
     web.run_app(server.make_app(), host=args.host, port=args.port, access_log=None, print=None,
-                handle_signals=True)
+                handle_signals=True, handler_cancellation=True)
     return 0
 
 
