@@ -1,0 +1,484 @@
+"""``distill train``: train from the MindFormers finetune YAML with a pluggable backend.
+
+Why: the same YAML and packed Arrow that drive MindFormers on Ascend drive a torch run on GPU (or
+CPU here), so a user can cross-check a run or use spare GPUs. The YAML's training keys map onto the
+backend's settings one by one (:func:`settings_from_yaml`); every key that is not applied is
+*listed* with the reason, and a key whose value would change the training maths but cannot be
+honoured stops the run with a message naming it.
+
+    distill train --backend torch --config configs/finetune_qwen2_5_tiny_cpu.yaml \\
+        --data runs/packed --weights runs/tiny-student --output runs/torch-train --steps 20
+
+Several GPUs: ``torchrun --nproc_per_node 8 -m distilled.train --backend torch --config ...``
+(DDP; ``runner_config.batch_size`` is per device, as in MindFormers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from distilled.backends.base import TrainSettings, warmup_steps_from
+
+# Dotted YAML keys that are read and mapped onto backend settings.
+MAPPED = {
+    "seed": "TrainSettings.seed",
+    "output_dir": "--output default",
+    "load_checkpoint": "--weights default (an HF safetensors directory)",
+    "runner_config.epochs": "number of passes over the packed rows",
+    "runner_config.batch_size": "rows per step per device",
+    "runner_config.gradient_accumulation_steps": "must be 1",
+    "optimizer.type": "AdamW (MindFormers semantics)",
+    "optimizer.betas": "AdamW betas",
+    "optimizer.eps": "AdamW eps",
+    "optimizer.weight_decay": "AdamW weight decay (not on 1-D tensors or biases)",
+    "optimizer.learning_rate": "used when lr_schedule is absent",
+    "lr_schedule.type": "LinearWithWarmUpLR or ConstantWarmUpLR without warmup",
+    "lr_schedule.learning_rate": "peak learning rate",
+    "lr_schedule.warmup_ratio": "warmup steps = int(total_steps * ratio)",
+    "lr_schedule.warmup_steps": "warmup steps (when no ratio)",
+    "lr_schedule.warmup_lr_init": "start of warmup",
+    "lr_schedule.total_steps": "-1: epochs * rows // (batch_size * world)",
+    "runner_wrapper.use_clip_grad": "clip by global norm on/off",
+    "runner_wrapper.max_grad_norm": "clip threshold",
+    "runner_wrapper.scale_sense": "loss scale; must be 1.0 (float32/bf16 need none)",
+    "train_dataset.data_loader.dataset_path": "--data default (packed Arrow)",
+    "train_dataset.data_loader.shuffle": "must be False (order = parity)",
+    "train_dataset.drop_remainder": "partial batches are dropped",
+    "model.model_config.compute_dtype": "float32 or bfloat16 (autocast)",
+    "callbacks.CheckpointMonitor.save_checkpoint_steps": "--save-steps default",
+}
+# model_config keys checked against the weights' config.json
+MODEL_SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "n_kv_heads", "vocab_size",
+                    "intermediate_size", "rms_norm_eps", "theta", "seq_length", "qkv_has_bias")
+# Whole sections that describe MindSpore/Ascend execution, not the maths of a step.
+NOT_APPLICABLE = {
+    "context": "MindSpore device/graph context",
+    "parallel": "MindSpore auto-parallel context (torch uses DDP via torchrun)",
+    "parallel_config": "MindSpore model/pipeline parallel layout",
+    "recompute_config": "activation recompute (memory only)",
+    "use_parallel": "MindSpore distributed switch (torch: torchrun)",
+    "run_mode": "MindFormers run mode",
+    "trainer": "MindFormers trainer class",
+    "train_dataset_task": "MindFormers dataset wrapper",
+    "auto_trans_ckpt": "MindFormers checkpoint resharding",
+    "src_strategy_path_or_dir": "MindFormers checkpoint resharding",
+    "only_save_strategy": "MindFormers parallel strategy",
+    "resume_training": "not supported by distill train (start from --weights)",
+    "model.arch": "model class (torch: Qwen2ForCausalLM)",
+    "profile": "MindSpore profiler",
+    "moe_config": "not a MoE model",
+    "micro_batch_interleave_num": "MindSpore parallel",
+    "swap_config": "MindSpore memory offload",
+    "runner_config.sink_mode": "MindSpore data sink",
+    "runner_config.sink_size": "MindSpore data sink",
+    "runner_wrapper.type": "MindFormers one-step cell",
+    "train_dataset.input_columns": "MindFormers column plumbing",
+    "train_dataset.construct_args_key": "MindFormers column plumbing",
+    "train_dataset.num_parallel_workers": "loader threads",
+    "train_dataset.python_multiprocessing": "loader processes",
+    "train_dataset.numa_enable": "loader NUMA",
+    "train_dataset.prefetch_size": "loader prefetch",
+    "train_dataset.dynamic_batch": "fixed-length packed rows",
+    "train_dataset.data_loader.type": "loader class",
+    "train_dataset.data_loader.load_func": "loader function",
+    "train_dataset.data_loader.create_attention_mask": "masks are always built from actual_seq_len",
+    "train_dataset.data_loader.use_broadcast_data": "MindSpore data broadcast",
+    "train_dataset.data_loader.handler": "preprocessing (already done: --data is packed)",
+    "callbacks": "MindFormers callbacks (loss.jsonl is always written)",
+    "model.model_config.type": "config class",
+    "model.model_config.batch_size": "runner_config.batch_size is used",
+    "model.model_config.param_init_type": "master weights are float32",
+    "model.model_config.layernorm_compute_type": "transformers computes RMSNorm in float32",
+    "model.model_config.softmax_compute_type": "SDPA softmax is float32 under autocast",
+    "model.model_config.rotary_dtype": "transformers computes RoPE in float32",
+    "model.model_config.use_flash_attention": "torch picks SDPA / flash-attn itself",
+    "model.model_config.use_rope_slice": "MindSpore CPU workaround",
+    "model.model_config.input_sliced_sig": "labels are always pre-shifted",
+    "model.model_config.use_past": "no KV cache in training",
+    "model.model_config.pad_token_id": "loss mask comes from labels != -100",
+    "model.model_config.ignore_token_id": "-100",
+    "model.model_config.max_position_embedding": "from config.json",
+    "model.model_config.checkpoint_name_or_path": "use --weights",
+    "model.model_config.offset": "pipeline layout",
+    "model.model_config.bos_token_id": "tokenizer",
+    "model.model_config.eos_token_id": "tokenizer",
+    "model.model_config.qkv_concat": "weight layout",
+    "model.model_config.fine_grain_interleave": "MindSpore parallel",
+    "model.model_config.use_fused_rope": "kernel choice",
+    "model.model_config.use_fused_swiglu": "kernel choice",
+    "model.model_config.use_fused_rms_norm": "kernel choice",
+    "model.model_config.extend_method": "no RoPE scaling",
+    "model.model_config.scaling_factor": "no RoPE scaling",
+    "model.model_config.repetition_penalty": "generation",
+    "model.model_config.max_decode_length": "generation",
+    "model.model_config.top_k": "generation",
+    "model.model_config.top_p": "generation",
+    "model.model_config.do_sample": "generation",
+    "model.model_config.multiple_of": "intermediate_size is given",
+    "model.model_config.ffn_dim_multiplier": "intermediate_size is given",
+    "model.model_config.tie_word_embeddings": "from config.json",
+    "model.model_config.residual_dtype": "float32 residual",
+    "processor": "tokenizer config (data is already tokenized)",
+    "eval_dataset": "evaluation is distill eval",
+    "eval_dataset_task": "evaluation is distill eval",
+    "do_eval": "evaluation is distill eval",
+    "metric": "evaluation is distill eval",
+    "monitor_config": "MindFormers monitors",
+}
+
+
+@dataclass
+class YamlPlan:
+    """What the YAML means for a torch (or in-process MindSpore) run."""
+
+    settings: TrainSettings
+    batch_size: int
+    epochs: int
+    dtype: str
+    model_config: dict
+    data: str | None
+    weights: str | None
+    output: str | None
+    save_steps: int | None
+    yaml_total_steps: int
+    applied: dict[str, Any] = field(default_factory=dict)
+    not_applicable: dict[str, str] = field(default_factory=dict)
+    unsupported: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [f"applied {len(self.applied)} keys; {len(self.not_applicable)} MindSpore-only keys not "
+                 f"applicable to this backend"]
+        if self.unsupported:
+            lines.append("UNSUPPORTED keys (not applied): " + ", ".join(self.unsupported))
+        return "\n".join(lines)
+
+
+class ConfigError(ValueError):
+    """A YAML value this backend cannot honour (names the key and the value)."""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, Mapping):
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, Mapping) and v:
+                out.update(_flatten(v, key + "."))
+            else:
+                out[key] = v
+    return out
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Read the finetune YAML (plain YAML; MindFormers' ``&anchors`` resolve as usual)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: config file not found")
+    with open(p, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{p}: expected a YAML mapping at the top level")
+    return cfg
+
+
+def _is_not_applicable(key: str) -> str | None:
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        reason = NOT_APPLICABLE.get(".".join(parts[:i]))
+        if reason:
+            return reason
+    return None
+
+
+def settings_from_yaml(cfg: Mapping[str, Any], num_rows: int | None = None, world_size: int = 1,
+                       steps: int | None = None, where: str = "config") -> YamlPlan:
+    """Map the MindFormers finetune YAML onto :class:`TrainSettings`.
+
+    ``steps`` caps the run; when the YAML's ``total_steps`` is -1 the schedule's total is the
+    number of steps actually run, so warmup and decay span the whole (possibly shortened) run.
+    """
+    flat = _flatten(cfg)
+    rc = cfg.get("runner_config") or {}
+    opt = cfg.get("optimizer") or {}
+    lrs = cfg.get("lr_schedule") or {}
+    rw = cfg.get("runner_wrapper") or {}
+    mc = dict(((cfg.get("model") or {}).get("model_config") or {}))
+    dl = (((cfg.get("train_dataset") or {}).get("data_loader")) or {})
+
+    def bad(key: str, value: Any, why: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}={value!r} is not supported by this backend ({why})")
+
+    opt_type = opt.get("type", "AdamW")
+    if opt_type not in ("AdamW", "adamw", "FusedAdamW"):
+        raise bad("optimizer.type", opt_type, "only AdamW has MindFormers-identical semantics here")
+    gas = int(rc.get("gradient_accumulation_steps", 1) or 1)
+    if gas != 1:
+        raise bad("runner_config.gradient_accumulation_steps", gas, "use a larger batch_size")
+    scale = rw.get("scale_sense", 1.0)
+    if isinstance(scale, Mapping) or float(scale) != 1.0:
+        raise bad("runner_wrapper.scale_sense", scale, "only a fixed loss scale of 1.0")
+    if dl.get("shuffle"):
+        raise bad("train_dataset.data_loader.shuffle", dl.get("shuffle"), "rows are read in order")
+    lr_type = lrs.get("type", "LinearWithWarmUpLR" if lrs else "constant")
+    batch_size = int(rc.get("batch_size", mc.get("batch_size", 1)))
+    epochs = int(rc.get("epochs", 1))
+    yaml_total = int(lrs.get("total_steps", -1) if lrs.get("total_steps") is not None else -1)
+    per_epoch = None
+    if num_rows is not None:
+        per_epoch = num_rows // (batch_size * world_size)
+        if per_epoch == 0:
+            raise ConfigError(f"{where}: {num_rows} packed rows are fewer than one global batch "
+                              f"({batch_size} x {world_size} devices)")
+    run_steps = steps if steps is not None else (epochs * per_epoch if per_epoch is not None else None)
+    total = yaml_total if yaml_total and yaml_total > 0 else (run_steps or 1)
+    lr = float(lrs.get("learning_rate", opt.get("learning_rate", 1e-5)))
+    if lr_type == "LinearWithWarmUpLR":
+        warm = warmup_steps_from(lrs.get("warmup_ratio"), lrs.get("warmup_steps"), total)
+        schedule = "LinearWithWarmUpLR"
+    elif lr_type in ("constant", "ConstantWarmUpLR") and not lrs.get("warmup_steps") and not lrs.get("warmup_ratio"):
+        warm, schedule = 0, "constant"
+    else:
+        raise bad("lr_schedule.type", lr_type, "supported: LinearWithWarmUpLR, or a constant lr")
+    clip = bool(rw.get("use_clip_grad", False))
+    settings = TrainSettings(
+        learning_rate=lr, warmup_lr_init=float(lrs.get("warmup_lr_init", 0.0)), warmup_steps=warm,
+        total_steps=int(total), betas=tuple(float(b) for b in opt.get("betas", (0.9, 0.999))),
+        eps=float(opt.get("eps", 1e-8)), weight_decay=float(opt.get("weight_decay", 0.0)),
+        max_grad_norm=float(rw.get("max_grad_norm", 1.0)) if clip else None,
+        seed=int(cfg.get("seed", 0) or 0), lr_schedule=schedule)
+    compute = str(mc.get("compute_dtype", "float32"))
+    if compute not in ("float32", "bfloat16", "float16"):
+        raise bad("model.model_config.compute_dtype", compute, "float32 or bfloat16")
+    if compute == "float16":
+        raise bad("model.model_config.compute_dtype", compute, "float16 needs loss scaling; use bfloat16")
+    save_steps = None
+    for cb in cfg.get("callbacks") or []:
+        if isinstance(cb, Mapping) and cb.get("type") == "CheckpointMonitor" and cb.get("save_checkpoint_steps"):
+            save_steps = int(cb["save_checkpoint_steps"])
+    applied, na, unsupported = {}, {}, []
+    for k, v in flat.items():
+        if k in MAPPED or k.startswith("lr_schedule.") and k.split(".")[1] in ("type",):
+            applied[k] = v
+        elif k.startswith("model.model_config.") and k.split(".")[-1] in MODEL_SHAPE_KEYS:
+            applied[k] = v  # checked against config.json when the weights load
+        elif (reason := _is_not_applicable(k)) is not None:
+            na[k] = reason
+        else:
+            unsupported.append(k)
+    return YamlPlan(settings=settings, batch_size=batch_size, epochs=epochs, dtype=compute, model_config=mc,
+                    data=dl.get("dataset_path"), weights=cfg.get("load_checkpoint") or None,
+                    output=cfg.get("output_dir"), save_steps=save_steps, yaml_total_steps=yaml_total,
+                    applied=applied, not_applicable=na, unsupported=sorted(unsupported))
+
+
+PACKED_COLUMNS = ("input_ids", "labels", "actual_seq_len", "position_ids")
+
+
+def load_packed(path: str | os.PathLike):
+    """Open a packed Arrow directory (``save_to_disk`` layout or a folder of .arrow/.parquet
+    files) and check its columns; returns a ``datasets.Dataset`` (rows read lazily)."""
+    import datasets
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: packed data not found (run distill preprocess first)")
+    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
+        ds = datasets.load_from_disk(str(p))
+    elif p.is_dir() and (p / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(str(p))["train"]
+    else:
+        files = sorted(p.glob("*.arrow")) if p.is_dir() else [p]
+        if not files:
+            from distilled.io_utils import load_rows
+
+            ds = load_rows(str(p))
+        elif files[0].suffix == ".arrow":
+            ds = datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
+        else:
+            from distilled.io_utils import load_rows
+
+            ds = load_rows(str(p))
+    missing = [c for c in ("input_ids", "labels", "actual_seq_len") if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{p}: packed data lacks column(s) {missing}; has {ds.column_names} "
+                         "(see docs/data-contracts.md §5)")
+    keep = [c for c in PACKED_COLUMNS if c in ds.column_names]
+    return ds.select_columns(keep)
+
+
+def _dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run_train(config: str, backend: str = "torch", data: str | None = None, weights: str | None = None,
+              output: str | None = None, steps: int | None = None, save_steps: int | None = None,
+              device: str | None = None, dtype: str | None = None, quiet: bool = False) -> dict:
+    """Train with ``backend`` from the YAML; returns the summary dict also written to
+    ``OUTPUT/train_summary.json``. Writes ``loss.jsonl`` (one line per step) and HF safetensors
+    checkpoints (``checkpoint-STEP/``, and ``final/``)."""
+    from tqdm import tqdm
+
+    from distilled.backends import get_backend
+    from distilled.backends.base import iter_batches
+    from distilled.io_utils import JsonlAppender, write_json
+
+    cfg = load_yaml(config)
+    rank, world = _dist_info()
+    plan0 = settings_from_yaml(cfg, where=str(config))
+    data = data or plan0.data
+    weights = weights or plan0.weights
+    output = output or plan0.output or "output/torch_train"
+    if not data:
+        raise ConfigError(f"{config}: no --data and no train_dataset.data_loader.dataset_path")
+    if not weights:
+        raise ConfigError(f"{config}: no --weights and no load_checkpoint (an HF safetensors directory)")
+    ds = load_packed(data)
+    plan = settings_from_yaml(cfg, num_rows=len(ds), world_size=world, steps=steps, where=str(config))
+    n_steps = steps if steps is not None else plan.epochs * (len(ds) // (plan.batch_size * world))
+    save_steps = save_steps if save_steps is not None else plan.save_steps
+    dtype = dtype or plan.dtype
+    if rank == 0 and not quiet:
+        print(plan.describe(), file=sys.stderr)
+
+    kw: dict[str, Any] = {}
+    if backend == "torch":
+        kw = {"device": device, "ddp": world > 1}
+        if world > 1:
+            import torch
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
+    be = get_backend(backend, **kw)
+    seq_length = len(ds[0]["input_ids"])
+    if plan.model_config.get("seq_length") not in (None, seq_length) and rank == 0:
+        print(f"note: model_config.seq_length={plan.model_config['seq_length']} but the packed rows of {data} "
+              f"hold {seq_length} tokens; the rows' length is used", file=sys.stderr)
+    be.load_hf(weights, model_config=plan.model_config, dtype=dtype, seq_length=seq_length,
+               batch_size=plan.batch_size)
+    be.setup_training(plan.settings)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    log = JsonlAppender(out / "loss.jsonl") if rank == 0 else None
+    if log is not None and log.path.stat().st_size:
+        # a fresh run: keep the old log beside, never mix two runs in one file
+        log.close()
+        os.replace(out / "loss.jsonl", out / f"loss.{int(time.time())}.jsonl")
+        log = JsonlAppender(out / "loss.jsonl")
+    rows = _RankRows(ds, rank, world, plan.batch_size)
+    t0 = time.perf_counter()
+    tokens = 0
+    first = last = None
+    bar = tqdm(total=n_steps, desc=f"train[{backend}]", disable=quiet or rank != 0, unit="step")
+    for batch in iter_batches(rows, plan.batch_size, n_steps, where=str(data)):
+        r = be.train_step(batch)
+        if not math.isfinite(r.loss):
+            raise FloatingPointError(f"step {r.step}: loss is {r.loss} (check lr and data)")
+        tokens += batch.batch_size * batch.seq_length * world
+        elapsed = time.perf_counter() - t0
+        rec = {"step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
+               "loss_tokens": r.tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        if log is not None:
+            log.write(rec)
+        first = first if first is not None else r.loss
+        last = r.loss
+        bar.update(1)
+        bar.set_postfix(loss=f"{r.loss:.4f}")
+        if save_steps and (r.step + 1) % save_steps == 0 and (r.step + 1) != n_steps and rank == 0:
+            be.save_hf(out / f"checkpoint-{r.step + 1}")
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    summary = {"backend": backend, "config": str(config), "data": str(data), "weights": str(weights),
+               "steps": n_steps, "world_size": world, "first_loss": first, "last_loss": last,
+               "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
+               "settings": plan.settings.to_dict(), "dtype": dtype,
+               "unsupported_keys": plan.unsupported, "not_applicable_keys": sorted(plan.not_applicable)}
+    if rank == 0:
+        final = be.save_hf(out / "final")
+        _copy_tokenizer(Path(weights), final)
+        write_json(out / "train_summary.json", summary)
+        if log is not None:
+            log.close()
+        if not quiet:
+            print(f"trained {n_steps} steps on {backend}: loss {first:.4f} -> {last:.4f}, "
+                  f"{summary['tokens_per_s']:.0f} tokens/s, checkpoint {final}", file=sys.stderr)
+    return summary
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    import shutil
+
+    for f in src.iterdir():
+        if f.is_file() and (f.name.startswith("tokenizer") or f.name in {
+                "vocab.json", "merges.txt", "special_tokens_map.json", "chat_template.jinja",
+                "generation_config.json"}) and not (dst / f.name).exists():
+            shutil.copy2(f, dst / f.name)
+
+
+class _RankRows:
+    """The rows this rank reads: global batch b holds rows [b*B*W, (b+1)*B*W); rank r takes its
+    B-row slice, like MindFormers' data-parallel sharding of a non-shuffled dataset."""
+
+    def __init__(self, ds, rank: int, world: int, batch_size: int):
+        self.ds, self.rank, self.world, self.bs = ds, rank, world, batch_size
+        self.n = (len(ds) // (batch_size * world)) * batch_size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        b, j = divmod(i, self.bs)
+        g = b * self.bs * self.world + self.rank * self.bs + j
+        return self.ds[g]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    try:
+        run_train(args.config, backend=args.backend, data=args.data, weights=args.weights, output=args.output,
+                  steps=args.steps, save_steps=args.save_steps, device=args.device, dtype=args.dtype)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="torch", choices=["torch", "mindspore"],
+                   help="torch (transformers Qwen2) or mindspore (in-process MindFormers model); "
+                        "for MindFormers' own Trainer use run_mindformer.py")
+    p.add_argument("--config", required=True, help="MindFormers finetune YAML")
+    p.add_argument("--data", help="packed Arrow directory (default: the YAML's dataset_path)")
+    p.add_argument("--weights", help="HF safetensors directory (default: the YAML's load_checkpoint)")
+    p.add_argument("--output", help="output directory (default: the YAML's output_dir)")
+    p.add_argument("--steps", type=int, help="train this many steps (default: epochs x rows / global batch)")
+    p.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: CheckpointMonitor)")
+    p.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the YAML's compute_dtype")
+
+
+def register_cli(sub: Any) -> None:
+    """Register ``distill train``."""
+    p = sub.add_parser("train", help="train from the finetune YAML with the torch backend",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m distilled.train`` (what torchrun launches)."""
+    p = argparse.ArgumentParser(prog="distilled.train")
+    add_train_args(p)
+    return _cmd_train(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
