@@ -1,0 +1,527 @@
+"""Input formats -> chat messages -> (input_ids, labels) with only assistant turns trained.
+
+Why this module exists: the MindSpore docs' handler renders the chat template twice per row
+(prompt, then prompt + answer) and assumes the prompt's ids are a prefix of the full ids. That
+is slow (two template renders and two tokenizations per row) and silently wrong when the answer
+starts with whitespace that BPE merges with the template's ``\\n``. Here the template is
+rendered once per *role layout* with sentinel contents, split into literal pieces, and rows are
+rendered by string concatenation; one batched fast-tokenizer call encodes the whole batch and
+the trained spans are found from special-token positions with numpy (no per-token Python loop).
+The ids equal ``tokenizer.apply_chat_template(messages)`` exactly (checked at run time on the
+first row of every layout, and by the tests on many rows).
+
+Labels are **unshifted** (``labels[i] == input_ids[i]`` where trained, ``-100`` elsewhere): the
+assistant content plus its closing ``<|im_end|>`` are trained, so the model learns to stop
+(FACTS §3). Packing shifts them as MindFormers expects.
+
+Formats (``FormatConfig.name``):
+- ``openr1``: OpenR1-Math-220k rows. ``messages`` by default; with ``generation_policy``
+  (``first_correct``/``shortest_correct``/``all_correct``) the assistant turn is built from
+  ``generations`` where ``correctness_math_verify`` and ``is_reasoning_complete`` are both true.
+- ``cot``: output of ``distill reject`` (a ``messages`` list), or any messages-style rows.
+- ``messages``: any OpenAI-style ``messages`` list, multi-turn; every assistant turn trained.
+- ``stratos``: Bespoke-Stratos/OpenThoughts rows: ``system`` + ``conversations`` [{from, value}].
+- ``magpie``: ``instruction`` + ``response``.
+
+Bad rows raise :class:`RowError` (a reason code and the field); callers count skips by reason or,
+with ``strict``, stop with file, row and field named (:func:`rows_to_conversations`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from distilled import SYSTEM_PROMPT
+
+FORMATS = ("openr1", "cot", "messages", "stratos", "magpie")
+GENERATION_POLICIES = ("first_correct", "shortest_correct", "all_correct")
+THINK_STYLES = ("keep", "r1")
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100
+
+
+class RowError(ValueError):
+    """A row that cannot be used: ``reason`` is the skip-counter key, ``field`` the column/path."""
+
+    def __init__(self, reason: str, field: str, detail: str):
+        super().__init__(f"{field}: {detail}")
+        self.reason = reason
+        self.field = field
+        self.detail = detail
+
+
+class DataError(ValueError):
+    """Raised in strict mode: names the file, row (1-based line for JSONL) and field."""
+
+
+@dataclass
+class FormatConfig:
+    """How rows become conversations.
+
+    ``system_prompt``: prepended as a system turn when a conversation has none. ``None`` or
+    ``""`` disables it (the chat template may then insert its own default, as Qwen2.5's does).
+    """
+
+    name: str = "cot"
+    system_prompt: str | None = SYSTEM_PROMPT
+    generation_policy: str | None = None
+    think_style: str = "keep"
+    messages_column: str = "messages"
+
+    def __post_init__(self) -> None:
+        if self.name not in FORMATS:
+            raise ValueError(f"unknown format {self.name!r}; choose one of {', '.join(FORMATS)}")
+        if self.generation_policy in ("", "messages", "none"):
+            self.generation_policy = None
+        if self.generation_policy is not None and self.generation_policy not in GENERATION_POLICIES:
+            raise ValueError(f"unknown generation_policy {self.generation_policy!r}; choose one of "
+                             f"{', '.join(GENERATION_POLICIES)}")
+        if self.think_style not in THINK_STYLES:
+            raise ValueError(f"unknown think_style {self.think_style!r}; choose one of {', '.join(THINK_STYLES)}")
+
+
+# ----------------------------------------------------------------------------- row -> messages
+
+def _type_name(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _need_str(row: dict, col: str) -> str:
+    if col not in row:
+        raise RowError("missing_column", col, "column is missing")
+    v = row[col]
+    if not isinstance(v, str):
+        raise RowError("bad_type", col, f"expected a string, got {_type_name(v)}")
+    if not v.strip():
+        raise RowError("empty_content", col, "empty string")
+    return v
+
+
+def _need_list(row: dict, col: str) -> list:
+    if col not in row:
+        raise RowError("missing_column", col, "column is missing")
+    v = row[col]
+    if isinstance(v, np.ndarray):  # parquet/pandas may hand over arrays
+        v = v.tolist()
+    if not isinstance(v, (list, tuple)):
+        raise RowError("bad_type", col, f"expected a list, got {_type_name(v)}")
+    return list(v)
+
+
+def validate_messages(msgs: Any, field: str = "messages") -> list[dict[str, str]]:
+    """Check a messages list and return clean ``{role, content}`` dicts.
+
+    Why strict: an empty or non-string turn renders as ``None``/``""`` through the template and
+    trains the model on garbage; a conversation without an assistant turn trains nothing.
+    """
+    if isinstance(msgs, np.ndarray):
+        msgs = msgs.tolist()
+    if not isinstance(msgs, (list, tuple)):
+        raise RowError("bad_type", field, f"expected a list of {{role, content}}, got {_type_name(msgs)}")
+    if not msgs:
+        raise RowError("no_assistant_turn", field, "empty conversation")
+    out = []
+    for i, m in enumerate(msgs):
+        f = f"{field}[{i}]"
+        if not isinstance(m, dict):
+            raise RowError("bad_type", f, f"expected an object {{role, content}}, got {_type_name(m)}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise RowError("bad_role", f"{f}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+        if "content" not in m:
+            raise RowError("missing_column", f"{f}.content", "field is missing")
+        content = m["content"]
+        if not isinstance(content, str):
+            raise RowError("non_string_content", f"{f}.content", f"expected a string, got {_type_name(content)}")
+        if not content.strip():
+            raise RowError("empty_content", f"{f}.content", "empty message")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise RowError("no_assistant_turn", field, "no assistant turn to train on")
+    return out
+
+
+def _with_system(msgs: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    if system_prompt and msgs[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}] + msgs
+    return msgs
+
+
+def _openr1_from_generations(row: dict, policy: str) -> list[list[dict[str, str]]]:
+    problem = _need_str(row, "problem")
+    gens = _need_list(row, "generations")
+    correct = _need_list(row, "correctness_math_verify")
+    complete = _need_list(row, "is_reasoning_complete")
+    for name, col in (("correctness_math_verify", correct), ("is_reasoning_complete", complete)):
+        if len(col) != len(gens):
+            raise RowError("length_mismatch", name, f"{len(col)} entries for {len(gens)} generations")
+    ok = [i for i, (g, c, d) in enumerate(zip(gens, correct, complete))
+          if c is True and d is True and isinstance(g, str) and g.strip()]
+    if not ok:
+        raise RowError("no_correct_generation", "correctness_math_verify",
+                       "no generation is both math-verify correct and complete")
+    if policy == "first_correct":
+        ok = ok[:1]
+    elif policy == "shortest_correct":
+        ok = [min(ok, key=lambda i: len(gens[i]))]
+    return [[{"role": "user", "content": problem}, {"role": "assistant", "content": gens[i]}] for i in ok]
+
+
+_THOUGHT_RE = re.compile(
+    r"^\s*<\|begin_of_thought\|>\s*(?P<think>.*?)\s*<\|end_of_thought\|>\s*"
+    r"<\|begin_of_solution\|>\s*(?P<sol>.*?)\s*<\|end_of_solution\|>\s*$", re.S)
+
+
+def stratos_to_r1(text: str, field: str = "conversations") -> str:
+    """``<|begin_of_thought|>T<|end_of_thought|><|begin_of_solution|>S<|end_of_solution|>`` ->
+    ``<think>\\nT\\n</think>\\n\\nS`` (the DeepSeek-R1 style the rest of the toolkit uses)."""
+    m = _THOUGHT_RE.match(text)
+    if not m:
+        raise RowError("missing_think_markers", field,
+                       "assistant text lacks <|begin_of_thought|>..<|end_of_solution|> markers")
+    return f"<think>\n{m.group('think')}\n</think>\n\n{m.group('sol')}"
+
+
+_SHAREGPT_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+                   "system": "system"}
+
+
+def _stratos(row: dict, cfg: FormatConfig) -> list[dict[str, str]]:
+    conv = _need_list(row, "conversations")
+    msgs = []
+    for i, turn in enumerate(conv):
+        f = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise RowError("bad_type", f, f"expected an object {{from, value}}, got {_type_name(turn)}")
+        role = _SHAREGPT_ROLES.get(turn.get("from"))
+        if role is None:
+            raise RowError("bad_role", f"{f}.from", f"expected user or assistant, got {turn.get('from')!r}")
+        msgs.append({"role": role, "content": turn.get("value")})
+    msgs = validate_messages(msgs, "conversations")
+    if cfg.think_style == "r1":
+        msgs = [dict(m, content=stratos_to_r1(m["content"], f"conversations[{i}].value"))
+                if m["role"] == "assistant" else m for i, m in enumerate(msgs)]
+        return _with_system(msgs, cfg.system_prompt)
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise RowError("bad_type", "system", f"expected a string, got {_type_name(system)}")
+    if system and system.strip() and msgs[0]["role"] != "system":
+        return [{"role": "system", "content": system}] + msgs
+    return _with_system(msgs, cfg.system_prompt)
+
+
+def row_to_conversations(row: dict, cfg: FormatConfig) -> list[list[dict[str, str]]]:
+    """One input row -> one or more conversations (``all_correct`` can yield several).
+
+    >>> row_to_conversations({"messages": [{"role": "user", "content": "1+1?"},
+    ...                                    {"role": "assistant", "content": "2"}]}, FormatConfig("cot"))[0][0]["role"]
+    'system'
+    """
+    if not isinstance(row, dict):
+        raise RowError("bad_type", "row", f"expected an object, got {_type_name(row)}")
+    name = cfg.name
+    if name == "openr1" and cfg.generation_policy:
+        convs = _openr1_from_generations(row, cfg.generation_policy)
+    elif name in ("openr1", "cot", "messages"):
+        if cfg.messages_column not in row:
+            raise RowError("missing_column", cfg.messages_column, "column is missing")
+        convs = [validate_messages(row[cfg.messages_column], cfg.messages_column)]
+    elif name == "magpie":
+        convs = [[{"role": "user", "content": _need_str(row, "instruction")},
+                  {"role": "assistant", "content": _need_str(row, "response")}]]
+    elif name == "stratos":
+        return [_stratos(row, cfg)]
+    else:  # pragma: no cover - FormatConfig validates the name
+        raise ValueError(name)
+    return [_with_system(c, cfg.system_prompt) for c in convs]
+
+
+@dataclass
+class SkipCounter:
+    """Skips by reason, with the first location of each (for reports and error messages)."""
+
+    counts: Counter = field(default_factory=Counter)
+    first: dict[str, str] = field(default_factory=dict)
+
+    def add(self, reason: str, where: str, n: int = 1) -> None:
+        self.counts[reason] += n
+        self.first.setdefault(reason, where)
+
+    def merge(self, other: "SkipCounter") -> None:
+        for k, v in other.counts.items():
+            self.add(k, other.first.get(k, ""), v)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "by_reason": dict(sorted(self.counts.items())),
+                "first_seen": dict(sorted(self.first.items()))}
+
+
+def rows_to_conversations(rows: Sequence[dict], cfg: FormatConfig, skips: SkipCounter,
+                          locations: Sequence[str] | None = None, strict: bool = False,
+                          check_specials: re.Pattern | None = None) -> list[list[dict[str, str]]]:
+    """Convert a batch of rows; bad rows are counted in ``skips`` (or raise :class:`DataError`
+    naming ``locations[i]`` and the field when ``strict``).
+
+    ``check_specials``: a regex of special-token strings; a message containing one is skipped
+    (``special_token_in_content``) because the tokenizer would turn it into a real control
+    token (a literal ``<|im_end|>`` inside an answer would teach the model to stop there).
+    """
+    out: list[list[dict[str, str]]] = []
+    for i, row in enumerate(rows):
+        where = locations[i] if locations is not None else f"row {i + 1}"
+        try:
+            convs = row_to_conversations(row, cfg)
+            if check_specials is not None:
+                for conv in convs:
+                    for j, m in enumerate(conv):
+                        hit = check_specials.search(m["content"])
+                        if hit:
+                            raise RowError("special_token_in_content", f"turn {j} ({m['role']}) content",
+                                           f"contains the special token {hit.group(0)}")
+        except RowError as e:
+            if strict:
+                raise DataError(f"{where}: field {e.field!r}: {e.detail} [{e.reason}]") from None
+            skips.add(e.reason, f"{where}: {e.field}: {e.detail}")
+            continue
+        out.extend(convs)
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenize + mask
+
+@dataclass
+class _Layout:
+    """The chat template rendered for one sequence of roles, split at the message contents."""
+
+    pieces: list[str]  # len(roles) + 1 literal strings around the contents
+    trained: list[tuple[int, int, int, list[int]]]  # per assistant turn: (marker_id, occurrence, closing_id, header_ids)
+    fast: bool  # False when the template does not put special tokens around assistant turns
+    checked: bool = False
+
+
+@dataclass
+class EncodedBatch:
+    """Flat int32 ids/labels with row offsets (Arrow-ready, no per-row Python lists)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray  # len(rows) + 1
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.ids[a:b], self.labels[a:b]
+
+    def to_arrow(self):
+        """A ``pyarrow.Table`` with ``input_ids`` and ``labels`` as ``list<int32>``."""
+        import pyarrow as pa
+
+        offs = pa.array(self.offsets.astype(np.int32, copy=False))
+        return pa.table({"input_ids": pa.ListArray.from_arrays(offs, pa.array(self.ids, pa.int32())),
+                         "labels": pa.ListArray.from_arrays(offs, pa.array(self.labels, pa.int32()))})
+
+    @classmethod
+    def empty(cls) -> "EncodedBatch":
+        z = np.zeros(0, np.int32)
+        return cls(z, z.copy(), np.zeros(1, np.int64))
+
+
+class TemplateError(RuntimeError):
+    """The chat template rewrites message contents, so segment rendering cannot be exact."""
+
+
+class ChatEncoder:
+    """Encode conversations with a chat template: ids identical to ``apply_chat_template``,
+    labels = ids on assistant content + closing token, ``-100`` elsewhere.
+
+    >>> enc = ChatEncoder(load_tokenizer(d))                               # doctest: +SKIP
+    >>> b = enc.encode([[{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]])  # doctest: +SKIP
+    >>> b.to_arrow().column_names                                         # doctest: +SKIP
+    ['input_ids', 'labels']
+    """
+
+    _SENTINEL = "\u2063\u2063DISTILLED{}\u2063\u2063"
+
+    def __init__(self, tokenizer, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.backend = tokenizer.backend_tokenizer
+        if chat_template is None:
+            chat_template = getattr(tokenizer, "chat_template", None)
+        if not chat_template:
+            from distilled.tokenizer import read_chat_template
+
+            chat_template = read_chat_template()
+        self.chat_template = chat_template
+        specials = sorted({t for t in tokenizer.all_special_tokens if t} |
+                          {t.content for t in tokenizer.added_tokens_decoder.values() if t.special},
+                          key=len, reverse=True)
+        self.special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+        self.specials_re = re.compile("|".join(re.escape(t) for t in specials)) if specials else None
+        self._layouts: dict[tuple[str, ...], _Layout] = {}
+        self.fallback_rows = 0  # rows whose mask needed offsets (whitespace merged at a boundary)
+
+    # -- layout (template rendered once per role sequence)
+    def _render_template(self, msgs: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=self.chat_template)
+
+    def _layout(self, roles: tuple[str, ...]) -> _Layout:
+        lay = self._layouts.get(roles)
+        if lay is not None:
+            return lay
+        sentinels = [self._SENTINEL.format(i) for i in range(len(roles))]
+        text = self._render_template([{"role": r, "content": s} for r, s in zip(roles, sentinels)])
+        pieces, rest = [], text
+        for s in sentinels:
+            if rest.count(s) != 1:
+                raise TemplateError("the chat template does not render each message content exactly once "
+                                    "(it drops or repeats contents); cannot derive exact segments")
+            a, rest = rest.split(s)
+            pieces.append(a)
+        pieces.append(rest)
+        trained, fast = [], self.specials_re is not None
+        for i, role in enumerate(roles):
+            if role != "assistant" or not fast:
+                continue
+            before = list(self.specials_re.finditer(pieces[i]))
+            after = self.specials_re.match(pieces[i + 1])
+            if not before or not after:
+                fast = False
+                continue
+            marker = before[-1].group(0)
+            occurrence = "".join(pieces[: i + 1]).count(marker) - 1
+            header = pieces[i][before[-1].end():]
+            header_ids = self.backend.encode(header, add_special_tokens=False).ids if header else []
+            trained.append((self.special_ids[marker], occurrence, self.special_ids[after.group(0)], header_ids))
+        lay = _Layout(pieces, trained, fast)
+        self._layouts[roles] = lay
+        return lay
+
+    @staticmethod
+    def _join(lay: _Layout, contents: list[str]) -> tuple[str, list[int]]:
+        parts, starts, pos = [], [], 0
+        for piece, content in zip(lay.pieces, contents):
+            parts.append(piece)
+            pos += len(piece)
+            starts.append(pos)
+            parts.append(content)
+            pos += len(content)
+        parts.append(lay.pieces[-1])
+        return "".join(parts), starts
+
+    # -- encode
+    def encode(self, conversations: Sequence[Sequence[dict[str, str]]]) -> EncodedBatch:
+        """Encode a batch (messages must be validated; see :func:`rows_to_conversations`)."""
+        if not conversations:
+            return EncodedBatch.empty()
+        texts, layouts, metas = [], [], []
+        for conv in conversations:
+            roles = tuple(m["role"] for m in conv)
+            lay = self._layout(roles)
+            contents = [m["content"] for m in conv]
+            text, starts = self._join(lay, contents)
+            if not lay.checked:
+                ref = self._render_template(list(conv))
+                if ref != text:
+                    raise TemplateError("the chat template changes message contents (e.g. strips or rewrites "
+                                        "them); segment rendering would not match apply_chat_template")
+                lay.checked = True
+            texts.append(text)
+            layouts.append(lay)
+            metas.append((roles, contents, starts))
+        encs = self.backend.encode_batch(texts, add_special_tokens=False)
+        lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        offsets = np.zeros(len(encs) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.empty(int(offsets[-1]), np.int32)
+        labels = np.full(int(offsets[-1]), IGNORE_INDEX, np.int32)
+        for r, (e, lay) in enumerate(zip(encs, layouts)):
+            a, b = int(offsets[r]), int(offsets[r + 1])
+            row_ids = ids[a:b]
+            row_ids[:] = e.ids
+            spans = self._spans_fast(row_ids, lay) if lay.fast else None
+            if spans is None:
+                self.fallback_rows += 1
+                spans = self._spans_offsets(e, texts[r], lay, metas[r])
+            row_labels = labels[a:b]
+            for s, t in spans:
+                row_labels[s:t] = row_ids[s:t]
+        return EncodedBatch(ids, labels, offsets)
+
+    @staticmethod
+    def _spans_fast(row_ids: np.ndarray, lay: _Layout) -> list[tuple[int, int]] | None:
+        """Trained [start, end) token spans from special-token positions, or None when a
+        content's first token merged with the template's header (then offsets decide)."""
+        spans = []
+        cache: dict[int, np.ndarray] = {}
+        for marker_id, occ, closing_id, header in lay.trained:
+            pos = cache.get(marker_id)
+            if pos is None:
+                pos = cache[marker_id] = np.flatnonzero(row_ids == marker_id)
+            if occ >= len(pos):
+                return None
+            s = int(pos[occ]) + 1 + len(header)
+            if header and row_ids[s - len(header):s].tolist() != header:
+                return None
+            cpos = cache.get(-closing_id - 1)
+            if cpos is None:
+                cpos = cache[-closing_id - 1] = np.flatnonzero(row_ids == closing_id)
+            k = int(np.searchsorted(cpos, s))
+            if k >= len(cpos):
+                return None
+            spans.append((s, int(cpos[k]) + 1))
+        return spans
+
+    def _spans_offsets(self, enc, text: str, lay: _Layout, meta) -> list[tuple[int, int]]:
+        """Slow path: a token is trained when it starts inside [content start, end of the
+        closing token). A token that straddles the boundary (template ``\\n`` merged with a
+        leading newline of the content) starts in template text and stays untrained."""
+        roles, contents, starts = meta
+        offs = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        tok_start = offs[:, 0] if len(offs) else np.zeros(0, np.int64)
+        spans = []
+        for i, role in enumerate(roles):
+            if role != "assistant":
+                continue
+            c0 = starts[i]
+            c1 = c0 + len(contents[i])
+            m = self.specials_re.match(lay.pieces[i + 1]) if self.specials_re else None
+            end_char = c1 + (m.end() if m else 0)
+            s = int(np.searchsorted(tok_start, c0, side="left"))
+            t = int(np.searchsorted(tok_start, end_char, side="left"))
+            spans.append((s, t))
+        return spans
+
+
+def encode_rows(rows: Sequence[dict], cfg: FormatConfig, encoder: ChatEncoder, skips: SkipCounter,
+                locations: Sequence[str] | None = None, strict: bool = False) -> EncodedBatch:
+    """Rows -> validated conversations -> :class:`EncodedBatch` (bad rows counted in ``skips``)."""
+    convs = rows_to_conversations(rows, cfg, skips, locations, strict, encoder.specials_re)
+    return encoder.encode(convs)
+
+
+def iter_batch_rows(batch: dict[str, list]) -> list[dict]:
+    """Column-oriented batch (``datasets`` batched map / ``Dataset.iter``) -> list of row dicts."""
+    keys = list(batch)
+    if not keys:
+        return []
+    return [dict(zip(keys, vals)) for vals in zip(*(batch[k] for k in keys))]
+
+
+def mask_stats(batch: EncodedBatch) -> dict[str, int]:
+    """Token counts for reports: all tokens and trained tokens."""
+    return {"tokens": int(len(batch.ids)), "trained_tokens": int((batch.labels != IGNORE_INDEX).sum())}
