@@ -288,17 +288,22 @@ class Hit:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-_P = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier of the window polynomial (mod 2**64)
+_P = 0x9E3779B97F4A7C15  # odd multiplier of the window polynomial (mod 2**64)
+_MASK = (1 << 64) - 1
 
 
 class Decontaminator:
     """Hash index of benchmark n-grams; ``find`` checks a batch of training texts against it.
 
     Why numpy batches: per-row Python loops over every n-gram string are what makes pairwise (or
-    even per-row set-building) decontamination slow on 200k rows. Here Python only lower-cases,
-    splits and maps words to ids; window hashes, boundary/unknown-word masks and set membership
-    are vectorised over a whole batch. Words that no benchmark contains map to 0 and any window
-    holding one is skipped. Candidates are confirmed by exact string lookup.
+    even open-r1's per-row set-of-strings) decontamination slow on 200k rows. Here Python only
+    lower-cases and splits; each word becomes its 64-bit ``hash()``; window hashes (a polynomial
+    mod 2**64, built incrementally for every gram length the index holds), the row-boundary mask
+    and a bitmap prefilter run vectorised over a whole batch. The few windows that pass the
+    bitmap are confirmed by exact n-gram string lookup, so hash collisions cost time, never a row.
+
+    Python's ``str`` hash is salted per process: an index built in one process is rebuilt if
+    used in a process with another salt (checked with a probe hash on every call).
     """
 
     def __init__(self, benchmarks: Mapping[str, Sequence[str]], ngram: int = DEFAULT_NGRAM, short: str = "contained"):
@@ -310,7 +315,6 @@ class Decontaminator:
         self.short = short
         self.names = list(benchmarks)
         self.ids: dict[str, list[str]] = {}
-        self.vocab: dict[str, int] = {}
         # gram length -> {ngram string: [(benchmark, index), ...]}
         self.tables: dict[int, dict[str, list[tuple[str, int]]]] = {}
         self.stats: dict[str, dict[str, int]] = {}
@@ -337,90 +341,92 @@ class Decontaminator:
                     seen.add(g)
                     table.setdefault(g, []).append((name, idx))
                     n_grams += 1
-                for w in words:
-                    if w not in self.vocab:
-                        self.vocab[w] = len(self.vocab) + 1
             self.stats[name] = {"problems": len(texts), "ngrams": n_grams, "short_problems": n_short}
-        rng = np.random.default_rng(0x5EED)
-        self._vals = rng.integers(1, np.iinfo(np.uint64).max, size=len(self.vocab) + 1, dtype=np.uint64)
-        self._vals[0] = 0
         self._build_hashes()
 
-    def _build_hashes(self) -> None:
-        """Sorted 64-bit hashes of every benchmark n-gram, per gram length (rebuilt by tests
-        that force collisions)."""
-        self._hashes: dict[int, np.ndarray] = {}
-        for m, table in self.tables.items():
-            hs = [self._hash_words(g.split(" ")) for g in table]
-            self._hashes[m] = np.unique(np.array(hs, dtype=np.uint64))
+    @staticmethod
+    def _word_hash(word: str) -> int:
+        return hash(word) & _MASK
 
     def _hash_words(self, words: list[str]) -> int:
-        h = np.uint64(0)
-        with np.errstate(over="ignore"):
-            for w in words:
-                h = h * _P + self._vals[self.vocab[w]]
-        return int(h)
+        h = 0
+        for w in words:
+            h = (h * _P + self._word_hash(w)) & _MASK
+        return h
+
+    def _build_hashes(self) -> None:
+        """Per gram length: a bitmap over the top bits of every benchmark n-gram's hash (sized
+        ~64 slots per n-gram, so ~1.5% of clean windows pass to the exact check)."""
+        self._probe = hash("distilled.decontaminate probe")
+        self._bitmaps: dict[int, tuple[np.ndarray, int]] = {}
+        for m, table in self.tables.items():
+            bits = min(26, max(12, (64 * len(table)).bit_length()))
+            bitmap = np.zeros(1 << bits, dtype=bool)
+            hs = np.array([self._hash_words(g.split(" ")) for g in table], dtype=np.uint64)
+            bitmap[hs >> np.uint64(64 - bits)] = True
+            self._bitmaps[m] = (bitmap, 64 - bits)
 
     def find(self, texts: Sequence[str | None], rows: Sequence[int] | None = None) -> list[list[Hit]]:
         """Return, for each text, its hits (empty list = clean). ``None`` texts are clean.
 
         ``rows`` gives the ``Hit.row`` numbers (default 0..len-1).
         """
-        words_list = [normalize_words(t) if isinstance(t, str) else [] for t in texts]
-        lens = np.fromiter((len(w) for w in words_list), dtype=np.int64, count=len(words_list))
+        if self._probe != hash("distilled.decontaminate probe"):
+            self._build_hashes()  # unpickled in a process with another str-hash salt
         out: list[list[Hit]] = [[] for _ in texts]
-        total = int(lens.sum())
-        if total == 0 or not self.tables:
+        if not self.tables:
             return out
-        get = self.vocab.get
-        flat: list[int] = []
-        for w in words_list:
-            flat.extend(map(get, w, repeat(0)))
-        ids = np.asarray(flat, dtype=np.int64)
-        x = self._vals[ids]
+        words_all: list[str] = []
+        lens = np.zeros(len(texts), dtype=np.int64)
+        for r, t in enumerate(texts):
+            if isinstance(t, str):
+                w = t.lower().split()  # normalize_words, inlined: this loop is the hot path
+                lens[r] = len(w)
+                words_all += w
+        total = len(words_all)
+        if total == 0:
+            return out
+        x = np.fromiter(map(hash, words_all), dtype=np.int64, count=total).view(np.uint64)
         starts = np.zeros(len(texts) + 1, dtype=np.int64)
         np.cumsum(lens, out=starts[1:])
         row_of = np.repeat(np.arange(len(texts)), lens)
-        row_end = starts[1:][row_of]
-        zeros = np.zeros(total + 1, dtype=np.int64)
-        np.cumsum(ids == 0, out=zeros[1:])
+        remaining = starts[1:][row_of] - np.arange(total)  # words left in the row from here
+        exact_short = None
+        if self.short == "exact":
+            exact_short = np.zeros(total, dtype=bool)
+            exact_short[starts[:-1][lens > 0]] = True  # a short match must start its row...
+        lengths = sorted(m for m in self.tables if m <= total)
         found: dict[tuple[int, str, int], tuple[str, set[str], str]] = {}
-        order: list[tuple[int, str, int]] = []
-        for m in sorted(self.tables):
-            if total < m:
-                continue
-            nwin = total - m + 1
-            with np.errstate(over="ignore"):
-                h = x[:nwin].copy()
-                for k in range(1, m):
-                    h *= _P
-                    h += x[k : k + nwin]
-            pos = np.arange(nwin)
-            valid = (pos + m <= row_end[:nwin]) & (zeros[m : m + nwin] - zeros[:nwin] == 0)
-            if self.short == "exact" and m < self.ngram:
-                valid &= (pos == starts[:-1][row_of[:nwin]]) & (lens[row_of[:nwin]] == m)
-            cand = np.flatnonzero(valid)
-            if cand.size == 0:
-                continue
-            table_h = self._hashes[m]
-            hc = h[cand]
-            j = np.searchsorted(table_h, hc)
-            j[j >= table_h.size] = 0
-            cand = cand[table_h[j] == hc]
-            table = self.tables[m]
-            rule = "ngram" if m == self.ngram else "short"
-            for p in cand.tolist():
-                r = int(row_of[p])
-                local = p - int(starts[r])
-                g = " ".join(words_list[r][local : local + m])
-                for name, idx in table.get(g, ()):  # exact confirmation: collisions never count
-                    key = (r, name, idx)
-                    if key not in found:
-                        found[key] = (g, {g}, rule)
-                        order.append(key)
-                    else:
-                        found[key][1].add(g)
-        for key in sorted(order):
+        P = np.uint64(_P)
+        h = x.copy()
+        m_done = 1
+        with np.errstate(over="ignore"):
+            for m in lengths:
+                while m_done < m:  # extend windows by one word: h[i] = h[i] * P + x[i + m_done]
+                    h = h[:-1]
+                    h *= P
+                    h += x[m_done:]
+                    m_done += 1
+                bitmap, shift = self._bitmaps[m]
+                cand = bitmap[h >> np.uint64(shift)]
+                cand &= remaining[: h.size] >= m
+                if exact_short is not None and m < self.ngram:
+                    cand &= exact_short[: h.size] & (remaining[: h.size] == m)  # ...and fill it
+                table = self.tables[m]
+                rule = "ngram" if m == self.ngram else "short"
+                for p in np.flatnonzero(cand).tolist():
+                    g = " ".join(words_all[p : p + m])
+                    owners = table.get(g)
+                    if not owners:
+                        continue  # bitmap false positive or hash collision: exact check decides
+                    r = int(row_of[p])
+                    for name, idx in owners:
+                        key = (r, name, idx)
+                        if key not in found:
+                            found[key] = (g, {g}, rule)
+                        else:
+                            found[key][1].add(g)
+        for key in sorted(found):
             r, name, idx = key
             g, grams, rule = found[key]
             out[r].append(
