@@ -288,24 +288,26 @@ class ChatClient:
                 pass
 
     def _pick(self) -> _Endpoint | float:
-        """Least-in-flight healthy endpoint, or a probe of a down one, or seconds to wait."""
+        """A down endpoint due for its single re-probe, else the least-in-flight healthy one,
+        else (all down, none due) the seconds to wait. Called while holding the semaphore."""
         eps = self.endpoints
         k = len(eps)
-        self._rr = (self._rr + 1) % k
+        now = time.monotonic()
+        thr = self.failure_threshold
         best = None
+        probe = None
+        self._rr = (self._rr + 1) % k
         for i in range(k):
             ep = eps[(self._rr + i) % k]
-            if ep.failures < self.failure_threshold and (best is None or ep.in_flight < best.in_flight):
-                best = ep
-        if best is not None:
-            return best
-        now = time.monotonic()
-        probe = None
-        for ep in eps:  # all are down: one probe at a time on those whose cooldown has passed
-            if ep.down_until <= now and ep.in_flight == 0 and (probe is None or ep.down_until < probe.down_until):
+            if ep.failures < thr:
+                if best is None or ep.in_flight < best.in_flight:
+                    best = ep
+            elif ep.down_until <= now and ep.in_flight == 0 and (probe is None or ep.down_until < probe.down_until):
                 probe = ep
         if probe is not None:
             return probe
+        if best is not None:
+            return best
         wait = min(ep.down_until for ep in eps) - now
         return max(0.01, min(wait, 0.25))
 
@@ -326,54 +328,59 @@ class ChatClient:
     async def _call(self, path: str, payload: dict, chat: bool) -> ChatResult:
         if self._session is None:
             await self.open()
+        assert self._sem is not None
         body = _dumps(payload)
         attempt = 0
-        last = ""
         while True:
-            picked = self._pick()
-            if not isinstance(picked, _Endpoint):
-                await asyncio.sleep(picked)
-                continue
-            attempt += 1
+            # the endpoint is chosen only once a slot is free, so in-flight counts are current
+            await self._sem.acquire()
             try:
-                return await self._attempt(picked, path, body, chat, attempt)
-            except _Retryable as exc:
-                last = exc.reason
-                if attempt > self.max_retries:
-                    self.failures += 1
-                    raise RetriesExhausted(f"gave up after {attempt} attempts; last error: {last}", last, attempt) \
-                        from None
-                delay = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1))) * self._rng.uniform(0.5, 1.0)
-                if exc.retry_after is not None:
-                    delay = exc.retry_after * self._rng.uniform(1.0, 1.1)
-                self.retries += 1
-                self._emit("retry", reason=last, attempt=attempt, delay=delay, endpoint=picked.url)
-                await asyncio.sleep(delay)
+                picked = self._pick()
+                if not isinstance(picked, _Endpoint):
+                    delay = picked
+                else:
+                    attempt += 1
+                    try:
+                        return await self._attempt(picked, path, body, chat, attempt)
+                    except _Retryable as exc:
+                        last = exc.reason
+                        if attempt > self.max_retries:
+                            self.failures += 1
+                            raise RetriesExhausted(f"gave up after {attempt} attempts; last error: {last}", last,
+                                                   attempt) from None
+                        delay = (min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
+                                 * self._rng.uniform(0.5, 1.0))
+                        if exc.retry_after is not None:
+                            delay = exc.retry_after * self._rng.uniform(1.0, 1.1)
+                        self.retries += 1
+                        self._emit("retry", reason=last, attempt=attempt, delay=delay, endpoint=picked.url)
+            finally:
+                self._sem.release()
+            await asyncio.sleep(delay)  # backoff holds no slot: other requests keep the server busy
 
     async def _attempt(self, ep: _Endpoint, path: str, body: bytes, chat: bool, attempt: int) -> ChatResult:
         import aiohttp
 
-        assert self._sem is not None and self._session is not None
-        async with self._sem:
-            ep.in_flight += 1
-            ep.requests += 1
-            self.in_flight += 1
-            self.requests += 1
-            try:
-                async with self._session.post(ep.url + path, data=body, headers=self._headers) as resp:
-                    status = resp.status
-                    raw = await resp.read()
-                    retry_after = resp.headers.get("Retry-After") if status != 200 else None
-            except asyncio.TimeoutError:
-                self._fault(ep, "timeout")
-                raise _Retryable(f"timeout after {self.request_timeout:g}s from {ep.url}") from None
-            except (aiohttp.ClientError, OSError) as exc:
-                reason = f"{type(exc).__name__} from {ep.url}: {exc}"[:300]
-                self._fault(ep, reason)
-                raise _Retryable(reason) from None
-            finally:
-                ep.in_flight -= 1
-                self.in_flight -= 1
+        assert self._session is not None
+        ep.in_flight += 1
+        ep.requests += 1
+        self.in_flight += 1
+        self.requests += 1
+        try:
+            async with self._session.post(ep.url + path, data=body, headers=self._headers) as resp:
+                status = resp.status
+                raw = await resp.read()
+                retry_after = resp.headers.get("Retry-After") if status != 200 else None
+        except asyncio.TimeoutError:
+            self._fault(ep, "timeout")
+            raise _Retryable(f"timeout after {self.request_timeout:g}s from {ep.url}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            reason = f"{type(exc).__name__} from {ep.url}: {exc}"[:300]
+            self._fault(ep, reason)
+            raise _Retryable(reason) from None
+        finally:
+            ep.in_flight -= 1
+            self.in_flight -= 1
         if status == 200:
             try:
                 data = _loads(raw)
