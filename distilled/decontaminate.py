@@ -374,8 +374,6 @@ class Decontaminator:
         if self._probe != hash("distilled.decontaminate probe"):
             self._build_hashes()  # unpickled in a process with another str-hash salt
         out: list[list[Hit]] = [[] for _ in texts]
-        if not self.tables:
-            return out
         words_all: list[str] = []
         lens = np.zeros(len(texts), dtype=np.int64)
         for r, t in enumerate(texts):
@@ -384,7 +382,8 @@ class Decontaminator:
                 lens[r] = len(w)
                 words_all += w
         total = len(words_all)
-        if total == 0:
+        self.last_word_counts = lens  # callers' statistics (rows shorter than n) without a re-split
+        if total == 0 or not self.tables:
             return out
         x = np.fromiter(map(hash, words_all), dtype=np.int64, count=total).view(np.uint64)
         starts = np.zeros(len(texts) + 1, dtype=np.int64)
@@ -595,10 +594,9 @@ def decontaminate_file(
 
     def check(texts: list[str | None], rownums: list[int], lines: list[int | None], row_ids: list[str | None]) -> list[bool]:
         found = dec.find(texts, rows=rownums)
+        rep.rows_shorter_than_ngram += int((dec.last_word_counts < ngram).sum()) if texts else 0
         keep = []
-        for t, hs, line, rid in zip(texts, found, lines, row_ids):
-            if t is not None and len(normalize_words(t)) < ngram:
-                rep.rows_shorter_than_ngram += 1
+        for hs, line, rid in zip(found, lines, row_ids):
             if hs:
                 rep.rows_dropped_contaminated += 1
                 for name in {h.benchmark for h in hs}:
@@ -624,6 +622,10 @@ def decontaminate_file(
         return text
 
     if kind == "jsonl":
+        with open(inp, "rb") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith(b"["):
+            raise ValueError(f"{inp}: a JSON array, not JSON Lines (one object per line); convert it to .jsonl")
         size = inp.stat().st_size
         with open(inp, "rb") as f, atomic_write(outp, "wb") as out, tqdm(
             total=size, unit="B", unit_scale=True, desc="decontaminate", disable=not progress, mininterval=0.5
@@ -731,9 +733,12 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.report:
         write_json(args.report, rep)
     print(summary_line(rep) + f" -> {args.output}" + (f", report {args.report}" if args.report else ""))
-    for bad in (rep["malformed_lines"] + rep["missing_problem"])[:5]:
+    bad_rows = sorted(rep["malformed_lines"] + rep["missing_problem"], key=lambda b: b.get("line", b.get("row", 0)))
+    for bad in bad_rows[:5]:
         where = f"line {bad['line']}" if "line" in bad else f"row {bad['row']}"
         print(f"  skipped {args.input}: {where}: {bad['reason']}", file=sys.stderr)
+    if len(bad_rows) > 5:
+        print(f"  ... and {len(bad_rows) - 5} more (see the report)", file=sys.stderr)
     if args.strict and rep["rows_dropped_bad"]:
         print(f"distill decontaminate: --strict: {rep['rows_dropped_bad']} bad rows", file=sys.stderr)
         return 1

@@ -354,3 +354,12 @@ def test_module_import_stays_light():
             "bad = [m for m in ('torch', 'mindspore', 'mindformers', 'transformers', 'datasets') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_file_rejects_json_array_and_empty_index(tmp_path):
+    (tmp_path / "in.json").write_text('[{"problem": "a b c"}]\n')
+    with pytest.raises(ValueError, match="JSON array"):
+        decontaminate_file(tmp_path / "in.json", tmp_path / "out.json", {"b": ["a b c"]}, progress=False)
+    # benchmarks whose problems are all too short under short="ignore": nothing can match, nothing breaks
+    dec = Decontaminator({"b": ["two words"]}, ngram=8, short="ignore")
+    assert dec.find(["two words", None]) == [[], []] and dec.last_word_counts.tolist() == [2, 0]
