@@ -132,7 +132,10 @@ def render_prompt(template: str, prompt: str) -> str:
 def _iter_input(cfg: GenerateConfig, warn) -> Iterator[tuple[str, dict | BadLine]]:
     """Yield ``(where, row)``; ``where`` is ``file:line`` for JSONL and ``source row N`` otherwise."""
     src = cfg.dataset_name
-    if src.endswith(".jsonl") and Path(src).is_file():
+    p = Path(src)
+    if not p.exists() and (p.suffix in (".jsonl", ".json", ".parquet") or src.startswith((".", "/", "~"))):
+        raise SystemExit(f"error: --dataset-name {src}: no such file or directory")
+    if src.endswith(".jsonl") and p.is_file():
         for n, obj in iter_jsonl(src):
             yield f"{src}:{n}", obj
         return
