@@ -392,6 +392,7 @@ class VerifierPool:
         self.grace = float(grace) if grace is not None else max(1.0, 0.5 * self.timeout)
         self.max_pending = max_pending or max(256, 8 * self.chunk_size * max(1, self.workers))
         self.soft_timeout = bool(soft_timeout)
+        self._lock = threading.Lock()
         self._ctx = None
         self._pool: list[_Worker] = []
         self.killed_workers = 0
@@ -436,7 +437,23 @@ class VerifierPool:
         """Yield one ``Verdict`` per ``(generation, gold, finish_reason, kind)`` item, in input
         order. ``items`` is consumed lazily (at most ``max_pending`` ahead of the output), so it
         can be a generator over a file of any size. ``(generation, gold)`` and
-        ``(generation, gold, finish_reason)`` are accepted too."""
+        ``(generation, gold, finish_reason)`` are accepted too. Concurrent calls (e.g. from
+        executor threads) are serialised."""
+        with self._lock:  # one batch at a time: workers answer strictly in order
+            try:
+                yield from self._judge_many(items)
+            finally:
+                self._abandon_outstanding()
+
+    def _abandon_outstanding(self) -> None:
+        """A caller that stops iterating early leaves items in flight: restart those workers so
+        their stale answers never reach the next batch."""
+        for i, w in enumerate(self._pool):
+            if w.queue:
+                w.kill()
+                self._pool[i] = _Worker(self._ctx, self.timeout if self.soft_timeout else None)
+
+    def _judge_many(self, items: Iterable[tuple]) -> Iterator[Verdict]:
         results: dict[int, Verdict] = {}
         pending: collections.deque = collections.deque()  # (seq, (answer, gold, kind))
         it = iter(items)
