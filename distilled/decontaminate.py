@@ -646,8 +646,12 @@ def decontaminate_file(
                     continue
                 rep.rows_read += 1
                 try:
-                    obj = json.loads(raw)
-                except ValueError as exc:
+                    obj = json.loads(raw.decode("utf-8-sig"))  # str, not bytes: skips json's encoding sniffing
+                except UnicodeDecodeError as exc:
+                    rep.malformed_lines.append({"line": lineno, "reason": f"invalid UTF-8 at byte offset {exc.start}"})
+                    rep.rows_dropped_bad += 1
+                    continue
+                except json.JSONDecodeError as exc:
                     rep.malformed_lines.append({"line": lineno, "reason": f"invalid JSON ({exc.msg} at column {exc.colno})"})
                     rep.rows_dropped_bad += 1
                     continue

@@ -241,16 +241,18 @@ def test_file_jsonl_keeps_bytes_and_counts_bad_lines(tmp_path):
         b"[1, 2]\n",
         b'{"answer": "no problem field"}\n',
         b'{"problem": ["not", "text"]}\n',
+        b'{"problem": "caf\xe9 latin-1 bytes"}\n',
         b'{"messages": [{"role": "user", "content": "Totally unrelated question about prime numbers"}]}',  # no final newline
     ]
     _write_jsonl(tmp_path / "in.jsonl", lines)
     rep = decontaminate_file(tmp_path / "in.jsonl", tmp_path / "out.jsonl", bench, progress=False)
     out = (tmp_path / "out.jsonl").read_bytes()
     assert out == clean + lines[-1] + b"\n"  # kept rows byte for byte
-    assert rep["rows_read"] == 7 and rep["rows_kept"] == 2
-    assert rep["rows_dropped_contaminated"] == 1 and rep["rows_dropped_bad"] == 4
+    assert rep["rows_read"] == 8 and rep["rows_kept"] == 2
+    assert rep["rows_dropped_contaminated"] == 1 and rep["rows_dropped_bad"] == 5
     assert rep["rows_read"] == rep["rows_kept"] + rep["rows_dropped_contaminated"] + rep["rows_dropped_bad"]
-    assert [b["line"] for b in rep["malformed_lines"]] == [4, 5]
+    assert [b["line"] for b in rep["malformed_lines"]] == [4, 5, 8]
+    assert rep["malformed_lines"][2]["reason"] == "invalid UTF-8 at byte offset 16"
     assert [b["line"] for b in rep["missing_problem"]] == [6, 7]
     assert "'problem' is list" in rep["missing_problem"][1]["reason"]
     (h,) = rep["hits"]
