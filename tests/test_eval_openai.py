@@ -1,0 +1,207 @@
+"""`distill eval --engine openai` against the built-in teacher on 127.0.0.1: metrics from the real
+verifier, resume after an interruption (in process and a killed subprocess), bad input before any
+generation, reports and `eval compare`, budget forcing through /v1/completions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distilled.eval_metrics import pass_at_k
+from distilled.evaluate import EvalConfig, EvalError, compare, run_eval
+from distilled.problems import synth
+from distilled.teacher_server import TeacherConfig, start_in_thread
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    srv = start_in_thread(TeacherConfig(latency_ms=2, latency_dist="fixed", wrong_rate=0.35, seed=3))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def problems_file(tmp_path):
+    path = tmp_path / "held_out.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in synth(6, seed=5, split="test")))
+    return path
+
+
+def cfg_for(teacher, problems_file, out, **kw) -> EvalConfig:
+    base = dict(tasks=["synth"], task_file=str(problems_file), engine="openai", api_addr=[teacher.addr],
+                model_name="stand-in-teacher", n=4, output=str(out), max_tokens=4000, max_concurrent=8,
+                verify_workers=1)
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def test_openai_eval_metrics_match_logged_verdicts(teacher, problems_file, tmp_path):
+    res = run_eval(cfg_for(teacher, problems_file, tmp_path / "run"))
+    recs = read_lines(tmp_path / "run" / "samples.jsonl")
+    assert len(recs) == 6 * 4
+    assert {(r["problem_id"], r["sample_index"]) for r in recs} == {(p["id"], s) for p in synth(6, 5, "test")
+                                                                    for s in range(4)}
+    # every record holds the prompt, output, extracted answer and verdict
+    r0 = recs[0]
+    assert r0["prompt"][-1]["role"] == "user" and "Solve the following math problem" in r0["prompt"][-1]["content"]
+    assert "<think>" in r0["output"] and r0["reason"] in ("correct", "wrong_answer")
+    assert r0["extracted"] is not None
+    m = res["tasks"]["synth"]
+    by_problem: dict[str, list[bool]] = {}
+    for r in recs:
+        by_problem.setdefault(r["problem_id"], []).append(r["correct"])
+        assert r["correct"] == (r["extracted"] == r["gold"])  # the stand-in answers integers
+    per = [sum(v) / 4 for v in by_problem.values()]
+    assert m["pass@1"] == pytest.approx(100 * sum(per) / 6)
+    assert m["pass@2"] == pytest.approx(100 * sum(pass_at_k(4, sum(v), 2) for v in by_problem.values()) / 6)
+    assert 0 < m["pass@1"] < 100  # wrong_rate 0.35: some right, some wrong
+    assert m["truncated_pct"] == 0 and m["unanswered_pct"] == 0
+    # cons@4: majority of extracted answers per problem
+    cons = 0
+    for pid, _ in by_problem.items():
+        answers = [r["extracted"] for r in recs if r["problem_id"] == pid]
+        best = max(set(answers), key=lambda a: (answers.count(a), -answers.index(a)))
+        cons += best == next(r["gold"] for r in recs if r["problem_id"] == pid)
+    assert m["cons@4"] == pytest.approx(100 * cons / 6)
+    out = tmp_path / "run"
+    results = json.loads((out / "results.json").read_text())
+    assert results["prompt_version"].startswith("distilled-eval-v1") and results["budget"] is None
+    report = (out / "report.md").read_text()
+    assert "| model | synth |" in report and "stand-in-teacher" in report and f"{m['pass@1']:.1f} ±" in report
+    assert (out / "pass_at_1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_after_interruption_and_torn_tail(teacher, problems_file, tmp_path):
+    full = tmp_path / "full"
+    run_eval(cfg_for(teacher, problems_file, full))
+    part = tmp_path / "part"
+    run_eval(cfg_for(teacher, problems_file, part), stop_after=9)
+    assert len(read_lines(part / "samples.jsonl")) == 9
+    with open(part / "samples.jsonl", "a") as f:  # a kill -9 in the middle of a write
+        f.write('{"task": "synth", "problem_id": "torn')
+    before = teacher.stats()["requests"]
+    res = run_eval(cfg_for(teacher, problems_file, part))
+    assert teacher.stats()["requests"] - before == 24 - 9  # only the missing samples were generated
+    assert res["new_samples"] == 15
+    a = {(r["problem_id"], r["sample_index"]): r["output"] for r in read_lines(full / "samples.jsonl")}
+    b = {(r["problem_id"], r["sample_index"]): r["output"] for r in read_lines(part / "samples.jsonl")}
+    assert len(read_lines(part / "samples.jsonl")) == 24 and a == b  # same seeds: same samples
+    assert json.loads((part / "results.json").read_text())["tasks"] == \
+        {k: v for k, v in json.loads((full / "results.json").read_text())["tasks"].items()}
+    # a second resume has nothing to do
+    before = teacher.stats()["requests"]
+    assert run_eval(cfg_for(teacher, problems_file, part))["new_samples"] == 0
+    assert teacher.stats()["requests"] == before
+
+
+def test_resume_refuses_other_settings(teacher, problems_file, tmp_path):
+    run_eval(cfg_for(teacher, problems_file, tmp_path / "r"), stop_after=2)
+    with pytest.raises(EvalError, match=r"other settings \(temperature: 0.6 -> 0.0\)"):
+        run_eval(cfg_for(teacher, problems_file, tmp_path / "r", temperature=0.0))
+
+
+def test_bad_input_fails_before_any_generation(teacher, problems_file, tmp_path):
+    out = tmp_path / "bad"
+    before = teacher.stats()["requests"]
+    with pytest.raises(EvalError, match="unknown task 'math501'"):
+        run_eval(cfg_for(teacher, problems_file, out, tasks=["synth,math501"]))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "problem": "1+1?", "answer": "2"}\n{"id": "b", "problem": "2+2?"}\n')
+    with pytest.raises(EvalError, match=r"bad.jsonl:2: field 'answer' is missing"):
+        run_eval(cfg_for(teacher, bad, out))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(EvalError, match="is empty"):
+        run_eval(cfg_for(teacher, empty, out))
+    with pytest.raises(EvalError, match="cannot reach the OpenAI-compatible server"):
+        run_eval(cfg_for(teacher, problems_file, out, api_addr=["127.0.0.1:9"]))
+    with pytest.raises(EvalError, match="needs --api-addr"):
+        run_eval(cfg_for(teacher, problems_file, out, api_addr=[]))
+    assert teacher.stats()["requests"] == before
+    assert not (out / "samples.jsonl").exists()
+
+
+def test_cli_and_compare(teacher, problems_file, tmp_path):
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
+    a, b = tmp_path / "base", tmp_path / "distilled"
+    for out, seed in ((a, 0), (b, 1)):
+        cmd = [sys.executable, "-m", "distilled", "eval", "--tasks", "synth", "--task-file", str(problems_file),
+               "--engine", "openai", "--api-addr", teacher.addr, "--model-name", "stand-in-teacher", "--n", "2",
+               "--max-tokens", "4000", "--output", str(out), "--seed", str(seed), "--verify-workers", "1"]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=240)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "eval stand-in-teacher: pass@1 synth" in p.stdout
+    text = compare([str(a), str(b / "results.json")], reference=True, output=str(tmp_path / "cmp.md"))
+    assert "| model | synth | math_500 | aime24 |" in text
+    assert "stand-in-teacher (openai)" in text  # two runs of one model name are told apart
+    assert "*DeepSeek-R1-Distill-Qwen-7B (R1 paper)* (reported) | - | 92.8 | 55.5 |" in text
+    assert (tmp_path / "cmp.md").read_text() == text
+    assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    p = subprocess.run([sys.executable, "-m", "distilled", "eval", "compare", str(tmp_path / "nothing")],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 2 and "no results.json" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "distilled", "eval", "--tasks", "aime24,bogus", "--api-addr", "x:1",
+                        "--model-name", "m"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 2 and "unknown task 'bogus'" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_killed_subprocess_resumes(problems_file, tmp_path):
+    """A real interruption: SIGKILL the eval process mid-run, rerun, get every sample exactly once."""
+    srv = start_in_thread(TeacherConfig(latency_ms=150, latency_dist="fixed", seed=3))
+    try:
+        out = tmp_path / "killed"
+        cmd = [sys.executable, "-m", "distilled", "eval", "--tasks", "synth", "--task-file", str(problems_file),
+               "--api-addr", srv.addr, "--model-name", "stand-in-teacher", "--n", "8", "--max-concurrent", "2",
+               "--max-tokens", "4000", "--output", str(out), "--verify-workers", "1"]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        samples = out / "samples.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if samples.exists() and len(samples.read_text().splitlines()) >= 6:
+                break
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        got = len(read_lines(samples)) if samples.exists() else 0
+        assert 0 < got < 48
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        recs = read_lines(samples)
+        keys = [(r["problem_id"], r["sample_index"]) for r in recs]
+        assert len(keys) == 48 and len(set(keys)) == 48
+    finally:
+        srv.stop()
+
+
+def test_openai_budget_forcing_via_completions(teacher, problems_file, tmp_path, qwen_tokenizer_dir):
+    """The stand-in teacher supports /v1/completions continuation: with a think budget the
+    reasoning is cut (counted in the server's tokens) and </think> forced, and the answer still
+    follows."""
+    out = tmp_path / "bf"
+    res = run_eval(cfg_for(teacher, problems_file, out, n=1, max_think_tokens=8, tokenizer=str(qwen_tokenizer_dir)))
+    recs = read_lines(out / "samples.jsonl")
+    assert len(recs) == 6
+    for r in recs:
+        assert r["budget"]["forced_close"] is True and r["think_tokens"] == 8
+        think, _, answer = r["output"].partition("</think>")
+        assert len(think.split()) <= 8 + 1  # server tokens are words; "<|im_start|>"-free prompt text
+        assert "The final answer is" in answer
+    assert res["budget"] == {"min_think_tokens": None, "max_think_tokens": 8}
+    assert res["tasks"]["synth"]["budget_forced_close"] == 6
+    assert "budget forcing (s1): min_think_tokens None, max_think_tokens 8" in (out / "report.md").read_text()
+    with pytest.raises(EvalError, match="needs --tokenizer"):
+        run_eval(cfg_for(teacher, problems_file, tmp_path / "bf2", max_think_tokens=8))
