@@ -18,10 +18,10 @@ this module reproduces its semantics exactly and adds what that script lacks:
   words. By default (``short="contained"``) such a problem matches a training row that contains
   all its words contiguously (its whole text as one shorter n-gram). ``short="exact"`` requires the
   whole normalised training problem to equal it; ``short="ignore"`` is open-r1's behaviour.
-* **Fast and exact.** Benchmark n-grams are hashed to 64-bit integers (random per-word values, a
-  polynomial over the window, numpy over batches of rows) and looked up with a sorted-array
-  search, never compared pairwise. A hash candidate is then confirmed by comparing the n-gram
-  string itself, so a hash collision can never drop a row. Streaming: rows are read, checked and
+* **Fast and exact.** Every word is hashed to 64 bits, every window to a polynomial of its word
+  hashes (numpy over batches of rows), and windows are tested against a bitmap of the benchmark
+  n-gram hashes, never compared pairwise. A window that passes is then confirmed by looking up
+  the n-gram string itself, so a hash collision can never drop a row. Streaming: rows are read, checked and
   written batch by batch; the output is written atomically.
 
 Library use (``distill preprocess --decontaminate`` calls this inline)::
@@ -36,8 +36,11 @@ Signatures::
         -> dict[str, Benchmark]          # Benchmark is a list[str] of problems with .ids
     filter_rows(rows: Iterable[dict], benchmarks: Mapping[str, Sequence[str]], ngram: int = 8,
                 problem_getter: Callable[[dict], str | None] | None = None,
-                short: str = "contained") -> tuple[list[dict], list[Hit]]
+                short: str = "contained", batch_size: int = 4096,
+                on_missing: str = "raise") -> tuple[list[dict], list[Hit]]
     Decontaminator(benchmarks, ngram=8, short="contained").find(texts) -> list[list[Hit]]
+    decontaminate_file(input_path, output_path, benchmarks, ngram=8, problem_column="problem",
+                       short="contained", batch_size=4096, progress=True) -> dict  # the report
 """
 
 from __future__ import annotations

@@ -365,3 +365,23 @@ def test_file_rejects_json_array_and_empty_index(tmp_path):
     # benchmarks whose problems are all too short under short="ignore": nothing can match, nothing breaks
     dec = Decontaminator({"b": ["two words"]}, ngram=8, short="ignore")
     assert dec.find(["two words", None]) == [[], []] and dec.last_word_counts.tolist() == [2, 0]
+
+
+def test_index_survives_pickling_into_another_hash_salt(tmp_path):
+    """datasets.map(num_proc=...) and spawn pools pickle the index into processes whose str
+    hash salt differs; the index must notice and rebuild, not silently miss every hit."""
+    import os
+    import pickle
+
+    dec = Decontaminator({"b": ["one two three four five six seven eight nine"]}, ngram=8)
+    (tmp_path / "dec.pkl").write_bytes(pickle.dumps(dec))
+    code = (
+        "import pickle, sys; dec = pickle.load(open(sys.argv[1], 'rb')); "
+        "hits = dec.find(['zero one two three four five six seven eight', 'one two three']); "
+        "print([len(h) for h in hits])"
+    )
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dec.pkl")], capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == "[1, 0]"
