@@ -18,6 +18,14 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 
+def _umask_mode(base: int = 0o666) -> int:
+    """The mode a plain ``open()`` would give: mkstemp/mkdtemp create 0600/0700 files, which
+    would make every atomically written output unreadable to the user's group."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -42,6 +50,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _umask_mode())
     try:
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
@@ -87,6 +96,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, _umask_mode(0o777))
     try:
         yield tmp
         old = None
