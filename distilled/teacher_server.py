@@ -170,6 +170,8 @@ class _Stats:
     faults: dict = field(default_factory=dict)
     paths: dict = field(default_factory=dict)
     completion_tokens: int = 0
+    latency_sum: float = 0.0  # sampled service latencies (s), so benches know the realised mean
+    latency_count: int = 0
     started: float = field(default_factory=time.time)
 
 
@@ -324,7 +326,10 @@ class TeacherServer:
         st.serving += 1
         st.max_serving = max(st.max_serving, st.serving)
         try:
-            delay = self._latency() + (c.slow_ms / 1000.0 if fault == "slow" else 0.0)
+            delay = self._latency()
+            st.latency_sum += delay
+            st.latency_count += 1
+            delay += c.slow_ms / 1000.0 if fault == "slow" else 0.0
             if delay > 0:
                 await asyncio.sleep(delay)
             choices, comp_tokens = [], 0
