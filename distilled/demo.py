@@ -214,7 +214,7 @@ class Demo:
         return StageResult("generate", rows_in=_count_lines(self.p("data", "train.jsonl")), rows_out=rows,
                            throughput=f"{gens / dt:.1f} gen/s",
                            summary=f"{rows} problems x {c.num_generations} generations",
-                           extra={"generations": gens, "failed": _count_lines(Path(str(out) + "").with_suffix(".failed.jsonl"))})
+                           extra={"generations": gens, "failed": _count_lines(out.with_suffix(".failed.jsonl"))})
 
     def s_reject(self) -> StageResult:
         rep = self.p("data", "reject_report.json")
@@ -225,8 +225,7 @@ class Demo:
         r = _read_json(rep)
         kept = _count_lines(self.p("data", "verified.jsonl"))
         return StageResult("reject", rows_in=_count_lines(self.p("data", "generations.jsonl")), rows_out=kept,
-                           throughput=f"{r.get('throughput', {}).get('pairs_per_s', 0):.0f} pairs/s"
-                           if isinstance(r.get("throughput"), dict) else "",
+                           throughput=f"{r['generations_per_s']:.1f} gen/s",
                            summary=f"{kept} verified rows", extra={"report": r})
 
 
