@@ -92,8 +92,8 @@ def _type_name(v: Any) -> str:
 
 
 def _need_str(row: dict, col: str) -> str:
-    if col not in row:
-        raise RowError("missing_column", col, "column is missing")
+    if row.get(col) is None:  # Arrow-backed inputs turn a missing field into null
+        raise RowError("missing_column", col, "column is missing or null")
     v = row[col]
     if not isinstance(v, str):
         raise RowError("bad_type", col, f"expected a string, got {_type_name(v)}")
@@ -103,8 +103,8 @@ def _need_str(row: dict, col: str) -> str:
 
 
 def _need_list(row: dict, col: str) -> list:
-    if col not in row:
-        raise RowError("missing_column", col, "column is missing")
+    if row.get(col) is None:
+        raise RowError("missing_column", col, "column is missing or null")
     v = row[col]
     if isinstance(v, np.ndarray):  # parquet/pandas may hand over arrays
         v = v.tolist()
@@ -228,8 +228,8 @@ def row_to_conversations(row: dict, cfg: FormatConfig) -> list[list[dict[str, st
     if name == "openr1" and cfg.generation_policy:
         convs = _openr1_from_generations(row, cfg.generation_policy)
     elif name in ("openr1", "cot", "messages"):
-        if cfg.messages_column not in row:
-            raise RowError("missing_column", cfg.messages_column, "column is missing")
+        if row.get(cfg.messages_column) is None:  # absent, or null in an Arrow-backed input
+            raise RowError("missing_column", cfg.messages_column, "column is missing or null")
         convs = [validate_messages(row[cfg.messages_column], cfg.messages_column)]
     elif name == "magpie":
         convs = [[{"role": "user", "content": _need_str(row, "instruction")},
