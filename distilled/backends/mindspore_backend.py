@@ -233,7 +233,7 @@ class MindSporeBackend(Backend):
     def forward(self, batch: PackedBatch, return_logits: bool = False) -> ForwardResult:
         t = self._tensors(batch)
         self.model.set_train(True)
-        loss = float(self._fwd(*t).asnumpy())
+        loss = float(self._fwd(*t).asnumpy().reshape(-1)[0])
         count = batch.num_loss_tokens
         logits = None
         if return_logits:
@@ -293,7 +293,7 @@ class MindSporeBackend(Backend):
         else:  # MindFormers' own schedule value for this step (the optimizer reads the same)
             lr = float(self.lr_schedule(ms.Tensor(self.step_count, ms.int32)).asnumpy())
         self.optimizer(grads)
-        res = StepResult(self.step_count, float(loss.asnumpy()), float(np.asarray(norm.asnumpy()).reshape(-1)[0]),
+        res = StepResult(self.step_count, float(loss.asnumpy().reshape(-1)[0]), float(np.asarray(norm.asnumpy()).reshape(-1)[0]),
                          lr, batch.num_loss_tokens)
         self.step_count += 1
         return res

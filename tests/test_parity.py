@@ -1,0 +1,114 @@
+"""``distill parity`` on CPU: MindFormers' legacy Llama vs transformers' Qwen2 on the same tiny
+weights and packed batches. It must pass as is, and fail on a perturbed weight and on models that
+leak attention across packed documents."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from backend_helpers import make_small_qwen2, packed_rows, write_packed, write_yaml
+from distilled.parity import TOLERANCES, packing_check, run_parity
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("parity")
+    weights = make_small_qwen2(d / "weights")
+    data = write_packed(d / "packed", packed_rows(6, 48, seed=0))
+    cfg = write_yaml(d / "tiny.yaml", lr=5e-3, warmup_ratio=0.34)
+    return d, weights, data, cfg
+
+
+@pytest.fixture(scope="module")
+def passing(setup):
+    d, weights, data, cfg = setup
+    return run_parity(cfg, weights, data, steps=3, report=d / "report", check="all", quiet=True), d / "report"
+
+
+@pytest.mark.slow
+def test_parity_passes_on_same_weights(passing):
+    res, report = passing
+    assert res["ok"], res["failures"]
+    s = res["train"]["summary"]
+    tol = TOLERANCES["float32"]
+    assert s["loss_rel_diff_step0"] <= tol["loss_rel_step0"]
+    assert s["loss_rel_diff_max"] <= tol["loss_rel"]
+    assert s["grad_norm_rel_diff_max"] <= tol["grad_norm_rel"]
+    assert s["param_drift"]["global_rel"] <= tol["param_drift_rel"]
+    assert s["lr_max_abs_diff"] < 1e-9
+    steps = res["train"]["steps"]
+    assert len(steps) == 3
+    # warmup: lr 0 at step 0 (MindFormers reads the schedule before incrementing), then > 0
+    assert steps[0]["lr_mindspore"] == 0.0 and steps[1]["lr_torch"] > 0
+    # the weights did move, and identically
+    assert steps[2]["loss_torch"] != steps[0]["loss_torch"]
+    for name in ("mindspore", "torch"):
+        assert res["packing"][name]["ok"], res["packing"][name]
+    on_disk = json.loads((report / "parity.json").read_text())
+    assert on_disk["ok"] is True and on_disk["train"]["summary"]["steps"] == 3
+    md = (report / "parity.md").read_text()
+    assert "**PASS**" in md and "Packing check" in md
+    assert (report / "parity_loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_perturbed_weight_fails(setup, tmp_path):
+    from safetensors.numpy import load_file, save_file
+    import shutil
+
+    d, weights, data, cfg = setup
+    bad = tmp_path / "perturbed"
+    shutil.copytree(weights, bad)
+    st = load_file(str(bad / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    k = "model.layers.1.mlp.down_proj.weight"
+    st[k] = (st[k] + rng.normal(0, 1e-3, st[k].shape)).astype(np.float32)
+    save_file(st, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    res = run_parity(cfg, weights, data, steps=1, check="train", weights_override={"torch": bad},
+                     report=tmp_path / "rep", quiet=True)
+    assert not res["ok"]
+    assert any("step-0 loss relative difference" in f for f in res["failures"])
+    assert "**FAIL**" in (tmp_path / "rep" / "parity.md").read_text()
+
+
+def test_packing_check_catches_stock_mindformers(setup):
+    """Without apply_packed_rope_shim, MindFormers 1.9 adds the 0/1 mask to the scores and ignores
+    position_ids: the packed row's loss no longer equals its documents' loss."""
+    from distilled.train import load_packed
+
+    d, weights, data, cfg = setup
+    rows = load_packed(data)
+    try:
+        res = packing_check("mindspore", weights, rows, max_rows=1, backend_kwargs={"mindspore": {"packed_shim": False}})
+    finally:
+        from distilled.mindformers_compat import apply_packed_rope_shim
+
+        apply_packed_rope_shim(True)
+    assert not res["ok"] and res["max_rel_diff"] > 1e-3
+
+
+def test_packing_check_catches_torch_leaks(setup):
+    from distilled.train import load_packed
+
+    d, weights, data, cfg = setup
+    rows = load_packed(data)
+    leaky = packing_check("torch", weights, rows, max_rows=1, backend_kwargs={"torch": {"block_mask": False}})
+    assert not leaky["ok"] and leaky["max_rel_diff"] > 1e-3
+    no_restart = packing_check("torch", weights, rows, max_rows=1, restart_positions=False)
+    assert not no_restart["ok"]
+
+
+def test_cli_packing_torch_only(setup, tmp_path, capsys):
+    from distilled.cli import main
+
+    d, weights, data, cfg = setup
+    rc = main(["parity", "--config", str(cfg), "--weights", str(weights), "--data", str(data), "--check", "packing",
+               "--backends", "torch", "--report", str(tmp_path / "r")])
+    assert rc == 0
+    assert "packing[torch] PASS" in capsys.readouterr().err
+    rc = main(["parity", "--config", str(cfg), "--weights", str(tmp_path / "nope"), "--data", str(data),
+               "--check", "packing", "--backends", "torch"])
+    assert rc == 2
