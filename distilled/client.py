@@ -84,14 +84,20 @@ def merge_reasoning(content: str | None, reasoning: str | None) -> str:
     """The ``reasoning_content`` rule: ``"<think>\\n" + reasoning + "\\n</think>\\n\\n" + content``.
 
     vLLM/SGLang reasoning parsers split R1's output into ``reasoning_content`` and ``content``;
-    merging restores the layout the student is trained on. Without reasoning, ``content`` as is.
+    merging restores the layout the student is trained on. Without reasoning, ``content`` as is,
+    except that a missing opening ``<think>`` (R1's template puts it in the prompt) is restored.
 
     >>> merge_reasoning("The answer is 2.", "1+1=2")
     '<think>\\n1+1=2\\n</think>\\n\\nThe answer is 2.'
     """
     if reasoning:
         return "<think>\n" + reasoning + "\n</think>\n\n" + (content or "")
-    return content or ""
+    content = content or ""
+    if "</think>" in content and "<think>" not in content:
+        # DeepSeek-R1's chat template ends the prompt with "<think>\n", so a server without a
+        # reasoning parser returns the reasoning without its opening tag: put it back.
+        return "<think>\n" + content
+    return content
 
 
 @dataclass

@@ -38,6 +38,9 @@ def test_normalize_and_merge():
     assert normalize_endpoint("h:1") == "http://h:1/v1"
     assert normalize_endpoint("http://h:1/v1/") == "http://h:1/v1"
     assert merge_reasoning("c", None) == "c" and merge_reasoning(None, "r") == "<think>\nr\n</think>\n\n"
+    # R1's template ends the prompt with "<think>\n": the server's text lacks the opening tag
+    assert merge_reasoning("steps\n</think>\n\nans", None) == "<think>\nsteps\n</think>\n\nans"
+    assert merge_reasoning("<think>\ns\n</think>\n\na", None) == "<think>\ns\n</think>\n\na"
 
 
 def test_chat_and_complete(srv):
