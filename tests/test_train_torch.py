@@ -1,0 +1,116 @@
+"""``distill train --backend torch`` from the MindFormers finetune YAML: the keys map onto the
+torch run, unknown keys are listed, values it cannot honour stop it, and the loss falls."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from backend_helpers import make_small_qwen2, packed_rows, write_packed, write_yaml
+from distilled.backends.base import linear_warmup_lr
+from distilled.train import ConfigError, load_yaml, run_train, settings_from_yaml
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    weights = make_small_qwen2(d / "weights")
+    # the same 4 rows twice over: a model that learns shows it within a few steps
+    rows = packed_rows(4, 48, seed=1)
+    data = write_packed(d / "packed", rows)
+    return d, weights, data
+
+
+def test_yaml_maps_onto_settings(setup, tmp_path):
+    d, weights, data = setup
+    cfg = load_yaml(write_yaml(tmp_path / "c.yaml", data=data, lr=3e-4, warmup_ratio=0.1, weight_decay=0.05,
+                               max_grad_norm=0.7, extra="mystery_key: 3\nrunner_config_extra: {a: 1}"))
+    plan = settings_from_yaml(cfg, num_rows=41, world_size=1)
+    s = plan.settings
+    # total_steps -1: epochs (2) x 41 rows // batch 2 = 40 steps, warmup int(40 * 0.1) = 4
+    assert (s.total_steps, s.warmup_steps) == (40, 4)
+    assert (s.learning_rate, s.weight_decay, s.max_grad_norm, s.betas, s.seed) == (3e-4, 0.05, 0.7, (0.9, 0.95), 42)
+    assert plan.data == str(data) and plan.batch_size == 2 and plan.dtype == "float32"
+    assert plan.unsupported == ["mystery_key", "runner_config_extra.a"]
+    assert plan.not_applicable["context.device_target"].startswith("MindSpore")
+    assert "lr_schedule.warmup_ratio" in plan.applied
+    # --steps shortens the run and the schedule spans it
+    assert settings_from_yaml(cfg, num_rows=41, steps=10).settings.total_steps == 10
+    # clipping off
+    cfg["runner_wrapper"]["use_clip_grad"] = False
+    assert settings_from_yaml(cfg).settings.max_grad_norm is None
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c["optimizer"].update(type="Came"), r"optimizer.type='Came' is not supported"),
+    (lambda c: c["train_dataset"]["data_loader"].update(shuffle=True), r"shuffle=True"),
+    (lambda c: c["runner_config"].update(gradient_accumulation_steps=4), r"gradient_accumulation_steps=4"),
+    (lambda c: c["lr_schedule"].update(type="CosineWithWarmUpLR"), r"lr_schedule.type='CosineWithWarmUpLR'"),
+])
+def test_yaml_values_that_change_the_maths_are_refused(tmp_path, edit, match):
+    cfg = load_yaml(write_yaml(tmp_path / "c.yaml"))
+    edit(cfg)
+    with pytest.raises(ConfigError, match=match):
+        settings_from_yaml(cfg, where="c.yaml")
+
+
+def test_torch_training_loss_falls(setup, tmp_path):
+    d, weights, data = setup
+    cfg = write_yaml(tmp_path / "c.yaml", data=data, weights=weights, lr=1e-2, warmup_ratio=0.1,
+                     extra="mystery_key: 3")
+    out = tmp_path / "run"
+    summary = run_train(str(cfg), backend="torch", output=str(out), steps=8, device="cpu", quiet=True)
+    lines = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 9))
+    losses = [r["loss"] for r in lines]
+    assert np.mean(losses[-2:]) < losses[0] - 0.5, losses
+    for i, r in enumerate(lines):
+        assert r["lr"] == pytest.approx(linear_warmup_lr(i, 1e-2, 0, 8))  # int(8 * 0.1) = 0 warmup steps
+        assert np.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0
+    assert summary["unsupported_keys"] == ["mystery_key"]
+    assert summary["last_loss"] == losses[-1]
+    # the checkpoint is plain HF safetensors that transformers loads
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(out / "final")
+    assert model.config.hidden_size == 64
+    on_disk = json.loads((out / "train_summary.json").read_text())
+    assert on_disk["steps"] == 8
+
+
+def test_cli_train_and_bad_config(setup, tmp_path, capsys):
+    from distilled.cli import main
+
+    d, weights, data = setup
+    cfg = write_yaml(tmp_path / "c.yaml", data=data, weights=weights)
+    rc = main(["train", "--backend", "torch", "--config", str(cfg), "--output", str(tmp_path / "o"),
+               "--steps", "2", "--save-steps", "1", "--device", "cpu"])
+    assert rc == 0
+    assert (tmp_path / "o" / "checkpoint-1" / "model.safetensors").is_file()
+    assert (tmp_path / "o" / "final" / "model.safetensors").is_file()
+    assert "trained 2 steps on torch" in capsys.readouterr().err
+    bad = write_yaml(tmp_path / "bad.yaml", data=data, weights=weights, optimizer="Came")
+    assert main(["train", "--config", str(bad), "--steps", "1"]) == 2
+    assert "optimizer.type='Came'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_workers(setup, tmp_path):
+    """DDP through torchrun (gloo on CPU): 2 ranks, each its own rows, one log and checkpoint."""
+    d, weights, data = setup
+    cfg = write_yaml(tmp_path / "c.yaml", data=data, weights=weights, batch_size=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "distilled.train", "--backend", "torch", "--config", str(cfg), "--output", str(tmp_path / "o"),
+           "--steps", "2", "--device", "cpu"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = (tmp_path / "o" / "loss.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    s = json.loads((tmp_path / "o" / "train_summary.json").read_text())
+    assert s["world_size"] == 2
