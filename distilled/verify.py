@@ -17,9 +17,10 @@ answer second, and judges unfinished reasoning). The rules here:
 
 math-verify's own timeouts are signal based and some inputs (``5^{5^{5^5}}`` compared
 numerically) run past them inside C code, and threads cannot be interrupted at all. So each
-verdict runs in a worker process under our own per-item interval timer (a soft timeout that
-unwinds cleanly), with the parent killing and replacing a worker that does not answer by the
-hard deadline. Either way the item gets reason ``timeout``.
+verdict runs in a worker process under our own per-item interval timer (a soft timeout in CPU
+seconds that unwinds cleanly and does not depend on machine load), with the parent killing and
+replacing a worker that does not answer by a wall-clock hard deadline. Either way the item gets
+reason ``timeout``.
 
 >>> judge("<think>2+2 is 4</think> The answer is $\\boxed{4}$.", "4")
 Verdict(correct=True, reason='correct', extracted='4', complete=True)
@@ -249,21 +250,27 @@ def _raise_timeout(signum, frame):  # pragma: no cover - runs from the signal ha
     raise VerifyTimeout()
 
 
-def _with_timer(answer_text: str, gold: str, kind: str, timeout: float | None) -> tuple[bool, str, str | None]:
-    """Run ``_judge_answer`` under a SIGALRM interval timer (main thread only)."""
+def _with_timer(answer_text: str, gold: str, kind: str, timeout: float | None,
+                cpu_time: bool = False) -> tuple[bool, str, str | None]:
+    """Run ``_judge_answer`` under an interval timer (main thread only; elsewhere no timer).
+
+    ``cpu_time=True`` (workers) counts the process's CPU seconds (ITIMER_PROF/SIGPROF), so a
+    verdict does not depend on how busy the machine is; otherwise wall-clock (ITIMER_REAL), since
+    a caller's own threads would also advance a CPU timer."""
     if not timeout or timeout <= 0 or threading.current_thread() is not threading.main_thread():
         return _judge_answer(answer_text, gold, kind)
-    old = signal.signal(signal.SIGALRM, _raise_timeout)
+    which, sig = (signal.ITIMER_PROF, signal.SIGPROF) if cpu_time else (signal.ITIMER_REAL, signal.SIGALRM)
+    old = signal.signal(sig, _raise_timeout)
     try:
-        signal.setitimer(signal.ITIMER_REAL, timeout)
+        signal.setitimer(which, timeout)
         try:
             return _judge_answer(answer_text, gold, kind)
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.setitimer(which, 0)
     except VerifyTimeout:
         return False, "timeout", None
     finally:
-        signal.signal(signal.SIGALRM, old)
+        signal.signal(sig, old)
 
 
 def _precheck(generation: str, finish_reason: str | None) -> tuple[Verdict | None, str, bool]:
@@ -317,7 +324,7 @@ def _worker_main(conn, timeout: float | None) -> None:
             return
         for seq, answer_text, gold, kind in chunk:
             try:
-                res = _with_timer(answer_text, gold, kind, timeout)
+                res = _with_timer(answer_text, gold, kind, timeout, cpu_time=True)
             except Exception as exc:  # a bug or odd input must not kill the pool
                 res = (False, "no_answer", f"error: {type(exc).__name__}")
             conn.send((seq, *res))
@@ -368,9 +375,11 @@ class VerifierPool:
       on its item; timeouts aside, which are wall-clock by nature);
     * items go to workers in chunks (``chunk_size``) with only the answer text (the part after
       ``</think>``) pickled, and each worker streams one small result per item back;
-    * a worker runs each item under a SIGALRM interval timer of ``timeout`` seconds; if it does
-      not answer by ``timeout + grace`` (stuck in C code, or crashed) the parent kills it, starts a
-      replacement, gives that item reason ``timeout`` and resends the rest of its chunk;
+    * a worker runs each item under an interval timer of ``timeout`` CPU seconds (so verdicts do
+      not change with machine load); if it does not answer by ``timeout + grace`` wall seconds
+      (default grace: ``max(2, timeout)``; stuck in C code where no signal is handled, or
+      crashed) the parent kills it, starts a replacement, gives that item reason ``timeout`` and
+      resends the rest of its chunk;
     * ``workers=0`` judges in this process (no hard kill; for debugging);
     * ``soft_timeout=False`` leaves only the hard kill (no interval timer in the worker), so an
       item times out at ``timeout + grace``; the tests use it to exercise the kill path.
@@ -389,7 +398,7 @@ class VerifierPool:
         self.workers = int(workers)
         self.timeout = float(timeout)
         self.chunk_size = max(1, int(chunk_size))
-        self.grace = float(grace) if grace is not None else max(1.0, 0.5 * self.timeout)
+        self.grace = float(grace) if grace is not None else max(2.0, self.timeout)
         self.max_pending = max_pending or max(256, 8 * self.chunk_size * max(1, self.workers))
         self.soft_timeout = bool(soft_timeout)
         self._lock = threading.Lock()
