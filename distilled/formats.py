@@ -267,13 +267,15 @@ class SkipCounter:
 
 def rows_to_conversations(rows: Sequence[dict], cfg: FormatConfig, skips: SkipCounter,
                           locations: Sequence[str] | None = None, strict: bool = False,
-                          check_specials: re.Pattern | None = None) -> list[list[dict[str, str]]]:
+                          check_specials: re.Pattern | None = None,
+                          owners: list[int] | None = None) -> list[list[dict[str, str]]]:
     """Convert a batch of rows; bad rows are counted in ``skips`` (or raise :class:`DataError`
     naming ``locations[i]`` and the field when ``strict``).
 
     ``check_specials``: a regex of special-token strings; a message containing one is skipped
     (``special_token_in_content``) because the tokenizer would turn it into a real control
     token (a literal ``<|im_end|>`` inside an answer would teach the model to stop there).
+    ``owners``: if given, receives the batch row index of every returned conversation.
     """
     out: list[list[dict[str, str]]] = []
     for i, row in enumerate(rows):
@@ -293,6 +295,8 @@ def rows_to_conversations(rows: Sequence[dict], cfg: FormatConfig, skips: SkipCo
             skips.add(e.reason, f"{where}: {e.field}: {e.detail}")
             continue
         out.extend(convs)
+        if owners is not None:
+            owners.extend([i] * len(convs))
     return out
 
 
@@ -322,6 +326,14 @@ class EncodedBatch:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def select(self, keep: np.ndarray) -> "EncodedBatch":
+        """The samples where the boolean mask ``keep`` is true (vectorised)."""
+        lengths = self.lengths
+        tok_keep = np.repeat(keep, lengths)
+        offsets = np.zeros(int(keep.sum()) + 1, np.int64)
+        np.cumsum(lengths[keep], out=offsets[1:])
+        return EncodedBatch(self.ids[tok_keep], self.labels[tok_keep], offsets)
 
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.offsets[i], self.offsets[i + 1]
@@ -508,9 +520,10 @@ class ChatEncoder:
 
 
 def encode_rows(rows: Sequence[dict], cfg: FormatConfig, encoder: ChatEncoder, skips: SkipCounter,
-                locations: Sequence[str] | None = None, strict: bool = False) -> EncodedBatch:
+                locations: Sequence[str] | None = None, strict: bool = False,
+                owners: list[int] | None = None) -> EncodedBatch:
     """Rows -> validated conversations -> :class:`EncodedBatch` (bad rows counted in ``skips``)."""
-    convs = rows_to_conversations(rows, cfg, skips, locations, strict, encoder.specials_re)
+    convs = rows_to_conversations(rows, cfg, skips, locations, strict, encoder.specials_re, owners)
     return encoder.encode(convs)
 
 

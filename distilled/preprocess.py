@@ -1,0 +1,687 @@
+"""``distill preprocess``: rows -> validate -> tokenize+mask -> BFD pack -> packed Arrow, atomically.
+
+The same chain as the MindFormers YAMLs (``OpenR1Math220kDataHandler`` + ``BFDPackingHandler``),
+in one command and without MindFormers:
+
+    distill preprocess --input data/train.jsonl --format openr1 --tokenizer /models/Qwen2.5-Math-7B \\
+        --seq-length 32768 --output data/packed
+
+Why it is built this way:
+
+* **Streaming.** Inputs are read in batches (JSONL line by line, parquet by row group, Arrow
+  datasets by slice); each batch is validated, tokenised with one batched fast-tokenizer call and
+  appended to an on-disk Arrow file (``handled.arrow``). Packing then reads that file memory-mapped.
+  Resident memory is the packed Arrow output plus one batch, whatever the input size.
+* **Never a silently shorter dataset.** Every input row is either in the output or counted in
+  ``report.json`` under a reason (invalid JSON, missing/mistyped column, empty or non-string
+  message, no assistant turn, special token in content, contaminated, overlong ...).
+  ``--strict`` stops at the first one, naming file, row (line) and field.
+* **Atomic.** The output directory is built under a temp name and renamed into place.
+* **Scale-out.** ``--shard-index i --num-shards n`` processes a contiguous 1/n slice of every input
+  (JSONL by byte range, so each host reads only its part). Shard outputs keep ``handled.arrow``;
+  ``distill merge`` concatenates them in input order and packs once, so the merged result is
+  identical to an unsharded run.
+
+The output directory is a ``datasets.load_from_disk`` dataset with ``input_ids``, ``labels``
+(shifted), ``actual_seq_len``, ``position_ids`` (docs/data-contracts.md §5), plus ``report.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distilled import SYSTEM_PROMPT
+from distilled.formats import FORMATS, GENERATION_POLICIES, THINK_STYLES, DataError, FormatConfig, SkipCounter
+
+HANDLED_FILE = "handled.arrow"
+REPORT_FILE = "report.json"
+HIST_EDGES = [0, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+
+
+@dataclass
+class PreprocessConfig:
+    """Everything ``distill preprocess`` needs; see the CLI help for each field."""
+
+    inputs: list[str]
+    tokenizer: str
+    seq_length: int
+    output: str
+    format: FormatConfig = field(default_factory=FormatConfig)
+    num_proc: int = 1
+    strict: bool = False
+    shard_index: int = 0
+    num_shards: int = 1
+    batch_size: int = 1000
+    overlong: str = "drop"
+    pad_id: int | None = None
+    keep_handled: bool = False
+    seed: int | None = None
+    chat_template: str | None = None
+    decontaminate: list[str] | None = None
+    decontaminate_data: str | None = None
+    decontaminate_ngram: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("no --input given")
+        if self.seq_length < 2:
+            raise ValueError(f"--seq-length must be >= 2, got {self.seq_length}")
+        if not (self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards):
+            raise ValueError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
+        if self.overlong not in ("drop", "truncate"):
+            raise ValueError(f"--overlong must be drop or truncate, got {self.overlong!r}")
+        if self.batch_size < 1 or self.num_proc < 1:
+            raise ValueError("--batch-size and --num-proc must be >= 1")
+
+
+# ----------------------------------------------------------------------------- reading
+
+@dataclass
+class Source:
+    """One input file or dataset directory, in command-line order."""
+
+    path: str
+    kind: str  # jsonl | json | parquet | arrow_dir
+
+
+def expand_inputs(inputs: list[str]) -> list[Source]:
+    """Files and directories -> sources. A directory is a ``save_to_disk`` dataset, or holds
+    ``*.parquet``/``*.jsonl``/``*.json`` files (taken in sorted order)."""
+    out: list[Source] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            if (p / "state.json").exists() or (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
+                out.append(Source(str(p), "arrow_dir"))
+                continue
+            files = sorted(f for f in p.iterdir() if f.suffix in (".parquet", ".jsonl", ".json") and f.is_file())
+            if not files:
+                raise FileNotFoundError(f"{p}: no .parquet/.jsonl/.json files and not a save_to_disk dataset")
+            out.extend(expand_inputs([str(f) for f in files]))
+        elif p.is_file():
+            if p.suffix == ".parquet":
+                out.append(Source(str(p), "parquet"))
+            elif p.suffix == ".jsonl":
+                out.append(Source(str(p), "jsonl"))
+            elif p.suffix == ".json":
+                with open(p, "rb") as f:
+                    head = f.read(4096).lstrip()
+                out.append(Source(str(p), "json" if head.startswith(b"[") else "jsonl"))
+            else:
+                raise ValueError(f"{p}: unsupported input type {p.suffix!r} (use .jsonl, .json, .parquet or a "
+                                 "save_to_disk directory)")
+        else:
+            raise FileNotFoundError(f"{p}: input not found")
+    return out
+
+
+def _slice(n: int, i: int, k: int) -> tuple[int, int]:
+    return n * i // k, n * (i + 1) // k
+
+
+class _Bad:
+    """An unreadable record (invalid JSON, not an object)."""
+
+    __slots__ = ("reason", "detail")
+
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+
+
+def _iter_jsonl(path: str, shard: int, nshards: int) -> Iterator[tuple[str, Any]]:
+    """Records of the lines that *start* inside this shard's byte range, with 1-based line numbers."""
+    size = os.path.getsize(path)
+    start, end = _slice(size, shard, nshards)
+    with open(path, "rb") as f:
+        line_no = 0
+        if start > 0:
+            # count lines before the range (fast byte scan), then skip to the first line start >= start
+            remaining = start - 1
+            while remaining > 0:
+                chunk = f.read(min(1 << 24, remaining))
+                if not chunk:
+                    break
+                line_no += chunk.count(b"\n")
+                remaining -= len(chunk)
+            f.seek(start - 1)
+            if f.read(1) != b"\n":
+                f.readline()  # the rest of a line that started before the range
+                line_no += 1
+        pos = f.tell()
+        while pos < end:
+            raw = f.readline()
+            if not raw:
+                break
+            pos += len(raw)
+            line_no += 1
+            if not raw.strip():
+                continue
+            loc = f"{path}:{line_no}"
+            try:
+                obj = json.loads(raw)
+            except ValueError as exc:
+                yield loc, _Bad("invalid_json", f"invalid JSON ({getattr(exc, 'msg', exc)})")
+                continue
+            if not isinstance(obj, dict):
+                yield loc, _Bad("bad_type", f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            yield loc, obj
+
+
+def _iter_json_array(path: str, shard: int, nshards: int) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        try:
+            data = json.load(f)
+        except ValueError as exc:
+            raise DataError(f"{path}: invalid JSON ({exc}); use one object per line (.jsonl) for large data") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+    a, b = _slice(len(data), shard, nshards)
+    for k in range(a, b):
+        loc = f"{path}: row {k + 1}"
+        obj = data[k]
+        yield (loc, obj) if isinstance(obj, dict) else (loc, _Bad("bad_type", f"expected an object, got {type(obj).__name__}"))
+
+
+def _iter_parquet(path: str, shard: int, nshards: int, batch_size: int) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    a, b = _slice(pf.metadata.num_rows, shard, nshards)
+    base = 0
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        lo, hi = max(a, base), min(b, base + n)
+        if lo < hi:
+            table = pf.read_row_group(g).slice(lo - base, hi - lo)
+            for off in range(0, table.num_rows, batch_size):
+                for k, row in enumerate(table.slice(off, batch_size).to_pylist()):
+                    yield f"{path}: row {lo + off + k + 1}", row
+        base += n
+        if base >= b:
+            break
+
+
+def _iter_arrow_dir(path: str, shard: int, nshards: int, batch_size: int) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: DatasetDict without a 'train' split ({', '.join(ds)})")
+        ds = ds["train"]
+    a, b = _slice(len(ds), shard, nshards)
+    for off in range(a, b, batch_size):
+        part = ds.select(range(off, min(b, off + batch_size)))
+        for k, row in enumerate(part.to_list()):
+            yield f"{path}: row {off + k + 1}", row
+
+
+def iter_source(src: Source, shard: int = 0, nshards: int = 1, batch_size: int = 1000) -> Iterator[tuple[str, Any]]:
+    """``(location, row)`` for this shard's slice of ``src``; unreadable records come as ``_Bad``."""
+    if src.kind == "jsonl":
+        return _iter_jsonl(src.path, shard, nshards)
+    if src.kind == "json":
+        return _iter_json_array(src.path, shard, nshards)
+    if src.kind == "parquet":
+        return _iter_parquet(src.path, shard, nshards, batch_size)
+    return _iter_arrow_dir(src.path, shard, nshards, batch_size)
+
+
+# ----------------------------------------------------------------------------- worker
+
+_W: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_dir: str, fmt: dict, chat_template: str | None, threads: bool, tok=None) -> None:
+    """Per-process state: the tokenizer and the chat encoder (built once per process)."""
+    if not threads:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from distilled.formats import ChatEncoder
+    from distilled.tokenizer import load_tokenizer
+
+    tok = tok if tok is not None else load_tokenizer(tokenizer_dir)
+    _W["encoder"] = ChatEncoder(tok, chat_template)
+    _W["fmt"] = FormatConfig(**fmt)
+
+
+def _encode_batch(rows: list[dict], locs: list[str], strict: bool):
+    """Worker step: validate + tokenize + mask one batch. Returns (EncodedBatch, owners, skips)."""
+    from distilled.formats import encode_rows
+
+    skips = SkipCounter()
+    owners: list[int] = []
+    enc = encode_rows(rows, _W["fmt"], _W["encoder"], skips, locs, strict, owners)
+    return enc, np.asarray(owners, np.int64), skips, _W["encoder"].fallback_rows
+
+
+# ----------------------------------------------------------------------------- main chain
+
+def resolve_tokenizer_dir(name: str) -> str:
+    """``qwen2.5`` means the offline-built cached Qwen2.5 tokenizer; anything else is a folder."""
+    if name.lower() in ("qwen2.5", "qwen2_5"):
+        from distilled.tokenizer import cached_qwen2_5_tokenizer_dir
+
+        return str(cached_qwen2_5_tokenizer_dir())
+    if not Path(name).is_dir():
+        raise FileNotFoundError(f"--tokenizer {name}: not a directory (give a model/tokenizer folder, or qwen2.5)")
+    return name
+
+
+def _peak_rss_mb() -> float:
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(self_kb, child_kb) / 1024, 1)
+
+
+class _Decon:
+    """Inline decontamination via ``distilled.decontaminate.filter_rows`` (issue 9)."""
+
+    def __init__(self, names: list[str], data_dir: str | None, ngram: int | None):
+        try:
+            from distilled import decontaminate as dc
+        except ImportError as exc:
+            raise SystemExit(f"error: --decontaminate needs distilled.decontaminate, which is not available ({exc})")
+        self.dc = dc
+        self.benchmarks = dc.load_benchmarks(names, data_dir)
+        self.ngram = ngram or dc.DEFAULT_NGRAM
+        self.getter = dc.make_problem_getter()
+        self.hits: list[dict] = []
+        self.by_benchmark: dict[str, int] = {}
+
+    def __call__(self, rows: list, locs: list[str], skips: SkipCounter, strict: bool) -> tuple[list, list[str]]:
+        idx = [i for i, r in enumerate(rows) if isinstance(r, dict) and self.getter(r) is not None]
+        if not idx:
+            return rows, locs
+        kept, hits = self.dc.filter_rows([rows[i] for i in idx], self.benchmarks, ngram=self.ngram,
+                                         problem_getter=self.getter)
+        if not hits:
+            return rows, locs
+        dropped = set()
+        for h in hits:
+            i = idx[h.row]
+            if i in dropped:
+                continue
+            dropped.add(i)
+            if strict:
+                raise DataError(f"{locs[i]}: field 'problem': contaminated: shares the n-gram {h.ngram!r} with "
+                                f"{h.benchmark} problem {h.benchmark_id}")
+            skips.add("contaminated", f"{locs[i]}: {h.benchmark} {h.benchmark_id}")
+            self.by_benchmark[h.benchmark] = self.by_benchmark.get(h.benchmark, 0) + 1
+            if len(self.hits) < 1000:
+                self.hits.append({"location": locs[i], **h.to_json()})
+        keep = [i for i in range(len(rows)) if i not in dropped]
+        return [rows[i] for i in keep], [locs[i] for i in keep]
+
+    def report(self) -> dict:
+        return {"benchmarks": sorted(self.benchmarks), "ngram": self.ngram, "rows_dropped": sum(self.by_benchmark.values()),
+                "by_benchmark": self.by_benchmark, "hits": self.hits}
+
+
+def _batches(sources: list[Source], cfg: PreprocessConfig) -> Iterator[tuple[list, list[str], int]]:
+    """Batches of ``(rows, locations, source_index)``; never spans two sources (merge needs
+    per-source row counts)."""
+    for si, src in enumerate(sources):
+        rows, locs = [], []
+        for loc, row in iter_source(src, cfg.shard_index, cfg.num_shards, cfg.batch_size):
+            rows.append(row)
+            locs.append(loc)
+            if len(rows) >= cfg.batch_size:
+                yield rows, locs, si
+                rows, locs = [], []
+        if rows:
+            yield rows, locs, si
+
+
+def preprocess(cfg: PreprocessConfig) -> dict:
+    """Run the chain; returns the report (also written to ``OUTPUT/report.json``).
+
+    Raises :class:`DataError` in strict mode at the first bad row, and ``ValueError`` when no
+    sample is left (an empty dataset is never written silently, except as a shard of a larger run).
+    """
+    import pyarrow as pa
+    from tqdm import tqdm
+
+    from distilled.io_utils import atomic_dir, write_json
+
+    t0 = time.perf_counter()
+    sources = expand_inputs(cfg.inputs)
+    tok_dir = resolve_tokenizer_dir(cfg.tokenizer)
+    chat_template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
+    fmt = asdict(cfg.format)
+    from distilled.tokenizer import load_tokenizer
+
+    main_tok = load_tokenizer(tok_dir) if cfg.num_proc <= 1 or cfg.pad_id is None else None
+    pad_id = cfg.pad_id
+    if pad_id is None:
+        pad_id = main_tok.pad_token_id
+        if pad_id is None:
+            raise ValueError(f"{tok_dir}: the tokenizer has no pad token; pass --pad-id")
+    decon = _Decon(cfg.decontaminate, cfg.decontaminate_data, cfg.decontaminate_ngram) if cfg.decontaminate else None
+
+    skips = SkipCounter()
+    hist = np.zeros(len(HIST_EDGES), np.int64)  # last bin: >= HIST_EDGES[-1]
+    totals = dict(rows_in=0, rows_kept=0, samples=0, tokens=0, trained_tokens=0, fallback_rows=0)
+    file_rows = [0] * len(sources)  # samples written per source (merge order)
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+
+    with atomic_dir(cfg.output) as tmp:
+        handled_path = Path(tmp) / HANDLED_FILE
+        sink = pa.OSFile(str(handled_path), "wb")
+        writer = pa.ipc.new_file(sink, schema)
+        bar = tqdm(desc="preprocess", unit=" rows", disable=not cfg.progress, dynamic_ncols=True)
+
+        def consume(result, nrows: int, si: int, glocs: list[str]) -> None:
+            enc, owners, bskips, fallback = result
+            skips.merge(bskips)
+            totals["fallback_rows"] += fallback
+            lengths = enc.lengths
+            if cfg.overlong == "drop" and len(enc):
+                over = lengths > cfg.seq_length
+                if over.any():
+                    first = int(np.flatnonzero(over)[0])
+                    where = (f"{glocs[owners[first]]}: field 'input_ids': {int(lengths[first])} tokens > "
+                             f"seq_length={cfg.seq_length}")
+                    if cfg.strict:
+                        raise DataError(f"{where} [overlong] (use --overlong truncate or a larger --seq-length)")
+                    skips.add("overlong", where, int(over.sum()))
+                    enc = enc.select(~over)
+                    owners = owners[~over]
+                    lengths = enc.lengths
+            totals["rows_kept"] += len(np.unique(owners))
+            totals["samples"] += len(enc)
+            totals["tokens"] += int(lengths.sum())
+            totals["trained_tokens"] += int((enc.labels != -100).sum())
+            np.add.at(hist, np.searchsorted(HIST_EDGES, lengths, side="right") - 1, 1)
+            file_rows[si] += len(enc)
+            if len(enc):
+                writer.write_table(enc.to_arrow())
+            bar.update(nrows)
+
+        def prepared(rows, locs):
+            """Unreadable records -> skips (or a strict error) before the worker sees them."""
+            good_rows, good_locs = [], []
+            for r, loc in zip(rows, locs):
+                if isinstance(r, _Bad):
+                    if cfg.strict:
+                        raise DataError(f"{loc}: {r.detail} [{r.reason}]")
+                    skips.add(r.reason, f"{loc}: {r.detail}")
+                else:
+                    good_rows.append(r)
+                    good_locs.append(loc)
+            if decon is not None:
+                good_rows, good_locs = decon(good_rows, good_locs, skips, cfg.strict)
+            return good_rows, good_locs
+
+        try:
+            if cfg.num_proc <= 1:
+                _init_worker(tok_dir, fmt, chat_template, threads=True, tok=main_tok)
+                for rows, locs, si in _batches(sources, cfg):
+                    totals["rows_in"] += len(rows)
+                    good, glocs = prepared(rows, locs)
+                    consume(_encode_batch(good, glocs, cfg.strict), len(rows), si, glocs)
+            else:
+                import multiprocessing as mp
+                from collections import deque
+
+                ctx = mp.get_context("fork")
+                with ctx.Pool(cfg.num_proc, initializer=_init_worker,
+                              initargs=(tok_dir, fmt, chat_template, False)) as pool:
+                    pending: deque = deque()
+                    for rows, locs, si in _batches(sources, cfg):
+                        totals["rows_in"] += len(rows)
+                        good, glocs = prepared(rows, locs)
+                        pending.append((pool.apply_async(_encode_batch, (good, glocs, cfg.strict)), len(rows), si,
+                                        glocs))
+                        while len(pending) > 2 * cfg.num_proc:  # bounded read-ahead: memory stays flat
+                            fut, n, s, gl = pending.popleft()
+                            consume(fut.get(), n, s, gl)
+                    while pending:
+                        fut, n, s, gl = pending.popleft()
+                        consume(fut.get(), n, s, gl)
+        finally:
+            bar.close()
+            writer.close()
+            sink.close()
+        totals["fallback_rows"] = int(totals["fallback_rows"])
+        t_tok = time.perf_counter() - t0
+
+        if totals["samples"] == 0 and cfg.num_shards == 1:
+            raise ValueError(f"no sample left to pack: {totals['rows_in']} rows read, skipped "
+                             f"{dict(skips.counts)} (first: {next(iter(skips.first.values()), '-')})")
+        report = {
+            "inputs": [asdict(s) for s in sources],
+            "format": fmt,
+            "tokenizer": tok_dir,
+            "seq_length": cfg.seq_length,
+            "pad_id": int(pad_id),
+            "overlong": cfg.overlong,
+            "shard": {"index": cfg.shard_index, "count": cfg.num_shards},
+            **{k: int(v) for k, v in totals.items()},
+            "rows_skipped": int(skips.total - skips.counts.get("overlong", 0)),
+            "skips": skips.to_dict(),
+            "samples_per_source": file_rows,
+            "length_histogram": {"bin_edges": HIST_EDGES, "counts": hist.tolist(),
+                                 "note": "counts[i]: samples with bin_edges[i] <= tokens < bin_edges[i+1] (last: >=)"},
+            "tokenize_elapsed_s": round(t_tok, 3),
+        }
+        if decon is not None:
+            report["decontamination"] = decon.report()
+        keep = cfg.keep_handled or cfg.num_shards > 1
+        _pack_and_save(Path(tmp), handled_path, cfg.seq_length, int(pad_id), cfg.overlong, cfg.seed, report,
+                       keep, cfg.progress, t0)
+        write_json(Path(tmp) / REPORT_FILE, report)
+    return report
+
+
+def _read_handled(path: Path):
+    import pyarrow as pa
+
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def _pack_and_save(out: Path, handled_path: Path | None, seq_length: int, pad_id: int, overlong: str,
+                   seed: int | None, report: dict, keep_handled: bool, progress: bool, t0: float,
+                   table=None) -> None:
+    """Pack the handled table (memory-mapped) and save it as a load_from_disk dataset in ``out``."""
+    import datasets
+
+    from distilled.packing import pack_table
+
+    if table is None:
+        table = _read_handled(handled_path)
+    t1 = time.perf_counter()
+    packed, stats = pack_table(table, seq_length, pad_id, overlong, seed=seed, progress=progress)
+    pack_s = time.perf_counter() - t1
+    del table
+    ds = datasets.Dataset(packed)
+    ds.save_to_disk(str(out))
+    del ds, packed
+    if handled_path is not None and not keep_handled:
+        handled_path.unlink()
+    elapsed = time.perf_counter() - t0
+    st = stats.to_dict()
+    report.update({
+        "packing": st,
+        "packed_rows": int(stats.rows),
+        "fill_ratio": float(stats.fill_ratio),
+        "pack_elapsed_s": round(pack_s, 3),
+        "elapsed_s": round(elapsed, 3),
+        "tokens_per_s": round(report.get("tokens", 0) / elapsed, 1) if elapsed > 0 else None,
+        "peak_rss_mb": _peak_rss_mb(),
+        "handled_kept": bool(handled_path is not None and keep_handled),
+    })
+
+
+# ----------------------------------------------------------------------------- merge
+
+def merge(shard_dirs: list[str], output: str, seed: int | None = None, keep_handled: bool = False,
+          progress: bool = True) -> dict:
+    """Concatenate shard outputs of one ``distill preprocess --num-shards n`` run in input order
+    and pack once: the result equals an unsharded run (same rows, same packing)."""
+    import pyarrow as pa
+
+    from distilled.io_utils import atomic_dir, write_json
+
+    t0 = time.perf_counter()
+    shards = []
+    for d in shard_dirs:
+        rp = Path(d) / REPORT_FILE
+        if not rp.is_file():
+            raise FileNotFoundError(f"{d}: no {REPORT_FILE}; not a `distill preprocess` output")
+        rep = json.loads(rp.read_text())
+        if not (Path(d) / HANDLED_FILE).is_file():
+            raise FileNotFoundError(f"{d}: no {HANDLED_FILE} (shard runs keep it; rerun with --keep-handled)")
+        shards.append((d, rep))
+    if not shards:
+        raise ValueError("no shard directories given")
+    ref = shards[0][1]
+    same = ("seq_length", "pad_id", "overlong", "format", "tokenizer")
+    for d, rep in shards[1:]:
+        for k in same:
+            if rep.get(k) != ref.get(k):
+                raise ValueError(f"{d}: {k} = {rep.get(k)!r} differs from {shards[0][0]}: {ref.get(k)!r}")
+        if [s["path"] for s in rep["inputs"]] != [s["path"] for s in ref["inputs"]]:
+            raise ValueError(f"{d}: inputs differ from {shards[0][0]}'s")
+    count = ref["shard"]["count"]
+    idx = sorted(rep["shard"]["index"] for _, rep in shards)
+    if any(rep["shard"]["count"] != count for _, rep in shards) or idx != list(range(count)):
+        raise ValueError(f"shards must be exactly 0..{count - 1} of one run, got indices {idx}")
+    shards.sort(key=lambda x: x[1]["shard"]["index"])
+    tables = [(_read_handled(Path(d) / HANDLED_FILE), rep["samples_per_source"]) for d, rep in shards]
+    parts = []
+    for si in range(len(ref["inputs"])):  # input order: source, then shard
+        for table, per_src in tables:
+            off = sum(per_src[:si])
+            if per_src[si]:
+                parts.append(table.slice(off, per_src[si]))
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+    merged = pa.concat_tables(parts) if parts else schema.empty_table()
+
+    sum_keys = ("rows_in", "rows_kept", "rows_skipped", "samples", "tokens", "trained_tokens", "fallback_rows")
+    skips = SkipCounter()
+    hist = np.zeros(len(HIST_EDGES), np.int64)
+    for _, rep in shards:
+        for k, v in rep["skips"]["by_reason"].items():
+            skips.add(k, rep["skips"]["first_seen"].get(k, ""), v)
+        hist += np.asarray(rep["length_histogram"]["counts"])
+    report = {k: ref[k] for k in ("inputs", "format", "tokenizer", "seq_length", "pad_id", "overlong")}
+    report.update({k: int(sum(rep.get(k, 0) for _, rep in shards)) for k in sum_keys})
+    report["skips"] = skips.to_dict()
+    report["samples_per_source"] = [int(sum(rep["samples_per_source"][i] for _, rep in shards))
+                                    for i in range(len(ref["inputs"]))]
+    report["length_histogram"] = dict(ref["length_histogram"], counts=hist.tolist())
+    report["merged_from"] = [str(d) for d, _ in shards]
+    report["shard"] = {"index": 0, "count": 1}
+    with atomic_dir(output) as tmp:
+        handled = None
+        if keep_handled:
+            handled = Path(tmp) / HANDLED_FILE
+            with pa.OSFile(str(handled), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+                w.write_table(merged)
+        _pack_and_save(Path(tmp), handled, report["seq_length"], report["pad_id"], report["overlong"], seed,
+                       report, keep_handled, progress, t0, table=merged)
+        write_json(Path(tmp) / REPORT_FILE, report)
+    return report
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def summary_line(rep: dict) -> str:
+    """The one-line summary printed at the end of a run."""
+    return (f"{rep['rows_in']} rows in, {rep['rows_kept']} kept, {rep['skips']['total']} skipped "
+            f"{rep['skips']['by_reason'] or ''}; {rep['samples']} samples, {rep['tokens']} tokens -> "
+            f"{rep['packed_rows']} rows of {rep['seq_length']} (fill {rep['fill_ratio']:.2%}) in "
+            f"{rep['elapsed_s']:.1f}s, peak RSS {rep['peak_rss_mb']:.0f} MB")
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    try:
+        fmt = FormatConfig(args.format, None if args.no_system_prompt else args.system_prompt,
+                           args.generation_policy, args.think_style, args.messages_column)
+        cfg = PreprocessConfig(
+            inputs=args.input, tokenizer=args.tokenizer, seq_length=args.seq_length, output=args.output,
+            format=fmt, num_proc=args.num_proc, strict=args.strict, shard_index=args.shard_index,
+            num_shards=args.num_shards, batch_size=args.batch_size, overlong=args.overlong, pad_id=args.pad_id,
+            keep_handled=args.keep_handled, seed=args.seed, chat_template=args.chat_template,
+            decontaminate=[b for b in (args.decontaminate or "").split(",") if b.strip()] or None,
+            decontaminate_data=args.decontaminate_data, decontaminate_ngram=args.decontaminate_ngram,
+            progress=not args.quiet)
+        rep = preprocess(cfg)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(summary_line(rep))
+    print(f"wrote {args.output} (report: {Path(args.output) / REPORT_FILE})")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    try:
+        rep = merge(args.shards, args.output, seed=args.seed, keep_handled=args.keep_handled, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"merged {len(args.shards)} shards: " + summary_line(rep))
+    return 0
+
+
+def register_cli(sub) -> None:
+    """``distill preprocess`` and ``distill merge``."""
+    p = sub.add_parser("preprocess", help="rows -> tokenized, masked, BFD-packed Arrow (no YAML)",
+                       description="Validate, tokenize (assistant turns + closing <|im_end|> trained), BFD-pack "
+                                   "and write a datasets.load_from_disk directory plus report.json, atomically.")
+    p.add_argument("--input", action="append", required=True, metavar="FILE_OR_DIR",
+                   help=".jsonl/.json/.parquet file, save_to_disk dir, or dir of such files (repeatable)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="row format (docs/data-pipeline.md)")
+    p.add_argument("--tokenizer", required=True, metavar="DIR",
+                   help="model/tokenizer folder (e.g. Qwen2.5-Math-7B), or 'qwen2.5' for the offline-built one")
+    p.add_argument("--seq-length", type=int, required=True, help="tokens per packed row (e.g. 32768)")
+    p.add_argument("--output", required=True, metavar="DIR", help="output directory (replaced atomically)")
+    p.add_argument("--num-proc", type=int, default=1, help="tokenizer worker processes (default 1: one process, "
+                                                            "the tokenizer itself uses all cores)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad row, naming file, row and field")
+    p.add_argument("--shard-index", type=int, default=0, help="this host's shard (0-based)")
+    p.add_argument("--num-shards", type=int, default=1, help="number of shards; combine with `distill merge`")
+    p.add_argument("--generation-policy", choices=GENERATION_POLICIES, default=None,
+                   help="openr1: build the answer from `generations` instead of `messages`")
+    p.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="system turn added when a row has none")
+    p.add_argument("--no-system-prompt", action="store_true", help="add no system turn")
+    p.add_argument("--think-style", choices=THINK_STYLES, default="keep",
+                   help="stratos: keep <|begin_of_thought|> markers, or convert to <think> (r1)")
+    p.add_argument("--messages-column", default="messages", help="column holding the conversation")
+    p.add_argument("--chat-template", default=None, metavar="FILE", help="a .jinja template instead of the tokenizer's")
+    p.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
+                   help="samples longer than --seq-length: drop (counted) or truncate (counted)")
+    p.add_argument("--pad-id", type=int, default=None, help="pad id (default: the tokenizer's, 151643 for Qwen2.5)")
+    p.add_argument("--batch-size", type=int, default=1000, help="rows per tokenizer batch")
+    p.add_argument("--keep-handled", action="store_true", help=f"keep the unpacked {HANDLED_FILE} (always kept for shards)")
+    p.add_argument("--seed", type=int, default=None, help="shuffle packed rows with this seed")
+    p.add_argument("--decontaminate", default=None, metavar="BENCH[,BENCH]",
+                   help="drop rows sharing an n-gram with these benchmarks (math_500, aime24, aime25, gpqa_diamond, NAME=PATH)")
+    p.add_argument("--decontaminate-data", default=None, metavar="DIR", help="offline benchmark files for --decontaminate")
+    p.add_argument("--decontaminate-ngram", type=int, default=None, help="n-gram size (default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_preprocess)
+
+    m = sub.add_parser("merge", help="merge `distill preprocess --num-shards` outputs (packs once)",
+                       description="Concatenate shard outputs in input order and BFD-pack once; the result "
+                                   "equals an unsharded run.")
+    m.add_argument("shards", nargs="+", metavar="SHARD_DIR")
+    m.add_argument("--output", required=True, metavar="DIR")
+    m.add_argument("--seed", type=int, default=None, help="shuffle packed rows with this seed")
+    m.add_argument("--keep-handled", action="store_true", help=f"keep the merged unpacked {HANDLED_FILE}")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.set_defaults(func=_cmd_merge)
