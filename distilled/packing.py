@@ -237,16 +237,6 @@ def _slices(col, max_tokens: int):
         start += m
 
 
-def _flat_int32(arr) -> np.ndarray:
-    """Flattened values of a list array as an int32 numpy array (safe cast: overflow raises)."""
-    import pyarrow as pa
-
-    values = arr.flatten()
-    if values.type != pa.int32():
-        values = values.cast(pa.int32())
-    return values.to_numpy(zero_copy_only=False)
-
-
 # --------------------------------------------------------------------------------------------
 # Packing
 # --------------------------------------------------------------------------------------------
@@ -350,33 +340,31 @@ def pack_table(
     fill = np.zeros(n_rows, dtype=np.int64)
     if len(s_len):
         fill = end_in_row[row_doc_start[1:] - 1]
-    dest_start = np.empty(len(s_len), dtype=np.int64)
-    dest_start_sorted = s_row * S + start_in_row
-    # dest_start is indexed like `kept` (input order)
-    dest_start[order] = dest_start_sorted
+    dest_start = np.empty(len(s_len), dtype=np.int64)  # indexed like `kept` (input order)
+    dest_start[order] = s_row * S + start_in_row
 
     stats.rows = n_rows
     stats.tokens = int(s_len.sum())
     stats.fill_ratio = stats.tokens / (n_rows * S) if n_rows else 0.0
 
-    # --- output buffers ---------------------------------------------------------------------
+    # --- output buffers: every element is written exactly once, by a contiguous copy ---------
     total = n_rows * S
     out_ids = np.empty(total, dtype=np.int32)
     out_lab = np.empty(total, dtype=np.int32)
     out_pos = np.empty(total, dtype=np.int32)
-    # padding tails: [row*S + fill, row*S + S)
-    pad_len = S - fill
-    if pad_len.any():
-        pad_idx = _ranges(np.arange(n_rows, dtype=np.int64) * S + fill, pad_len)
-        out_ids[pad_idx] = pad_id
-        out_lab[pad_idx] = IGNORE_INDEX
-        del pad_idx
+    ramp = np.arange(S, dtype=np.int32)
+    # padding tails [row*S + fill, row*S + S): pad id, ignored label, positions restarting at 0
+    for row in np.nonzero(fill < S)[0].tolist():
+        a, b = row * S + int(fill[row]), (row + 1) * S
+        out_ids[a:b] = pad_id
+        out_lab[a:b] = IGNORE_INDEX
+        out_pos[a:b] = ramp[:b - a]
 
-    # --- scatter every kept sample, input slice by input slice --------------------------------
-    # position of each input row in `kept` (or -1): to find a slice's kept samples quickly
-    kept_pos = np.full(len(lengths), -1, dtype=np.int64)
+    # --- copy every kept sample, input slice by input slice (each input row read once) -------
+    # One Python step per *document* (three slice copies); none per token. The label shift is
+    # folded into the copy: labels[1:] of the document, then X.
+    kept_pos = np.full(len(lengths), -1, dtype=np.int64)  # input row -> index in `kept`, or -1
     kept_pos[kept] = np.arange(len(kept))
-    label_tokens = 0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -385,55 +373,30 @@ def pack_table(
     lab_slices = _slices(lab_col, _SLICE_TOKENS)
     for (row0, ids_arr), (row0_l, lab_arr) in zip(_slices(ids_col, _SLICE_TOKENS), lab_slices):
         m = len(ids_arr)
-        if len(lab_arr) != m or row0_l != row0:  # chunking differs between the two columns
+        if len(lab_arr) != m or row0_l != row0:  # the two columns are chunked differently
             lab_arr = _take_rows(lab_col, row0, m)
-        local_pos = kept_pos[row0:row0 + m]
-        sel_local = np.nonzero(local_pos >= 0)[0]
         if bar is not None:
             bar.update(m)
+        local_pos = kept_pos[row0:row0 + m]
+        sel_local = np.nonzero(local_pos >= 0)[0]
         if len(sel_local) == 0:
             continue
         sel = local_pos[sel_local]  # indices into `kept`
-        lens = eff[kept[sel]]
-        if len(sel_local) == m and not (lengths[row0:row0 + m] > S).any():
-            ids_sel, lab_sel = ids_arr, lab_arr  # whole slice kept as is: no copy
-        else:
-            import pyarrow.compute as pc
-
-            take = pa.array(sel_local)
-            ids_sel, lab_sel = ids_arr.take(take), lab_arr.take(take)
-            if (lengths[row0 + sel_local] > S).any():
-                ids_sel = pc.list_slice(ids_sel, 0, S)
-                lab_sel = pc.list_slice(lab_sel, 0, S)
-        ids_flat = _flat_int32(ids_sel)
-        lab_flat = _flat_int32(lab_sel)
-        # shifted labels, per document: labels[1:] + [X]
-        shifted = np.empty_like(lab_flat)
-        shifted[:-1] = lab_flat[1:]
-        ends = np.cumsum(lens)
-        shifted[ends - 1] = x_label
-        label_tokens += int(np.count_nonzero(shifted != IGNORE_INDEX))
-        dest = _ranges(dest_start[sel], lens)
-        out_ids[dest] = ids_flat
-        out_lab[dest] = shifted
-        del dest, shifted, ids_flat, lab_flat
+        ids_vals, ids_src = _values_and_starts(ids_arr)
+        lab_vals, lab_src = _values_and_starts(lab_arr)
+        for si, sl, d, n in zip(ids_src[sel_local].tolist(), lab_src[sel_local].tolist(),
+                                dest_start[sel].tolist(), eff[kept[sel]].tolist()):
+            out_ids[d:d + n] = ids_vals[si:si + n]
+            out_lab[d:d + n - 1] = lab_vals[sl + 1:sl + n]
+            out_lab[d + n - 1] = x_label
+            out_pos[d:d + n] = ramp[:n]
+        del ids_vals, lab_vals
     if bar is not None:
         bar.close()
-    stats.label_tokens = label_tokens
-
-    # --- position ids: restart at each document and at the padding tail ------------------------
-    # increments of 1, reset at segment starts, then a running sum along each row.
-    out_pos.fill(1)
-    if n_rows:
-        seg_start = dest_start_sorted  # every document start (row starts included)
-        prev_len = np.concatenate([[0], s_len[:-1]])
-        first_in_row = start_in_row == 0
-        out_pos[seg_start] = np.where(first_in_row, 0, 1 - prev_len).astype(np.int32)
-        tails = np.nonzero(pad_len > 0)[0]
-        last_doc_len = s_len[row_doc_start[1:] - 1]
-        out_pos[tails * S + fill[tails]] = (1 - last_doc_len[tails]).astype(np.int32)
-        pos2d = out_pos.reshape(n_rows, S)
-        np.cumsum(pos2d, axis=1, out=pos2d)
+    block = max(S, (_SLICE_TOKENS // S) * S)
+    stats.label_tokens = int(sum(
+        np.count_nonzero(out_lab[a:a + block] != IGNORE_INDEX) for a in range(0, total, block)
+    ))
 
     # --- Arrow output, zero-copy over the numpy buffers --------------------------------------
     seq_ends = end_in_row.astype(np.int32)
@@ -460,16 +423,17 @@ def pack_table(
     return packed, stats
 
 
-def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + n)`` for each (s, n), vectorised (int64)."""
-    lens = np.asarray(lens, dtype=np.int64)
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    cs = np.cumsum(lens) - lens
-    out = np.repeat(np.asarray(starts, dtype=np.int64) - cs, lens)
-    out += np.arange(total, dtype=np.int64)
-    return out
+def _values_and_starts(arr) -> tuple[np.ndarray, np.ndarray]:
+    """Values of a list-array slice as int32 numpy (zero-copy when already int32) and each
+    row's start offset into them. Integer values outside int32 raise (safe cast)."""
+    import pyarrow as pa
+
+    off = arr.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+    v0, v1 = int(off[0]), int(off[-1])
+    values = arr.values.slice(v0, v1 - v0)
+    if values.type != pa.int32():
+        values = values.cast(pa.int32())
+    return values.to_numpy(zero_copy_only=False), off[:-1] - v0
 
 
 def _take_rows(col, row0: int, m: int):

@@ -117,7 +117,14 @@ class BFDPackingHandler(BaseInstructDataHandler):
                 f"{stats.dropped_overlong} longer than seq_length={self.seq_length} dropped, "
                 f"{stats.dropped_empty} empty); raise seq_length or use overlong: truncate"
             )
-        return datasets.Dataset(packed)
+        # An explicit fingerprint: without it `datasets` hashes the whole packed table (a full
+        # serialised copy: seconds and hundreds of MB on real data) just to name a cache entry.
+        import hashlib
+
+        key = repr((getattr(dataset, "_fingerprint", None), "BFDPackingHandler", self.seq_length,
+                    self.pad_token, self.overlong, self.boundary_label, self.seed))
+        fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return datasets.Dataset(packed, fingerprint=fingerprint)
 
 
 def register() -> None:
