@@ -68,6 +68,7 @@ NOT_APPLICABLE = {
     "trainer": "MindFormers trainer class",
     "train_dataset_task": "MindFormers dataset wrapper",
     "auto_trans_ckpt": "MindFormers checkpoint resharding",
+    "load_ckpt_format": "torch reads HF safetensors directories",
     "src_strategy_path_or_dir": "MindFormers checkpoint resharding",
     "only_save_strategy": "MindFormers parallel strategy",
     "resume_training": "not supported by distill train (start from --weights)",
