@@ -74,6 +74,7 @@ class PackStats:
     rows: int = 0
     tokens: int = 0
     label_tokens: int = 0
+    max_docs_per_row: int = 0
     seq_length: int = 0
     fill_ratio: float = 0.0
     elapsed_s: float = 0.0
@@ -344,6 +345,7 @@ def pack_table(
     dest_start[order] = s_row * S + start_in_row
 
     stats.rows = n_rows
+    stats.max_docs_per_row = int(docs_per_row.max()) if n_rows else 0
     stats.tokens = int(s_len.sum())
     stats.fill_ratio = stats.tokens / (n_rows * S) if n_rows else 0.0
 
@@ -421,6 +423,20 @@ def pack_table(
     packed = pa.Table.from_batches(batches, schema=schema)
     stats.elapsed_s = time.perf_counter() - t0
     return packed, stats
+
+
+def to_dataset(packed, key: str = ""):
+    """Wrap a packed table as ``datasets.Dataset`` without hashing it.
+
+    Why: ``datasets.Dataset(table)`` with no fingerprint serialises and hashes the whole table
+    to name a cache entry: measured here, 2.2 s and ~500 MB of transient memory for an 85 MB
+    packed table (6x its size). ``key`` should identify the input and the packing settings."""
+    import hashlib
+
+    import datasets
+
+    fingerprint = hashlib.sha256(f"packed:{key}:{packed.num_rows}".encode()).hexdigest()[:16]
+    return datasets.Dataset(packed, fingerprint=fingerprint)
 
 
 def _values_and_starts(arr) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ from typing import Any
 from mindformers.dataset.handler.base_handler import BaseInstructDataHandler
 from mindformers.tools.logger import logger
 
-from distilled.packing import QWEN_PAD_ID, PackStats, pack_table
+from distilled.packing import QWEN_PAD_ID, PackStats, pack_table, to_dataset
 
 
 class BFDPackingHandler(BaseInstructDataHandler):
@@ -117,14 +117,11 @@ class BFDPackingHandler(BaseInstructDataHandler):
                 f"{stats.dropped_overlong} longer than seq_length={self.seq_length} dropped, "
                 f"{stats.dropped_empty} empty); raise seq_length or use overlong: truncate"
             )
-        # An explicit fingerprint: without it `datasets` hashes the whole packed table (a full
-        # serialised copy: seconds and hundreds of MB on real data) just to name a cache entry.
-        import hashlib
-
+        # to_dataset sets an explicit fingerprint: without one `datasets` hashes the whole packed
+        # table (a full serialised copy: seconds and hundreds of MB) just to name a cache entry.
         key = repr((getattr(dataset, "_fingerprint", None), "BFDPackingHandler", self.seq_length,
                     self.pad_token, self.overlong, self.boundary_label, self.seed))
-        fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
-        return datasets.Dataset(packed, fingerprint=fingerprint)
+        return to_dataset(packed, key)
 
 
 def register() -> None:

@@ -63,6 +63,7 @@ def test_exact_two_rows():
     assert stats.rows == 2 and stats.tokens == 12 and stats.fill_ratio == 1.0
     assert stats.samples_in == stats.samples_packed == 4
     assert stats.label_tokens == 6
+    assert stats.max_docs_per_row == 2
     assert packed.schema == packing.packed_schema()
 
 
@@ -166,6 +167,16 @@ def test_seed_shuffles_rows_only():
     assert a.to_pydict() != b.to_pydict()
     key = lambda r: tuple(r["input_ids"])  # noqa: E731
     assert sorted(rows_of(a), key=key) == sorted(rows_of(b), key=key)
+
+
+def test_to_dataset_keeps_columns_and_types():
+    packed, _ = pack_table(make_table([[1, 2, 3], [4, 5]]), 8, pad_id=9)
+    ds = packing.to_dataset(packed, key="unit")
+    assert ds.column_names == list(packing.PACKED_COLUMNS)
+    assert ds[0]["input_ids"] == [1, 2, 3, 4, 5, 9, 9, 9]
+    assert str(ds.features["labels"].feature.dtype) == "int32"
+    assert ds._fingerprint == packing.to_dataset(packed, key="unit")._fingerprint
+    assert ds._fingerprint != packing.to_dataset(packed, key="other")._fingerprint
 
 
 def test_summary_and_to_dict():
