@@ -350,6 +350,8 @@ def convert_hf_to_mf(src_dir: str | os.PathLike, dst: str | os.PathLike,
     ``tie_word_embeddings`` defaults to ``config.json``'s value.
     """
     src = Path(src_dir)
+    if not src.exists():
+        raise ConversionError(f"{src}: no such file or directory")
     if tie_word_embeddings is None:
         cfg_path = src / "config.json" if src.is_dir() else src.parent / "config.json"
         if not cfg_path.exists():

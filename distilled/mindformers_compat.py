@@ -31,7 +31,8 @@ __all__ = [
     "packed_rope_shim_enabled",
     "shim_disable_fused_rmsnorm",
     "shim_finite_overflow_check",
-    "shim_skip_barrier_on_cpu",
+    "shim_barrier_via_allreduce",
+    "shim_full_checkpoint_per_rank",
     "CPU_SHIMS",
 ]
 
@@ -96,30 +97,77 @@ def shim_finite_overflow_check() -> None:
     TrainOneStepWithLossScaleCell.get_overflow_status = _finite_get_overflow_status
 
 
-def shim_skip_barrier_on_cpu() -> None:
-    """Make MindFormers' dataset barrier a no-op.
+def _allreduce_barrier(group: Any = None) -> None:
+    """Block until every rank of ``group`` gets here: an AllReduce of one number, then a host sync.
 
-    Why: ``HFDataLoader`` calls ``skip_barrier_controller()`` after building the dataset when the
-    world size is above 1. That runs ``ops.Barrier``, which has no CPU kernel, so a 2-worker CPU
-    run dies there. The barrier only lines the ranks up; the first collective of the training step
-    (the gradient AllReduce) synchronises them anyway. Each rank still builds its own shard, so
-    this also needs ``use_broadcast_data: False`` in the YAML (checked by run_mindformer.py).
+    Why an AllReduce: ``ops.Barrier`` has no CPU kernel, AllReduce has one (FACTS section 1), and
+    a collective cannot complete before all ranks have entered it, which is what a barrier is.
     """
-    import mindformers.dataset.dataloader.hf_dataloader as hf_dataloader
+    import mindspore as ms
+    from mindspore import ops
+    from mindspore.communication import GlobalComm
 
-    _ORIGINALS.setdefault("skip_barrier_controller", hf_dataloader.skip_barrier_controller)
+    op = ops.AllReduce(group=group or GlobalComm.WORLD_COMM_GROUP)
+    op(ms.Tensor([1.0], ms.float32)).asnumpy()
 
-    def skip_barrier_controller(times: int = 1) -> None:
-        """CPU: ops.Barrier is unsupported; the gradient AllReduce synchronises the ranks."""
-        return None
 
-    hf_dataloader.skip_barrier_controller = skip_barrier_controller
+# Modules that did ``from mindspore.communication.comm_func import barrier`` (a name copy each).
+_BARRIER_MODULES = (
+    "mindspore.communication.comm_func",
+    "mindformers.version_control",          # skip_barrier_controller (HFDataLoader after loading)
+    "mindformers.trainer.utils",
+    "mindformers.utils.load_checkpoint_utils",  # loading a checkpoint with use_parallel
+    "mindformers.core.callback.callback",
+)
+
+
+def shim_barrier_via_allreduce() -> None:
+    """Replace MindSpore's ``barrier`` (where MindFormers uses it) by an AllReduce-based barrier.
+
+    Why: MindFormers lines ranks up with ``mindspore.communication.comm_func.barrier`` (after the
+    dataset is built, around checkpoint loading and saving). It runs ``ops.Barrier``, which has no
+    CPU kernel, so a 2-worker CPU run dies there ("Unsupported op [Barrier] on CPU"). A no-op would
+    let rank 1 read a checkpoint rank 0 is still writing; an AllReduce is a real barrier and runs on
+    CPU. Each rank still builds its own data shard, so the YAML needs ``use_broadcast_data: False``
+    (checked by run_mindformer.py).
+    """
+    import importlib
+
+    for name in _BARRIER_MODULES:
+        mod = importlib.import_module(name)
+        _ORIGINALS.setdefault(f"{name}.barrier", getattr(mod, "barrier"))
+        mod.barrier = _allreduce_barrier
+
+
+def shim_full_checkpoint_per_rank() -> None:
+    """Let every data-parallel rank load a complete checkpoint directory without auto_trans_ckpt.
+
+    Why: MindFormers 1.9 refuses a directory of complete safetensors (an HF model dir, or a
+    ``distill convert hf-to-mf`` output) when ``use_parallel`` is True unless ``auto_trans_ckpt``
+    is set, and auto_trans then reads a parallel-strategy file that a data-parallel CPU run never
+    writes ("The strategy file type should be one of json or protobuf"). On CPU only data
+    parallelism runs, so each rank holds the full model and loading the complete files on every
+    rank (MindFormers' own single-device path, HF names converted) is exactly right. Only the
+    "complete files + use_parallel" check is relaxed; the other file-mode checks stay.
+    """
+    import mindformers.utils.load_checkpoint_utils as lcu
+
+    original = _ORIGINALS.setdefault("validate_config_with_file_mode", lcu.validate_config_with_file_mode)
+
+    def validate_config_with_file_mode(ckpt_file_mode, use_parallel, auto_trans_ckpt):  # noqa: ANN001
+        """CPU (data parallel only): complete checkpoint files load on every rank as they are."""
+        if ckpt_file_mode == lcu.CheckpointFileMode.MULTI_CHECKPOINT_FILE.value and use_parallel:
+            return None
+        return original(ckpt_file_mode, use_parallel, auto_trans_ckpt)
+
+    lcu.validate_config_with_file_mode = validate_config_with_file_mode
 
 
 CPU_SHIMS: dict[str, Callable[[], None]] = {
     "disable_fused_rmsnorm": shim_disable_fused_rmsnorm,
     "finite_overflow_check": shim_finite_overflow_check,
-    "skip_barrier_on_cpu": shim_skip_barrier_on_cpu,
+    "barrier_via_allreduce": shim_barrier_via_allreduce,
+    "full_checkpoint_per_rank": shim_full_checkpoint_per_rank,
 }
 
 
@@ -129,7 +177,7 @@ def apply_cpu_shims() -> list[str]:
     Idempotent: a second call changes nothing and returns the same list.
 
     >>> apply_cpu_shims()  # doctest: +SKIP
-    ['disable_fused_rmsnorm', 'finite_overflow_check', 'skip_barrier_on_cpu']
+    ['disable_fused_rmsnorm', 'finite_overflow_check', 'barrier_via_allreduce', 'full_checkpoint_per_rank']
     """
     for name, fn in CPU_SHIMS.items():
         if name not in _APPLIED:
@@ -148,16 +196,19 @@ def _packed_llama_model_construct(self, tokens, input_embeds=None, batch_valid_l
                                   q_seq_lens=None, seq_range=None, actual_seq_len=None):  # noqa: ANN001
     """``LlamaModel.construct`` that honours packed ``position_ids`` and ``attention_mask``.
 
-    Only the training/forward case with both ``position_ids`` and ``attention_mask`` given and no
-    KV cache changes; every other call goes to MindFormers' own construct unchanged.
+    Only the no-KV-cache forward with ``position_ids`` and either an ``attention_mask`` or the
+    compressed EOD mask (``use_eod_attn_mask_compression``) changes; every other call goes to
+    MindFormers' own construct unchanged.
     """
     from mindspore import ops
     import mindspore.common.dtype as mstype
 
     original = _ORIGINALS["LlamaModel.construct"]
-    if (position_ids is None or attention_mask is None or self.use_past or self.chunk_prefill
-            or self.parallel_decoding or self.seq_pipe or prefix_keys_values is not None
-            or (self.use_eod_attn_mask_compression and not self.use_ring_attention)):
+    # Flash attention with a compressed EOD mask (TND layout, actual_seq_len): MindFormers' own
+    # causal mask is right there, only the RoPE positions need fixing.
+    eod_compressed = self.use_eod_attn_mask_compression and not self.use_ring_attention
+    if (position_ids is None or (attention_mask is None and not eod_compressed) or self.use_past
+            or self.chunk_prefill or self.parallel_decoding or self.seq_pipe or prefix_keys_values is not None):
         return original(self, tokens, input_embeds, batch_valid_length, batch_index, zactivate_len,
                         block_tables, slot_mapping, prefix_keys_values, attention_mask, position_ids,
                         q_seq_lens, seq_range, actual_seq_len)
@@ -178,16 +229,21 @@ def _packed_llama_model_construct(self, tokens, input_embeds=None, batch_valid_l
     freqs_sin = ops.reshape(ops.gather(self.freqs_mgr.freqs_sin, pos, 0), (bs, 1, seq_len, head_dim))
     freqs_cis = (freqs_cos, freqs_sin, self.freqs_mgr.swap_mask)
 
-    # Mask: data gives 1 = masked (block-diagonal causal), shape (bs, S, S) or (bs, 1, S, S).
-    mask = attention_mask
-    if mask.ndim == 3:
-        mask = ops.expand_dims(mask, 1)
-    if self.use_flash_attention:
-        mask = self.cast(mask, mstype.uint8)  # FlashAttentionScore: 1 = masked, as given
+    # Mask. Compressed EOD (flash attention, TND): MindFormers' own compressed causal mask, the
+    # document boundaries travel in actual_seq_len. Otherwise the data gives 1 = masked
+    # (block-diagonal causal), shape (bs, S, S) or (bs, 1, S, S).
+    if eod_compressed:
+        mask = self.casual_mask()
     else:
-        # The non-flash path *adds* the mask to the scores (MindFormers' own causal mask is
-        # (1 - allowed) * -10000); a raw 0/1 mask would only add 1 to masked scores.
-        mask = ops.mul(self.cast(mask, self.dtype), ops.cast(-10000.0, self.dtype))
+        mask = attention_mask
+        if mask.ndim == 3:
+            mask = ops.expand_dims(mask, 1)
+        if self.use_flash_attention:
+            mask = self.cast(mask, mstype.uint8)  # FlashAttentionScore: 1 = masked, as given
+        else:
+            # The non-flash path *adds* the mask to the scores (MindFormers' own causal mask is
+            # (1 - allowed) * -10000); a raw 0/1 mask would only add 1 to masked scores.
+            mask = ops.mul(self.cast(mask, self.dtype), ops.cast(-10000.0, self.dtype))
 
     if input_embeds is not None:
         h = self.cast(input_embeds, self.dtype)

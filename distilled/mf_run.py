@@ -1,0 +1,490 @@
+"""The logic behind ``run_mindformer.py``: MindFormers' own CLI, this project's checks and shims,
+then MindFormers' own ``Trainer``.
+
+Why not MindFormers' ``run_mindformer.py`` as is: in 1.9 it (1) never registers a custom data
+handler where ``HFDataLoader`` looks for it, (2) cannot run on CPU without the shims in
+:mod:`distilled.mindformers_compat`, (3) trains packed rows with wrong RoPE positions and, without
+flash attention, with a broken mask, and (4) starts a multi-hour job before discovering that the
+dataset path is wrong, a column is missing, the packed rows are longer than ``seq_length`` or the
+tokens do not fit the vocabulary. This module fixes those and otherwise keeps MindFormers' CLI and
+Trainer, so a cluster user's command line is unchanged.
+
+Per-step figures go to ``<output_dir>/loss_rank_<R>.jsonl`` (one JSON object per optimizer step:
+``step, epoch, loss, global_norm, lr, overflow, step_time_s, tokens, tokens_per_s, rank``); rank 0's
+file is also ``<output_dir>/loss.jsonl``, the one the demo plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PACKED_COLUMNS = ("input_ids", "labels", "actual_seq_len")
+PLAIN_COLUMNS = ("input_ids", "labels")
+
+
+class FinetuneConfigError(ValueError):
+    """A YAML/data mismatch found before training; the message names the YAML key to fix."""
+
+
+def _str2bool_or_str(value: str) -> bool | str:
+    low = str(value).lower()
+    if low in {"true", "1", "yes"}:
+        return True
+    if low in {"false", "0", "no"}:
+        return False
+    return value  # MindFormers also accepts a checkpoint name for --resume_training
+
+
+def _str2bool(value: str) -> bool:
+    v = _str2bool_or_str(value)
+    if not isinstance(v, bool):
+        raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+    return v
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """MindFormers 1.9 ``run_mindformer.py`` arguments (same names and meaning)."""
+    p = argparse.ArgumentParser(
+        prog="run_mindformer.py",
+        description="MindFormers-compatible training entry (project handlers, CPU shims, packed-data fix, "
+                    "pre-flight checks, then MindFormers' Trainer). Extra `--a.b.c VALUE` pairs override YAML keys.")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--mode", type=int, default=None, help="0 GRAPH_MODE, 1 PYNATIVE_MODE (context.mode)")
+    p.add_argument("--device_id", type=int, default=None)
+    p.add_argument("--device_target", default=None, help="Ascend, GPU or CPU (context.device_target)")
+    p.add_argument("--run_mode", default=None, help="train, finetune, eval or predict")
+    p.add_argument("--do_eval", type=_str2bool, default=None)
+    p.add_argument("--train_dataset_dir", default=None,
+                   help="packed dataset directory (sets train_dataset.data_loader.dataset_path)")
+    p.add_argument("--eval_dataset_dir", default=None)
+    p.add_argument("--predict_data", nargs="+", default=None)
+    p.add_argument("--predict_batch_size", type=int, default=None)
+    p.add_argument("--load_checkpoint", default=None,
+                   help="checkpoint file/dir: HF safetensors dir, MF safetensors, or an output checkpoint dir")
+    p.add_argument("--src_strategy_path_or_dir", default=None)
+    p.add_argument("--auto_trans_ckpt", type=_str2bool, default=None)
+    p.add_argument("--transform_process_num", type=int, default=None)
+    p.add_argument("--only_save_strategy", type=_str2bool, default=None)
+    p.add_argument("--resume_training", type=_str2bool_or_str, default=None,
+                   help="True (resume from load_checkpoint's last checkpoint) or a checkpoint file name")
+    p.add_argument("--strategy_load_checkpoint", default=None)
+    p.add_argument("--remote_save_url", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--use_parallel", type=_str2bool, default=None)
+    p.add_argument("--profile", type=_str2bool, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=None)
+    p.add_argument("--sink_mode", type=_str2bool, default=None)
+    p.add_argument("--num_samples", type=int, default=None)
+    p.add_argument("--output_dir", default=None)
+    p.add_argument("--register_path", default=None,
+                   help="folder added to sys.path (MindFormers semantics) before handlers are registered")
+    p.add_argument("--no_packed_shim", action="store_true",
+                   help="do not fix RoPE positions/mask for packed rows (for comparison only)")
+    p.add_argument("--skip_checks", action="store_true", help="skip the pre-flight data checks")
+    return p
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalar semantics for ``--a.b value`` overrides (ints, floats, bools, lists)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def world_size_from_env() -> int:
+    """Worker count when started by msrun (``MS_WORKER_NUM``), else 1."""
+    for key in ("MS_WORKER_NUM", "RANK_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
+def rank_from_env() -> int:
+    for key in ("MS_NODE_ID", "RANK_ID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _resolve(path: str) -> str:
+    """Relative paths: the working directory first, then the repo root (MF resolves against the
+    script's folder; both agree when run from the repo root)."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return os.path.abspath(path) if path else path
+    alt = REPO / path
+    return str(alt) if alt.exists() else os.path.abspath(path)
+
+
+def load_config(argv: list[str] | None = None):
+    """Parse MindFormers' CLI and return ``(MindFormerConfig, args)`` with every override applied."""
+    parser = build_arg_parser()
+    args, rest = parser.parse_known_args(argv)
+    rest = [piece for item in rest for piece in item.split("=", 1)]
+    if len(rest) % 2:
+        parser.error(f"extra arguments must be `--key value` pairs, got {rest}")
+
+    if args.register_path:
+        reg = _resolve(args.register_path)
+        os.environ["REGISTER_PATH"] = reg
+        if reg not in sys.path:
+            sys.path.append(reg)
+
+    from mindformers.tools.register import MindFormerConfig
+
+    cfg_path = _resolve(args.config)
+    if not os.path.isfile(cfg_path):
+        raise FinetuneConfigError(f"--config {args.config}: no such file")
+    config = MindFormerConfig(cfg_path)
+    ctx = config.context
+    for flag, key in (("device_id", "device_id"), ("device_target", "device_target"), ("mode", "mode")):
+        if getattr(args, flag) is not None:
+            ctx[key] = getattr(args, flag)
+    simple = ("run_mode", "do_eval", "seed", "use_parallel", "load_checkpoint", "src_strategy_path_or_dir",
+              "auto_trans_ckpt", "transform_process_num", "only_save_strategy", "resume_training",
+              "remote_save_url", "profile", "output_dir")
+    for key in simple:
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    if args.strategy_load_checkpoint is not None:
+        config.parallel.strategy_ckpt_load_file = args.strategy_load_checkpoint
+    for key in ("epochs", "batch_size", "gradient_accumulation_steps", "sink_mode"):
+        if getattr(args, key) is not None:
+            config.runner_config[key] = getattr(args, key)
+    if args.train_dataset_dir:
+        config.train_dataset.data_loader.dataset_path = args.train_dataset_dir
+    if args.eval_dataset_dir and config.get("eval_dataset"):
+        config.eval_dataset.data_loader.dataset_path = args.eval_dataset_dir
+    if args.num_samples is not None and config.get("train_dataset"):
+        config.train_dataset.data_loader.num_samples = args.num_samples
+    if args.predict_data is not None:
+        config.input_data = args.predict_data if len(args.predict_data) > 1 else args.predict_data[0]
+    if args.predict_batch_size is not None:
+        config.predict_batch_size = args.predict_batch_size
+    while rest:
+        key, value = rest.pop(0), rest.pop(0)
+        if not key.startswith("--"):
+            raise FinetuneConfigError(f"override {key!r}: custom keys must start with --")
+        parts = key[2:].split(".")
+        node = config
+        for part in parts[:-1]:
+            if part not in node:
+                raise FinetuneConfigError(f"override {key}: {part!r} is not a key of the YAML")
+            node = node[part]
+        node[parts[-1]] = _parse_value(value)
+    if config.run_mode not in ("train", "finetune", "eval", "predict"):
+        raise FinetuneConfigError(f"run_mode must be train, finetune, eval or predict, got {config.run_mode!r}")
+    # paths are resolved once, so every rank sees the same absolute paths
+    if config.get("load_checkpoint"):
+        config.load_checkpoint = _resolve(str(config.load_checkpoint))
+    if config.get("output_dir"):
+        config.output_dir = os.path.abspath(str(config.output_dir))
+    dl = config.get("train_dataset", {}).get("data_loader", {}) if config.get("train_dataset") else {}
+    if dl and dl.get("dataset_path"):
+        dl["dataset_path"] = _resolve(str(dl["dataset_path"]))
+    return config, args
+
+
+def _get(config: Any, dotted: str, default: Any = None) -> Any:
+    node = config
+    for part in dotted.split("."):
+        if node is None or not hasattr(node, "get"):
+            return default
+        node = node.get(part)
+    return default if node is None else node
+
+
+def adapt_to_world(config: Any, world: int) -> list[str]:
+    """Make the YAML's parallel settings match how the job was started; return notes to print.
+
+    One process (no msrun): data_parallel becomes 1 and use_parallel False (the tiny YAML says
+    data_parallel 2 for its msrun run). Under msrun: use_parallel True, and on CPU a full
+    checkpoint must be sliced per rank, which MindFormers 1.9 only allows with auto_trans_ckpt.
+    """
+    notes = []
+    pc = config.parallel_config
+    if world == 1:
+        if config.get("use_parallel"):
+            notes.append("one process: use_parallel True -> False (start with msrun for parallel runs)")
+            config.use_parallel = False
+        if int(pc.get("data_parallel", 1)) != 1:
+            notes.append(f"one process: parallel_config.data_parallel {pc.data_parallel} -> 1")
+            pc.data_parallel = 1
+    else:
+        if not config.get("use_parallel"):
+            notes.append(f"{world} workers: use_parallel False -> True")
+            config.use_parallel = True
+        dp, mp, pp = int(pc.get("data_parallel", 1)), int(pc.get("model_parallel", 1)), int(pc.get("pipeline_stage", 1))
+        cp = int(pc.get("context_parallel", 1))
+        if dp * mp * pp * cp != world:
+            raise FinetuneConfigError(
+                f"parallel_config: data_parallel {dp} x model_parallel {mp} x context_parallel {cp} x "
+                f"pipeline_stage {pp} = {dp * mp * pp * cp}, but {world} workers were started")
+    return notes
+
+
+def _dataset_columns_and_stats(path: str) -> tuple[list[str], int | None, int | None, int]:
+    """Columns, longest input_ids row, largest token id and row count, read memory-mapped."""
+    import datasets
+    import pyarrow.compute as pc
+
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        raise FinetuneConfigError(f"train_dataset.data_loader.dataset_path: {path} is a DatasetDict "
+                                  f"({list(ds)}); point it at one split's directory")
+    cols = list(ds.column_names)
+    longest = max_id = None
+    if "input_ids" in cols and len(ds):
+        table = ds.data.table
+        ids = table.column("input_ids")
+        longest = int(pc.max(pc.list_value_length(ids)).as_py())
+        max_id = pc.max(pc.list_flatten(ids)).as_py()
+        max_id = None if max_id is None else int(max_id)
+    return cols, longest, max_id, len(ds)
+
+
+def _tokenizer_vocab(config: Any) -> tuple[int, str] | None:
+    """Size of the tokenizer that goes with the checkpoint, if one is found beside it."""
+    candidates = []
+    tok = _get(config, "processor.tokenizer.vocab_file") or _get(config, "processor.tokenizer.tokenizer_file")
+    if tok:
+        candidates.append(Path(str(tok)).parent)
+    if config.get("load_checkpoint") and os.path.isdir(str(config.load_checkpoint)):
+        candidates.append(Path(str(config.load_checkpoint)))
+    for d in candidates:
+        f = d / "tokenizer.json"
+        if f.is_file():
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_file(str(f)).get_vocab_size(with_added_tokens=True), str(f)
+    return None
+
+
+def validate_config(config: Any, world: int = 1) -> dict:
+    """Pre-flight checks; raise :class:`FinetuneConfigError` naming the YAML key to fix.
+
+    Returns facts found on the way (columns, rows, longest row, largest id) for the log.
+    """
+    facts: dict[str, Any] = {}
+    mc = _get(config, "model.model_config")
+    if mc is None:
+        raise FinetuneConfigError("model.model_config: missing")
+    device = str(_get(config, "context.device_target", "Ascend"))
+    if config.run_mode in ("train", "finetune"):
+        dl = _get(config, "train_dataset.data_loader")
+        if dl is None:
+            raise FinetuneConfigError("train_dataset.data_loader: missing")
+        path = dl.get("dataset_path") or dl.get("path")
+        if not path:
+            raise FinetuneConfigError("train_dataset.data_loader.dataset_path: not set (or pass --train_dataset_dir)")
+        if not os.path.exists(str(path)):
+            raise FinetuneConfigError(f"train_dataset.data_loader.dataset_path: {path} does not exist "
+                                      "(run `distill preprocess` first, or pass --train_dataset_dir)")
+        if dl.get("split") is not None and dl.get("load_func") == "load_from_disk":
+            raise FinetuneConfigError("train_dataset.data_loader.split: remove it; MindFormers 1.9 passes it "
+                                      "to datasets.load_from_disk, which rejects it")
+        cols, longest, max_id, rows = _dataset_columns_and_stats(str(path))
+        facts.update(columns=cols, rows=rows, longest_row=longest, max_token_id=max_id)
+        packed_mode = bool(dl.get("create_attention_mask", False))
+        need = PACKED_COLUMNS if packed_mode else PLAIN_COLUMNS
+        missing = [c for c in need if c not in cols]
+        if missing:
+            hint = ("packed data (create_attention_mask: True) needs input_ids, labels, actual_seq_len"
+                    if packed_mode else "unpacked data needs input_ids and labels")
+            raise FinetuneConfigError(
+                f"train_dataset.data_loader.dataset_path: {path} has columns {cols}, missing {missing}; {hint}")
+        if not packed_mode and "actual_seq_len" in cols:
+            raise FinetuneConfigError(
+                "train_dataset.data_loader.create_attention_mask: must be True for packed data (the dataset has "
+                "actual_seq_len); without it every packed row trains as one long document")
+        seq = int(mc.get("seq_length") or 0)
+        if longest is not None and longest > seq:
+            raise FinetuneConfigError(
+                f"model.model_config.seq_length: {seq} is smaller than the packed rows ({longest} tokens in "
+                f"{path}); set it to the packing length")
+        vocab = int(mc.get("vocab_size") or 0)
+        if max_id is not None and max_id >= vocab:
+            raise FinetuneConfigError(
+                f"model.model_config.vocab_size: {vocab} but the data holds token id {max_id}; "
+                "use the tokenizer's model or a larger vocab_size")
+        tok = _tokenizer_vocab(config)
+        if tok is not None and tok[0] > vocab:
+            raise FinetuneConfigError(
+                f"model.model_config.vocab_size: {vocab} is smaller than the tokenizer's {tok[0]} tokens ({tok[1]})")
+        if packed_mode and not mc.get("input_sliced_sig", False):
+            raise FinetuneConfigError("model.model_config.input_sliced_sig: must be True for packed data "
+                                      "(labels are already shifted; False would cut one more token)")
+        if world > 1 and device == "CPU" and dl.get("use_broadcast_data", True):
+            raise FinetuneConfigError("train_dataset.data_loader.use_broadcast_data: must be False on CPU "
+                                      "(the broadcast needs ops.Barrier, which has no CPU kernel)")
+    if device == "CPU":
+        if mc.get("use_flash_attention", False):
+            raise FinetuneConfigError("model.model_config.use_flash_attention: must be False on CPU")
+        if not mc.get("use_rope_slice", False):
+            raise FinetuneConfigError("model.model_config.use_rope_slice: must be True on CPU "
+                                      "(the batched RoPE matmul cannot broadcast there)")
+        if str(mc.get("compute_dtype", "float32")) not in ("float32", "fp32"):
+            raise FinetuneConfigError("model.model_config.compute_dtype: use float32 on CPU")
+    return facts
+
+
+def make_loss_callback(output_dir: str, rank: int, tokens_per_step: int):
+    """A MindSpore callback writing one JSON line per step (see module docstring).
+
+    Why: MFLossMonitor only logs human-readable text; the demo, the bench and the tests need the
+    loss curve, the global norm (identical on all data-parallel ranks when they are in sync) and
+    tokens/s without parsing logs.
+    """
+    from mindspore.train.callback import Callback
+
+    from distilled.io_utils import JsonlAppender
+
+    class LossJsonlMonitor(Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            os.makedirs(output_dir, exist_ok=True)
+            self.paths = [os.path.join(output_dir, f"loss_rank_{rank}.jsonl")]
+            if rank == 0:
+                self.paths.append(os.path.join(output_dir, "loss.jsonl"))
+            self.writers = [JsonlAppender(p) for p in self.paths]
+            self.t0 = time.perf_counter()
+
+        def on_train_step_begin(self, run_context: Any) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_train_step_end(self, run_context: Any) -> None:
+            import numpy as np
+
+            cb = run_context.original_args()
+            dt = time.perf_counter() - self.t0
+            out = cb.net_outputs
+            vals = list(out) if isinstance(out, (tuple, list)) else [out]
+
+            def num(x: Any) -> Any:
+                if x is None:
+                    return None
+                a = np.asarray(x.asnumpy() if hasattr(x, "asnumpy") else x)
+                return float(a.mean()) if a.dtype != np.bool_ else bool(a.any())
+
+            rec = {
+                "step": int(cb.cur_step_num),
+                "epoch": int(cb.cur_epoch_num),
+                "loss": num(vals[0]),
+                "overflow": num(vals[1]) if len(vals) > 1 else None,
+                "lr": num(vals[3]) if len(vals) > 3 else None,
+                "global_norm": num(vals[4]) if len(vals) > 4 else None,
+                "step_time_s": round(dt, 6),
+                "tokens": tokens_per_step,
+                "tokens_per_s": tokens_per_step / dt if dt > 0 else None,
+                "rank": rank,
+                "time": time.time(),
+            }
+            for w in self.writers:
+                w.write(rec)
+
+        def on_train_end(self, run_context: Any) -> None:
+            for w in self.writers:
+                w.close()
+
+    return LossJsonlMonitor()
+
+
+def register_project_handlers() -> bool:
+    """Make this project's data handlers visible to MindFormers' HFDataLoader (FACTS section 2:
+    it looks them up as attributes of ``mindformers.dataset.handler`` only)."""
+    try:
+        import handlers
+    except ImportError:
+        return False
+    fn = getattr(handlers, "register_with_mindformers", None)
+    if fn is None:
+        return False
+    fn()
+    return True
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry of ``run_mindformer.py``: parse, adapt, check, shim, train. Returns an exit code."""
+    os.environ.setdefault("GLOG_v", "3")
+    try:
+        config, args = load_config(argv)
+        world = world_size_from_env()
+        rank = rank_from_env()
+        notes = adapt_to_world(config, world)
+        device = str(_get(config, "context.device_target", "Ascend"))
+        facts = {} if args.skip_checks else validate_config(config, world)
+    except FinetuneConfigError as exc:
+        print(f"run_mindformer.py: config error: {exc}", file=sys.stderr)
+        return 2
+
+    from distilled import mindformers_compat as compat
+
+    applied = []
+    if device == "CPU":
+        applied += compat.apply_cpu_shims()
+    packed = bool(_get(config, "train_dataset.data_loader.create_attention_mask", False))
+    if packed and not args.no_packed_shim:
+        compat.apply_packed_rope_shim(True)
+        applied.append("packed_rope")
+    handlers_ok = register_project_handlers()
+    if rank == 0:
+        for n in notes:
+            print(f"run_mindformer.py: {n}", flush=True)
+        print(f"run_mindformer.py: shims {applied or 'none'}; project handlers "
+              f"{'registered' if handlers_ok else 'not found'}; data {facts or 'not checked'}", flush=True)
+
+    from mindformers.core.context import build_context
+    from mindformers.trainer import Trainer
+    from mindformers.utils.file_utils import set_output_path
+
+    set_output_path(config.output_dir)
+    build_context(config)
+    seq = int(_get(config, "model.model_config.seq_length", 0))
+    bs = int(_get(config, "runner_config.batch_size", 1))
+    gas = int(_get(config, "runner_config.gradient_accumulation_steps", 1) or 1)
+    cb = make_loss_callback(config.output_dir, rank, seq * bs * gas)
+    trainer = Trainer(config, callbacks=[cb])
+    t0 = time.perf_counter()
+    if config.run_mode in ("train", "finetune"):
+        trainer.train()
+    elif config.run_mode == "eval":
+        trainer.evaluate(eval_checkpoint=config.load_checkpoint)
+    else:
+        trainer.predict(predict_checkpoint=config.load_checkpoint, input_data=config.get("input_data"),
+                        batch_size=config.get("predict_batch_size"))
+    if rank == 0 and config.run_mode in ("train", "finetune"):
+        summary = summarize_loss(os.path.join(config.output_dir, "loss.jsonl"))
+        summary["wall_s"] = round(time.perf_counter() - t0, 1)
+        print("run_mindformer.py: done " + json.dumps(summary), flush=True)
+    return 0
+
+
+def read_loss(path: str | os.PathLike) -> list[dict]:
+    """Records of a loss JSONL (complete lines only)."""
+    from distilled.io_utils import BadLine, iter_jsonl
+
+    return [r for _, r in iter_jsonl(path) if not isinstance(r, BadLine)] if os.path.exists(path) else []
+
+
+def summarize_loss(path: str | os.PathLike, skip_first: int = 1) -> dict:
+    """First/last loss and median tokens/s (the first ``skip_first`` steps hold compilation)."""
+    import statistics
+
+    recs = read_loss(path)
+    if not recs:
+        return {"steps": 0}
+    tps = [r["tokens_per_s"] for r in recs[skip_first:] if r.get("tokens_per_s")] or \
+          [r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
+    return {"steps": len(recs), "first_loss": recs[0]["loss"], "last_loss": recs[-1]["loss"],
+            "median_tokens_per_s": round(statistics.median(tps), 1) if tps else None}
