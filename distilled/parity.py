@@ -145,7 +145,16 @@ def run_parity(config: str | Path | None, weights: str | Path, data: str | Path,
             be = _make(name, backend_kwargs)
             be.load_hf(wo.get(name, weights), model_config=plan.model_config, dtype=dtype, seq_length=seq,
                        batch_size=plan.batch_size)
+            if plan.lora is not None:
+                be.enable_lora(plan.lora)
             bes[name] = be
+        if plan.lora is not None:
+            # LoRA A is random on each side: start both from the first backend's A (B is 0 on both)
+            init = {k: v for k, v in bes[a_name].named_parameters().items() if ".lora_" in k}
+            if not init:
+                raise ValueError(f"{a_name}: LoRA enabled but no adapter parameters found")
+            bes[b_name].load_named_parameters(init)
+            out["lora"] = plan.lora.to_dict()
         fa = bes[a_name].forward(batches[0], return_logits=True)
         fb = bes[b_name].forward(batches[0], return_logits=True)
         scale = float(max(1.0, np.max(np.abs(fb.logits))))

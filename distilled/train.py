@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from distilled.backends.base import TrainSettings, warmup_steps_from
+from distilled.backends.base import LoraSettings, TrainSettings, lora_targets_from_regex, warmup_steps_from
 
 # Dotted YAML keys that are read and mapped onto backend settings.
 MAPPED = {
@@ -53,6 +53,11 @@ MAPPED = {
     "train_dataset.drop_remainder": "partial batches are dropped",
     "model.model_config.compute_dtype": "float32 or bfloat16 (autocast)",
     "callbacks.CheckpointMonitor.save_checkpoint_steps": "--save-steps default",
+    "model.model_config.pet_config.pet_type": "lora (PEFT on torch)",
+    "model.model_config.pet_config.lora_rank": "LoRA rank",
+    "model.model_config.pet_config.lora_alpha": "LoRA alpha (scaling alpha/rank)",
+    "model.model_config.pet_config.lora_dropout": "LoRA dropout",
+    "model.model_config.pet_config.target_modules": "regex over wq/wk/wv/wo/w1/w2/w3 -> q/k/v/o/gate/down/up_proj",
 }
 # model_config keys checked against the weights' config.json
 MODEL_SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "n_kv_heads", "vocab_size",
@@ -149,6 +154,7 @@ class YamlPlan:
     output: str | None
     save_steps: int | None
     yaml_total_steps: int
+    lora: LoraSettings | None = None
     applied: dict[str, Any] = field(default_factory=dict)
     not_applicable: dict[str, str] = field(default_factory=dict)
     unsupported: list[str] = field(default_factory=list)
@@ -261,6 +267,14 @@ def settings_from_yaml(cfg: Mapping[str, Any], num_rows: int | None = None, worl
         raise bad("model.model_config.compute_dtype", compute, "float32 or bfloat16")
     if compute == "float16":
         raise bad("model.model_config.compute_dtype", compute, "float16 needs loss scaling; use bfloat16")
+    lora = None
+    pet = mc.pop("pet_config", None)
+    if pet:
+        if str(pet.get("pet_type", "")).lower() != "lora":
+            raise bad("model.model_config.pet_config.pet_type", pet.get("pet_type"), "only lora")
+        lora = LoraSettings(rank=int(pet.get("lora_rank", 8)), alpha=float(pet.get("lora_alpha", 16)),
+                            dropout=float(pet.get("lora_dropout", 0.0)),
+                            targets=lora_targets_from_regex(str(pet.get("target_modules") or ".*wq|.*wk|.*wv|.*wo")))
     save_steps = None
     for cb in cfg.get("callbacks") or []:
         if isinstance(cb, Mapping) and cb.get("type") == "CheckpointMonitor" and cb.get("save_checkpoint_steps"):
@@ -277,7 +291,7 @@ def settings_from_yaml(cfg: Mapping[str, Any], num_rows: int | None = None, worl
             unsupported.append(k)
     return YamlPlan(settings=settings, batch_size=batch_size, epochs=epochs, dtype=compute, model_config=mc,
                     data=dl.get("dataset_path"), weights=cfg.get("load_checkpoint") or None,
-                    output=cfg.get("output_dir"), save_steps=save_steps, yaml_total_steps=yaml_total,
+                    output=cfg.get("output_dir"), save_steps=save_steps, yaml_total_steps=yaml_total, lora=lora,
                     applied=applied, not_applicable=na, unsupported=sorted(unsupported))
 
 
@@ -366,6 +380,8 @@ def run_train(config: str, backend: str = "torch", data: str | None = None, weig
               f"hold {seq_length} tokens; the rows' length is used", file=sys.stderr)
     be.load_hf(weights, model_config=plan.model_config, dtype=dtype, seq_length=seq_length,
                batch_size=plan.batch_size)
+    if plan.lora is not None:
+        be.enable_lora(plan.lora)
     be.setup_training(plan.settings)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -402,6 +418,7 @@ def run_train(config: str, backend: str = "torch", data: str | None = None, weig
                "steps": n_steps, "world_size": world, "first_loss": first, "last_loss": last,
                "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
                "settings": plan.settings.to_dict(), "dtype": dtype,
+               "lora": plan.lora.to_dict() if plan.lora else None,
                "unsupported_keys": plan.unsupported, "not_applicable_keys": sorted(plan.not_applicable)}
     if rank == 0:
         final = be.save_hf(out / "final")

@@ -245,6 +245,51 @@ def wants_weight_decay(name: str, ndim: int) -> bool:
 # Results and the interface
 # --------------------------------------------------------------------------------------------
 @dataclass
+class LoraSettings:
+    """LoRA on the attention projections, as MindFormers' ``pet_config`` sets it (``pet_type: lora``).
+
+    ``targets`` are HF module names (``q_proj``...); MindFormers' ``target_modules`` regex over its
+    names (``.*wq|.*wk|.*wv|.*wo``) is translated by :func:`lora_targets_from_regex`. Scaling is
+    ``alpha / rank`` on both sides (MindPet ``LoRADense`` and PEFT); A starts He-uniform, B at 0.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# MindFormers legacy Llama module names -> HF Qwen2 module names
+MF_TO_HF_MODULE = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
+                   "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
+def lora_targets_from_regex(regex: str) -> tuple[str, ...]:
+    """HF module names matched by a MindFormers ``target_modules`` regex.
+
+    >>> lora_targets_from_regex('.*wq|.*wk|.*wv|.*wo')
+    ('q_proj', 'k_proj', 'v_proj', 'o_proj')
+    """
+    import re
+
+    out = tuple(hf for mf, hf in MF_TO_HF_MODULE.items()
+                if re.match(regex, f"model.layers.0.attention.{mf}") or re.match(regex, f"model.layers.0.feed_forward.{mf}")
+                or re.match(regex, mf))
+    if not out:
+        raise ValueError(f"pet_config.target_modules={regex!r} matches none of {sorted(MF_TO_HF_MODULE)}")
+    return out
+
+
+def lora_regex_from_targets(targets: Sequence[str]) -> str:
+    """The MindFormers ``target_modules`` regex for HF module names."""
+    inv = {v: k for k, v in MF_TO_HF_MODULE.items()}
+    return "|".join(f".*{inv[t]}" for t in targets)
+
+
+@dataclass
 class StepResult:
     """What one training step reports: loss before the update, global grad norm before
     clipping, the learning rate used, and the number of loss tokens."""
@@ -294,6 +339,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def train_step(self, batch: PackedBatch) -> StepResult:
         """Forward, backward, clip by global norm, AdamW update with the scheduled lr."""
+
+    def enable_lora(self, lora: LoraSettings) -> None:
+        """Wrap the loaded model with LoRA adapters; only adapter weights train afterwards.
+        Adapter parameters are named ``<HF module>.lora_A.weight`` / ``.lora_B.weight``."""
+        raise NotImplementedError(f"backend {self.name!r} has no LoRA support")
 
     @abc.abstractmethod
     def named_parameters(self) -> dict[str, np.ndarray]:

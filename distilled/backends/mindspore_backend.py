@@ -21,8 +21,27 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from distilled.backends.base import (Backend, ForwardResult, PackedBatch, StepResult, TrainSettings,
-                                     wants_weight_decay)
+from distilled.backends.base import (Backend, ForwardResult, LoraSettings, PackedBatch,
+                                     StepResult, TrainSettings, lora_regex_from_targets, wants_weight_decay)
+
+_LORA_MF = {"mindpet_delta_lora_a": "lora_A.weight", "mindpet_delta_lora_b": "lora_B.weight"}
+
+
+def _lora_mf_to_hf(name: str) -> str | None:
+    """``model.layers.0.attention.wq.mindpet_delta_lora_a`` -> ``model.layers.0.self_attn.q_proj.lora_A.weight``."""
+    for mf_suffix, hf_suffix in _LORA_MF.items():
+        if name.endswith("." + mf_suffix):
+            module = _mf_name_to_hf(name[: -len(mf_suffix)] + "weight")[: -len("weight")]
+            return module + hf_suffix
+    return None
+
+
+def _lora_hf_to_mf(name: str) -> str | None:
+    for mf_suffix, hf_suffix in _LORA_MF.items():
+        if name.endswith("." + hf_suffix):
+            module = _hf_name_to_mf(name[: -len(hf_suffix)] + "weight")[: -len("weight")]
+            return module + mf_suffix
+    return None
 
 # MindFormers model_config keys this backend forces, and why (reported, never silent).
 FORCED = {
@@ -125,6 +144,7 @@ class MindSporeBackend(Backend):
         self.settings: TrainSettings | None = None
         self.step_count = 0
         self.forced: dict[str, tuple[Any, Any]] = {}
+        self.lora: LoraSettings | None = None
 
     # ---------------------------------------------------------------- loading and saving
     def load_hf(self, weights_dir, model_config=None, dtype="float32", seq_length=None, batch_size=1) -> None:
@@ -193,18 +213,48 @@ class MindSporeBackend(Backend):
         self.model = model
         self.model.set_train(True)
 
+    def enable_lora(self, lora: LoraSettings) -> None:
+        """MindFormers' own LoRA: ``LoraAdapter.get_pet_model`` swaps the target ``Linear`` cells for
+        MindPet ``LoRADense`` (scaling alpha/rank, A He-uniform, B zeros); everything else is frozen,
+        as MindFormers' ``freeze_pretrained_model`` does for ``pet_type: lora``."""
+        from mindformers.pet.tuners.lora_adapter import LoraAdapter
+
+        if self.optimizer is not None:
+            raise RuntimeError("enable_lora() must come before setup_training()")
+        cfg = {"pet_type": "lora", "lora_rank": int(lora.rank), "lora_alpha": int(lora.alpha),
+               "lora_dropout": float(lora.dropout), "target_modules": lora_regex_from_targets(lora.targets)}
+        if float(int(lora.alpha)) != float(lora.alpha):
+            raise ValueError(f"lora alpha {lora.alpha} must be an integer (MindFormers casts it with int())")
+        self.model = LoraAdapter.get_pet_model(self.model, cfg)
+        n = 0
+        for p in self.model.get_parameters():
+            p.requires_grad = "mindpet_delta_lora" in p.name
+            n += p.requires_grad
+        if n == 0:
+            raise ValueError(f"LoRA targets {lora.targets} matched no layer of the MindFormers model")
+        self.lora = lora
+
     def named_parameters(self) -> dict[str, np.ndarray]:
-        st = {p.name: p.asnumpy().astype(np.float32).copy() for p in self.model.trainable_params()}
-        return mf_to_hf_state(st, self.tie)
+        base, lora = {}, {}
+        for p in self.model.get_parameters():
+            hf = _lora_mf_to_hf(p.name)
+            if hf is not None:
+                lora[hf] = p.asnumpy().astype(np.float32).copy()
+            else:
+                base[p.name] = p.asnumpy().astype(np.float32).copy()
+        out = mf_to_hf_state(base, self.tie)
+        out.update(lora)
+        return out
 
     def load_named_parameters(self, params: Mapping[str, np.ndarray]) -> None:
-        """Overwrite parameters by HF name (tests perturb weights through this)."""
+        """Overwrite parameters by HF name (tests perturb weights, parity syncs LoRA A through this)."""
         import mindspore as ms
 
         own = {p.name: p for p in self.model.get_parameters()}
-        for k, v in hf_to_mf_state(dict(params), False).items():
+        for hf, v in params.items():
+            k = _lora_hf_to_mf(hf) or _hf_name_to_mf(hf)
             if k not in own:
-                raise KeyError(f"no parameter {k!r} in the MindSpore model")
+                raise KeyError(f"no parameter {k!r} (HF {hf!r}) in the MindSpore model")
             own[k].set_data(ms.Tensor(np.asarray(v, dtype=np.float32), dtype=own[k].dtype))
 
     def save_hf(self, output_dir) -> Path:
@@ -214,6 +264,12 @@ class MindSporeBackend(Backend):
 
         out = Path(output_dir)
         state = {k: np.ascontiguousarray(v) for k, v in self.named_parameters().items()}
+        if self.lora is not None:  # merge: W + (alpha/rank) * B @ A, HF layout
+            scale = float(int(self.lora.alpha)) / int(self.lora.rank)
+            for k in [k for k in state if k.endswith(".lora_A.weight")]:
+                mod = k[: -len("lora_A.weight")]
+                a, b = state.pop(k), state.pop(mod + "lora_B.weight")
+                state[mod + "weight"] = (state[mod + "weight"] + scale * (b @ a)).astype(np.float32)
         with atomic_dir(out) as tmp:
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(self.hf_config, indent=2))

@@ -26,8 +26,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from distilled.backends.base import (Backend, ForwardResult, PackedBatch, StepResult, TrainSettings,
-                                     wants_weight_decay)
+from distilled.backends.base import (Backend, ForwardResult, LoraSettings, PackedBatch, StepResult,
+                                     TrainSettings, wants_weight_decay)
 
 # model_config keys of the YAML and the HF config field each must equal
 YAML_TO_HF = {
@@ -96,6 +96,7 @@ class TorchBackend(Backend):
         self.settings: TrainSettings | None = None
         self.step_count = 0
         self.autocast_dtype = None
+        self.lora: LoraSettings | None = None
 
     # ---------------------------------------------------------------- loading and saving
     def load_hf(self, weights_dir, model_config=None, dtype="float32", seq_length=None, batch_size=1) -> None:
@@ -135,18 +136,45 @@ class TorchBackend(Backend):
 
             self.model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
+    def enable_lora(self, lora: LoraSettings) -> None:
+        """PEFT LoRA with MindFormers' settings: rank, alpha (scaling alpha/rank), dropout, targets;
+        no bias training, base weights frozen."""
+        from peft import LoraConfig, get_peft_model
+
+        if self.optimizer is not None:
+            raise RuntimeError("enable_lora() must come before setup_training()")
+        cfg = LoraConfig(r=int(lora.rank), lora_alpha=lora.alpha, lora_dropout=float(lora.dropout),
+                         target_modules=list(lora.targets), bias="none", init_lora_weights=True)
+        self.module = get_peft_model(self.module, cfg)
+        self.model = self.module
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.lora = lora
+
+    @staticmethod
+    def _hf_name(name: str) -> str:
+        """PEFT names -> plain HF names (``...q_proj.base_layer.weight`` -> ``...q_proj.weight``,
+        ``...q_proj.lora_A.default.weight`` -> ``...q_proj.lora_A.weight``)."""
+        if name.startswith("base_model.model."):
+            name = name[len("base_model.model."):]
+        return name.replace(".base_layer.", ".").replace(".default.", ".")
+
+    def _own_params(self) -> dict:
+        return {self._hf_name(k): p for k, p in self.module.named_parameters()}
+
     def named_parameters(self) -> dict[str, np.ndarray]:
-        out = {}
-        for k, p in self.module.named_parameters():
-            out[k] = p.detach().float().cpu().numpy().copy()
-        if getattr(self.module.config, "tie_word_embeddings", False):
+        out = {k: p.detach().float().cpu().numpy().copy() for k, p in self._own_params().items()}
+        cfg = getattr(self.module, "config", None)
+        if getattr(cfg, "tie_word_embeddings", False):
             out.pop("lm_head.weight", None)
         return out
 
     def load_named_parameters(self, params: Mapping[str, np.ndarray]) -> None:
-        """Overwrite parameters by HF name (tests perturb weights through this)."""
+        """Overwrite parameters by HF name (tests perturb weights, parity syncs LoRA A through this)."""
         torch = self.torch
-        own = dict(self.module.named_parameters())
+        own = self._own_params()
         with torch.no_grad():
             for k, v in params.items():
                 if k not in own:
@@ -158,7 +186,14 @@ class TorchBackend(Backend):
 
         out = Path(output_dir)
         with atomic_dir(out) as tmp:
-            self.module.save_pretrained(tmp, safe_serialization=True)
+            if self.lora is None:
+                self.module.save_pretrained(tmp, safe_serialization=True)
+            else:  # the merged model (loads anywhere) and the adapter alone (PEFT layout)
+                import copy
+
+                self.module.save_pretrained(tmp / "adapter", safe_serialization=True)
+                merged = copy.deepcopy(self.module).merge_and_unload()
+                merged.save_pretrained(tmp, safe_serialization=True)
         return out
 
     # ---------------------------------------------------------------- forward and loss
@@ -222,7 +257,7 @@ class TorchBackend(Backend):
         torch = self.torch
         torch.manual_seed(settings.seed)
         decay, no_decay = [], []
-        for n, p in self.module.named_parameters():
+        for n, p in self._own_params().items():
             if p.requires_grad:
                 (decay if wants_weight_decay(n, p.ndim) else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": settings.weight_decay},
