@@ -20,7 +20,7 @@ against a zero-latency server, and problems lost under 3% injected 429/500 fault
 The open-r1 code below is written from a reading of the script (not copied) to reproduce its
 scheduling and error handling faithfully; aiofiles/uvloop are not used (plain appends instead).
 
-Run: ``.venv/bin/python bench/generate.py`` (about 3 minutes; ``--quick`` for a smoke run).
+Run: ``.venv/bin/python bench/generate.py`` (about 8 minutes; ``--quick`` for a 1-minute smoke run).
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ def main() -> int:
     ap.add_argument("--capacity", type=int, default=64)
     ap.add_argument("--latency-ms", type=float, default=500.0, help="mean service latency")
     ap.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma (1.0: p99 = 10.2x median)")
-    ap.add_argument("--problems", type=int, default=1500)
+    ap.add_argument("--problems", type=int, default=3000)
     ap.add_argument("--n", type=int, default=4, help="generations per problem")
     ap.add_argument("--concurrency", type=int, default=64, help="client budget (same for every client)")
     ap.add_argument("--batch", type=int, default=500, help="open-r1 batch size")

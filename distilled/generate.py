@@ -243,8 +243,8 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
     client = ChatClient(cfg.endpoints, cfg.model, api_key_env=cfg.api_key_env, max_concurrent=cfg.max_concurrent,
                         max_retries=cfg.max_retries, request_timeout=cfg.request_timeout,
                         backoff_base=cfg.backoff_base,
-                        on_event=lambda k, i: warn(f"endpoint {i['endpoint']} taken out for {i['cooldown']:.1f}s "
-                                                    f"({i['reason']})") if k == "endpoint_down" else None)
+                        on_event=lambda k, i: say(f"endpoint {i['endpoint']} taken out for {i['cooldown']:.1f}s "
+                                                   f"({i['reason']})") if k == "endpoint_down" else None)
     out_path = Path(cfg.output_file)
     fpath = failed_path(out_path)
     summ.failed_file = str(fpath)
@@ -278,6 +278,13 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
         p.remaining = n_gen
 
     pbar = None
+
+    def say(msg: str) -> None:  # a message that does not break the progress bar
+        if pbar is not None:
+            pbar.write(msg, file=sys.stderr)
+        else:
+            warn(msg)
+
     if cfg.progress:
         from tqdm import tqdm
 

@@ -129,10 +129,14 @@ def compose_answer(prompt: str, rng: random.Random, wrong_rate: float) -> tuple[
     wrong = rng.random() < wrong_rate
     steps = list(sol.steps)
     answer = sol.answer
-    if wrong:
-        bad = _wrong_value(rng, sol.value)
-        answer = latex_number(bad)
-        steps[-1] = re.sub(r"= [^=]*\.$", f"= {answer}.", steps[-1]) if "=" in steps[-1] else steps[-1]
+    if wrong:  # an arithmetic slip in the step that produces the answer (and no check after it)
+        answer = latex_number(_wrong_value(rng, sol.value))
+        steps = [x for x in steps if not x.startswith("Check:")]
+        tail = f" {sol.answer}."
+        for i in range(len(steps) - 1, -1, -1):
+            if steps[i].endswith(tail):
+                steps[i] = steps[i][: -len(tail)] + f" {answer}."
+                break
     lines += steps
     if rng.random() < 0.5:
         lines.append(rng.choice(_CHECKS))

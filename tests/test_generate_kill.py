@@ -48,16 +48,22 @@ def server():
 
 
 def test_kill_9_at_random_moments_then_resume(tmp_path, server):
-    probs = synth(120, seed=1)
+    probs = synth(240, seed=1)
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probs))
     rng = random.Random(1234)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out = tmp_path / "out.jsonl"
     kills = 0
     for _ in range(4):
+        size0 = out.stat().st_size if out.exists() else 0
         proc = subprocess.Popen(cmd(tmp_path, server.addr), cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.9, 2.2))
+        # kill at a random moment while it is writing (whatever the machine's speed)
+        deadline = time.time() + 60
+        while proc.poll() is None and (out.stat().st_size if out.exists() else 0) <= size0:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -72,7 +78,7 @@ def test_kill_9_at_random_moments_then_resume(tmp_path, server):
     rows = [json.loads(l) for l in raw.splitlines()]
     assert sorted(x["id"] for x in rows) == sorted(p["id"] for p in probs)  # exactly one row per problem
     assert all(len(x["generations"]) == 2 and all(x["generations"]) for x in rows)
-    assert "120/120 problems done" in r.stdout
+    assert "240/240 problems done" in r.stdout
 
 
 def test_sigterm_exits_130_with_a_clean_file_and_resumes(tmp_path, server):
