@@ -384,8 +384,8 @@ def pack_table(
         if len(sel_local) == 0:
             continue
         sel = local_pos[sel_local]  # indices into `kept`
-        ids_vals, ids_src = _values_and_starts(ids_arr)
-        lab_vals, lab_src = _values_and_starts(lab_arr)
+        ids_vals, ids_src = _values_and_starts(ids_arr, "input_ids", row0)
+        lab_vals, lab_src = _values_and_starts(lab_arr, "labels", row0)
         for si, sl, d, n in zip(ids_src[sel_local].tolist(), lab_src[sel_local].tolist(),
                                 dest_start[sel].tolist(), eff[kept[sel]].tolist()):
             out_ids[d:d + n] = ids_vals[si:si + n]
@@ -439,15 +439,23 @@ def to_dataset(packed, key: str = ""):
     return datasets.Dataset(packed, fingerprint=fingerprint)
 
 
-def _values_and_starts(arr) -> tuple[np.ndarray, np.ndarray]:
+def _values_and_starts(arr, name: str, row0: int) -> tuple[np.ndarray, np.ndarray]:
     """Values of a list-array slice as int32 numpy (zero-copy when already int32) and each
-    row's start offset into them. Integer values outside int32 raise (safe cast)."""
+    row's start offset into them. A value outside int32 is an error naming column and row."""
     import pyarrow as pa
 
     off = arr.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
     v0, v1 = int(off[0]), int(off[-1])
     values = arr.values.slice(v0, v1 - v0)
     if values.type != pa.int32():
+        wide = values.to_numpy(zero_copy_only=False)
+        bad = np.nonzero((wide < -(2**31)) | (wide >= 2**31))[0]
+        if len(bad):
+            row = row0 + int(np.searchsorted(off[1:] - v0, bad[0], side="right"))
+            raise ValueError(
+                f"packing input row {row} (0-based): column {name!r} holds {int(wide[bad[0]])}, "
+                f"outside int32 (not a token id)"
+            )
         values = values.cast(pa.int32())
     return values.to_numpy(zero_copy_only=False), off[:-1] - v0
 

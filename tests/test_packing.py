@@ -121,6 +121,8 @@ def test_bad_input_messages():
         pack_table(pa.table({"input_ids": [[1], [2], [3]], "labels": [[1], [2], None]}), 4)
     with pytest.raises(ValueError, match="row 1 .*'input_ids' contains a null token"):
         pack_table(pa.table({"input_ids": [[1], [2, None]], "labels": [[1], [2, 3]]}), 4)
+    with pytest.raises(ValueError, match=r"row 2 .*'input_ids' holds 1099511627776, outside int32"):
+        pack_table(pa.table({"input_ids": [[1], [2], [3, 2**40]], "labels": [[1], [2], [3, 4]]}), 4)
     with pytest.raises(ValueError, match="overlong"):
         pack_table(make_table([[1]]), 4, overlong="cut")
 
