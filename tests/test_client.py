@@ -96,7 +96,7 @@ def test_retry_after_is_honoured(srv):
     r = run(_one(srv, backoff_base=0.001, on_event=on_event))
     dt = time.perf_counter() - t0
     assert r.attempts == 2 and seen[0][0] == "retry" and "429" in seen[0][1]["reason"]
-    assert 1.0 <= dt < 1.6, dt  # waited the server's Retry-After, not the 1 ms backoff
+    assert 1.0 <= dt < 2.0, dt  # waited the server's Retry-After, not the 1 ms backoff
 
 
 def test_backoff_grows_and_retries_exhaust(srv):
@@ -172,7 +172,7 @@ def test_least_in_flight_prefers_the_faster_endpoint():
                 return c.endpoint_stats()
         st = run(go())
         nf, ns = fast.stats()["completed"], slow.stats()["completed"]
-        assert nf + ns == 240 and nf > 3 * ns > 0, (nf, ns)
+        assert nf + ns == 240 and nf > 2 * ns > 0, (nf, ns)
         assert {e["url"]: e["requests"] for e in st}[fast.base_url] == nf
     finally:
         fast.stop()
