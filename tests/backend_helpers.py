@@ -73,8 +73,13 @@ def write_packed(path: Path, rows: list[dict]) -> Path:
 
 def write_yaml(path: Path, data: Path | None = None, weights: Path | None = None, batch_size: int = 2,
                lr: float = 5e-3, warmup_ratio: float = 0.25, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
-               seq_length: int = 48, vocab: int = VOCAB, extra: str = "", optimizer: str = "AdamW") -> Path:
-    """A finetune YAML with the keys of configs/finetune_qwen2_5_tiny_cpu.yaml."""
+               seq_length: int = 48, vocab: int = VOCAB, extra: str = "", optimizer: str = "AdamW",
+               lora_rank: int | None = None) -> Path:
+    """A finetune YAML with the keys of configs/finetune_qwen2_5_tiny_cpu.yaml (``lora_rank``: add
+    MindFormers' LoRA ``pet_config`` on wq/wk/wv/wo, alpha = 2 x rank)."""
+    pet = "" if lora_rank is None else (
+        "    pet_config:\n      pet_type: lora\n      lora_rank: %d\n      lora_alpha: %d\n"
+        "      lora_dropout: 0.0\n      target_modules: '.*wq|.*wk|.*wv|.*wo'\n" % (lora_rank, 2 * lora_rank))
     text = f"""
 seed: 42
 output_dir: './output'
@@ -144,7 +149,7 @@ model:
     use_past: False
     use_flash_attention: False
     use_rope_slice: True
-  arch:
+{pet}  arch:
     type: LlamaForCausalLM
 {extra}
 """

@@ -15,9 +15,11 @@ from distilled.formats import (ChatEncoder, DataError, FormatConfig, RowError, S
 IM_END = "<|im_end|>"
 
 
-@pytest.fixture(scope="module")
-def encoder(qwen_tokenizer):
-    return ChatEncoder(qwen_tokenizer)
+@pytest.fixture(scope="module", params=["tiktoken", "hf"])
+def encoder(request, qwen_tokenizer):
+    enc = ChatEncoder(qwen_tokenizer, engine=request.param)
+    assert enc.engine_name == request.param
+    return enc
 
 
 def _rand_text(rng: random.Random, allow_edge_ws: bool = True) -> str:
@@ -252,3 +254,37 @@ def test_format_config_validation():
     with pytest.raises(ValueError, match="generation_policy"):
         FormatConfig("openr1", generation_policy="best")
     assert FormatConfig("openr1", generation_policy="messages").generation_policy is None
+
+
+def _tiny_bpe(merges_in_id_order: bool):
+    """A byte-level BPE (256 bytes + 'ab' + 'abc') with Qwen2's pre-tokenizer, as a fast tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    from distilled.tokenizer import QWEN2_PAT, _bytes_to_unicode
+
+    enc = _bytes_to_unicode()
+    vocab = {enc[b]: b for b in range(256)}
+    vocab["ab"], vocab["abc"] = 256, 257
+    merges = [("a", "b"), ("ab", "c")] if merges_in_id_order else [("ab", "c"), ("a", "b")]
+    tok = Tokenizer(BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_PAT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_tiktoken_engine_only_when_provably_equal(qwen_tokenizer):
+    from distilled.formats import TiktokenEngine
+
+    ok = TiktokenEngine.from_tokenizer(_tiny_bpe(True))
+    assert ok is not None and ok.encode_batch(["abc abd"]) == [[257, 32, 256, 100]]
+    assert TiktokenEngine.from_tokenizer(_tiny_bpe(False)) is None  # merge order != id order
+    with pytest.raises(ValueError, match="not a plain byte-level BPE"):
+        ChatEncoder(_tiny_bpe(False), chat_template="{% for m in messages %}{{ m.content }}{% endfor %}",
+                    engine="tiktoken")
+    q = TiktokenEngine.from_tokenizer(qwen_tokenizer)
+    assert q is not None and q.nfc
+    text = "e\u0301 caf\u00e9 <|im_start|>user\n12345<|im_end|><tool_call>"
+    assert q.encode_batch([text]) == [qwen_tokenizer.encode(text)]

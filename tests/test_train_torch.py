@@ -114,3 +114,29 @@ def test_torchrun_two_cpu_workers(setup, tmp_path):
     assert len(lines) == 2
     s = json.loads((tmp_path / "o" / "train_summary.json").read_text())
     assert s["world_size"] == 2
+
+
+def test_torch_lora_trains_only_adapters(setup, tmp_path):
+    """pet_config (MindFormers LoRA) -> PEFT: base weights frozen, the saved model is the merge."""
+    from safetensors.numpy import load_file
+
+    d, weights, data = setup
+    cfg = write_yaml(tmp_path / "lora.yaml", data=data, weights=weights, lr=1e-2, warmup_ratio=0.0, lora_rank=4)
+    plan = settings_from_yaml(load_yaml(cfg))
+    assert plan.lora.rank == 4 and plan.lora.alpha == 8 and plan.lora.targets == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert "pet_config" not in plan.model_config
+    summary = run_train(str(cfg), backend="torch", output=str(tmp_path / "o"), steps=3, device="cpu", quiet=True)
+    assert summary["lora"]["rank"] == 4
+    base = load_file(str(weights / "model.safetensors"))
+    merged = load_file(str(tmp_path / "o" / "final" / "model.safetensors"))
+    adapter = load_file(str(tmp_path / "o" / "final" / "adapter" / "adapter_model.safetensors"))
+    assert set(merged) == set(base)
+    for k in base:
+        if any(t in k for t in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+            layer = k[: -len(".weight")]
+            a = adapter[f"base_model.model.{layer}.lora_A.weight"]
+            b = adapter[f"base_model.model.{layer}.lora_B.weight"]
+            assert np.abs(b).max() > 0, k  # the adapter trained
+            np.testing.assert_allclose(merged[k], base[k] + 2.0 * (b @ a), rtol=1e-5, atol=1e-6)
+        else:  # frozen: biases, MLP, norms, embeddings, head
+            assert np.array_equal(merged[k], base[k]), k
