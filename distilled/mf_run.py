@@ -234,8 +234,9 @@ def adapt_to_world(config: Any, world: int) -> list[str]:
     return notes
 
 
-def _dataset_columns_and_stats(path: str) -> tuple[list[str], int | None, int | None, int]:
-    """Columns, longest input_ids row, largest token id and row count, read memory-mapped."""
+def _dataset_columns_and_stats(path: str) -> tuple[list[str], int | None, int | None, int, int | None]:
+    """Columns, longest input_ids row, largest token id, row count and most documents in one row,
+    read memory-mapped (no row is decoded into Python)."""
     import datasets
     import pyarrow.compute as pc
 
@@ -244,14 +245,16 @@ def _dataset_columns_and_stats(path: str) -> tuple[list[str], int | None, int | 
         raise FinetuneConfigError(f"train_dataset.data_loader.dataset_path: {path} is a DatasetDict "
                                   f"({list(ds)}); point it at one split's directory")
     cols = list(ds.column_names)
-    longest = max_id = None
+    longest = max_id = max_docs = None
     if "input_ids" in cols and len(ds):
         table = ds.data.table
         ids = table.column("input_ids")
         longest = int(pc.max(pc.list_value_length(ids)).as_py())
         max_id = pc.max(pc.list_flatten(ids)).as_py()
         max_id = None if max_id is None else int(max_id)
-    return cols, longest, max_id, len(ds)
+        if "actual_seq_len" in cols:
+            max_docs = int(pc.max(pc.list_value_length(table.column("actual_seq_len"))).as_py() or 0)
+    return cols, longest, max_id, len(ds), max_docs
 
 
 def _tokenizer_vocab(config: Any) -> tuple[int, str] | None:
@@ -294,8 +297,8 @@ def validate_config(config: Any, world: int = 1) -> dict:
         if dl.get("split") is not None and dl.get("load_func") == "load_from_disk":
             raise FinetuneConfigError("train_dataset.data_loader.split: remove it; MindFormers 1.9 passes it "
                                       "to datasets.load_from_disk, which rejects it")
-        cols, longest, max_id, rows = _dataset_columns_and_stats(str(path))
-        facts.update(columns=cols, rows=rows, longest_row=longest, max_token_id=max_id)
+        cols, longest, max_id, rows, max_docs = _dataset_columns_and_stats(str(path))
+        facts.update(columns=cols, rows=rows, longest_row=longest, max_token_id=max_id, max_docs_per_row=max_docs)
         packed_mode = bool(dl.get("create_attention_mask", False))
         need = PACKED_COLUMNS if packed_mode else PLAIN_COLUMNS
         missing = [c for c in need if c not in cols]
@@ -322,6 +325,27 @@ def validate_config(config: Any, world: int = 1) -> dict:
         if tok is not None and tok[0] > vocab:
             raise FinetuneConfigError(
                 f"model.model_config.vocab_size: {vocab} is smaller than the tokenizer's {tok[0]} tokens ({tok[1]})")
+        compressed = bool(dl.get("create_compressed_eod_mask", False))
+        loader_cols = (["input_ids", "labels", "loss_mask", "position_ids",
+                        "actual_seq_len" if compressed else "attention_mask"] if packed_mode else None)
+        yaml_cols = _get(config, "train_dataset.input_columns")
+        if loader_cols is not None and yaml_cols is not None and list(yaml_cols) != loader_cols:
+            raise FinetuneConfigError(
+                f"train_dataset.input_columns: {list(yaml_cols)} but the packed loader yields {loader_cols} "
+                f"(create_compressed_eod_mask: {compressed}); use exactly those, in that order")
+        cak = _get(config, "train_dataset.construct_args_key")
+        if loader_cols is not None and cak is not None and list(cak) != loader_cols:
+            raise FinetuneConfigError(f"train_dataset.construct_args_key: {list(cak)} must equal {loader_cols}")
+        if compressed:
+            if not mc.get("use_eod_attn_mask_compression", False):
+                raise FinetuneConfigError("model.model_config.use_eod_attn_mask_compression: must be True with "
+                                          "create_compressed_eod_mask (the model must read actual_seq_len)")
+            docs = facts.get("max_docs_per_row")
+            limit = int(dl.get("compressed_eod_mask_length", 128))
+            if docs is not None and docs > limit:
+                raise FinetuneConfigError(
+                    f"train_dataset.data_loader.compressed_eod_mask_length: {limit} but a packed row holds {docs} "
+                    "documents; raise it to at least that")
         if packed_mode and not mc.get("input_sliced_sig", False):
             raise FinetuneConfigError("model.model_config.input_sliced_sig: must be True for packed data "
                                       "(labels are already shifted; False would cut one more token)")
@@ -337,6 +361,119 @@ def validate_config(config: Any, world: int = 1) -> dict:
         if str(mc.get("compute_dtype", "float32")) not in ("float32", "fp32"):
             raise FinetuneConfigError("model.model_config.compute_dtype: use float32 on CPU")
     return facts
+
+
+_REGISTRY_TYPES = (
+    ("trainer", "TRAINER"), ("runner_wrapper", "WRAPPER"), ("optimizer", "OPTIMIZER"), ("lr_schedule", "LR"),
+    ("train_dataset.data_loader", "DATASET_LOADER"), ("train_dataset_task", "DATASET"),
+    ("model.model_config", "CONFIG"), ("model.arch", "MODELS"),
+)
+
+
+def yaml_problems(path: str | os.PathLike) -> list[str]:
+    """Check a finetune YAML against MindFormers 1.9's own config classes, without a device.
+
+    * ``ConfigTemplate.apply_template`` (mindformers.tools.register.template): MF's schema of the
+      top-level, ``runner_config``, ``parallel_config``, ``recompute_config``... sections; it
+      raises on a key MF does not know;
+    * every ``type:`` is registered in ``MindFormerRegister`` under its module type;
+    * ``model.model_config`` keys are ``LlamaConfig``/``PretrainedConfig`` arguments (LlamaConfig
+      takes ``**kwargs``, so a typo would otherwise be silently ignored);
+    * ``optimizer``/``lr_schedule``/callbacks keys are arguments of their classes;
+    * data-loader keys are ``HFDataLoaderConfig`` fields or arguments of ``datasets.<load_func>``.
+    Returns human-readable problems naming the YAML key (empty list = valid).
+    """
+    import copy
+    import inspect
+    import re
+
+    import yaml
+    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+    from mindformers.tools.register.template import ConfigTemplate
+
+    raw = yaml.safe_load(Path(path).read_text())
+    problems: list[str] = []
+    try:
+        ConfigTemplate.apply_template(copy.deepcopy(raw))
+    except (KeyError, ValueError, TypeError) as exc:
+        problems.append(f"MindFormers ConfigTemplate: {exc}")
+
+    def node(dotted: str) -> Any:
+        cur = raw
+        for part in dotted.split("."):
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        return cur
+
+    def accepted(cls: Any) -> tuple[set[str], bool]:
+        names, var_kw = set(), False
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if p.kind == p.VAR_KEYWORD:
+                    var_kw = True
+                elif p.name != "self":
+                    names.add(p.name)
+            if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(init).parameters.values()):
+                break
+        return names, var_kw
+
+    for dotted, kind in _REGISTRY_TYPES:
+        block = node(dotted)
+        if not isinstance(block, dict) or "type" not in block:
+            problems.append(f"{dotted}.type: missing")
+            continue
+        module_type = getattr(MindFormerModuleType, kind)
+        if not MindFormerRegister.is_exist(module_type, block["type"]):
+            problems.append(f"{dotted}.type: {block['type']!r} is not a registered MindFormers {kind}")
+    for i, cb in enumerate(raw.get("callbacks") or []):
+        if not MindFormerRegister.is_exist(MindFormerModuleType.CALLBACK, cb.get("type")):
+            problems.append(f"callbacks[{i}].type: {cb.get('type')!r} is not a registered callback")
+            continue
+        names, _ = accepted(MindFormerRegister.get_cls(MindFormerModuleType.CALLBACK, cb["type"]))
+        for k in cb:
+            if k != "type" and k not in names:
+                problems.append(f"callbacks[{i}].{k}: not an argument of {cb['type']}")
+    for dotted, kind in (("optimizer", "OPTIMIZER"), ("lr_schedule", "LR")):
+        block = node(dotted) or {}
+        if not MindFormerRegister.is_exist(getattr(MindFormerModuleType, kind), block.get("type")):
+            continue
+        names, var_kw = accepted(MindFormerRegister.get_cls(getattr(MindFormerModuleType, kind), block["type"]))
+        if not var_kw:
+            for k in block:
+                if k not in ("type", "learning_rate") and k not in names:
+                    problems.append(f"{dotted}.{k}: not an argument of {block['type']}")
+    mc = node("model.model_config") or {}
+    from mindformers import LlamaConfig
+    from mindformers.models.configuration_utils import PretrainedConfig
+
+    llama_names = set(inspect.signature(LlamaConfig.__init__).parameters)
+    pretrained_names = set(re.findall(r"kwargs\.pop\(\"(\w+)\"", inspect.getsource(PretrainedConfig.__init__)))
+    pretrained_names |= {"tie_word_embeddings", "type"}
+    for k in mc:
+        if k not in llama_names and k not in pretrained_names:
+            problems.append(f"model.model_config.{k}: not a LlamaConfig argument (MindFormers would ignore it)")
+    dl = node("train_dataset.data_loader") or {}
+    if dl.get("type") in ("CommonDataLoader", "HFDataLoader"):
+        import dataclasses
+
+        import datasets
+        from mindformers.dataset.dataloader.hf_dataloader import HFDataLoaderConfig
+
+        fields = {f.name for f in dataclasses.fields(HFDataLoaderConfig)} | {
+            "type", "load_func", "handler", "packing", "adaptor_config", "size", "dataset_state_dir",
+            "save_step", "resume_step", "batch_size", "streaming"}
+        fn = getattr(datasets, str(dl.get("load_func", "load_dataset")), None)
+        if fn is None:
+            problems.append(f"train_dataset.data_loader.load_func: datasets has no {dl.get('load_func')!r}")
+        else:
+            load_args = set(inspect.signature(fn).parameters)
+            for k in dl:
+                if k not in fields and k not in load_args:
+                    problems.append(f"train_dataset.data_loader.{k}: neither an HFDataLoader option nor an "
+                                    f"argument of datasets.{dl.get('load_func', 'load_dataset')}")
+    return problems
 
 
 def make_loss_callback(output_dir: str, rank: int, tokens_per_step: int):

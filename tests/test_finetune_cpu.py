@@ -175,7 +175,8 @@ def _chat_samples(tokenizer, n: int, seed: int = 0) -> list[tuple[list[int], lis
     for i in range(n):
         a, b = int(rng.randint(2, 60)), int(rng.randint(2, 60))
         prompt = f"<|im_start|>user\nWhat is {a} + {b}?<|im_end|>\n<|im_start|>assistant\n"
-        answer = f"<think>\n{a} plus {b} is {a + b}.\n</think>\n\nThe answer is $\\boxed{{{a + b}}}$.<|im_end|>"
+        think = f"<think>\n{a} plus {b} is {a + b}.\n</think>\n\n" if i % 2 else ""
+        answer = f"{think}The answer is $\\boxed{{{a + b}}}$.<|im_end|>"
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         q = tokenizer(answer, add_special_tokens=False)["input_ids"]
         out.append((p + q, [-100] * len(p) + q))
@@ -222,6 +223,7 @@ def test_preflight_accepts_good_setup_and_names_keys_on_bad_input(packed64, tmp_
           "load_checkpoint": str(tiny_qwen2_dir)}
     facts = validate_config(_config(ok), world=2)
     assert facts["longest_row"] == 64 and facts["max_token_id"] < 151936 and facts["rows"] > 0
+    assert facts["max_docs_per_row"] >= 2  # rows really hold several documents
 
     cases = [
         ({"train_dataset.data_loader.dataset_path": str(tmp_path / "missing")},
