@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from distilled import SYSTEM_PROMPT
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -186,6 +188,14 @@ class Demo:
         self.stage("problems", self.s_problems)
         self.stage("generate", self.s_generate)
         self.stage("reject", self.s_reject)
+        self.stage("tokenizer", self.s_tokenizer)
+        self.stage("preprocess", self.s_preprocess)
+        self.stage("student", self.s_student)
+        self.stage("eval-before", lambda: self.s_eval("eval-before", self.p("student-init"), "student (before)"))
+        self.stage("finetune", self.s_finetune)
+        self.stage("parity", self.s_parity)
+        self.stage("eval-after", lambda: self.s_eval("eval-after", self.p("student-final"), "student (after)"))
+        self.write_report()
 
     # -- the stages ----------------------------------------------------------
     def s_problems(self) -> StageResult:
@@ -207,7 +217,8 @@ class Demo:
                          "--dataset-name", str(self.p("data", "train.jsonl")),
                          "--output-file", str(out), "--prompt-column", "problem", "--uuid-column", "id",
                          "--api-addr", addr, "--num-generations", str(c.num_generations),
-                         "--max-tokens", "2048", "--max-concurrent", "32", "--seed", str(c.seed))
+                         "--max-tokens", "2048", "--max-concurrent", "32", "--seed", str(c.seed),
+                         "--prompt-template", _eval_prompt_template())
         dt = time.perf_counter() - t0
         rows = _count_lines(out)
         gens = rows * c.num_generations
@@ -227,6 +238,140 @@ class Demo:
         return StageResult("reject", rows_in=_count_lines(self.p("data", "generations.jsonl")), rows_out=kept,
                            throughput=f"{r['generations_per_s']:.1f} gen/s",
                            summary=f"{kept} verified rows", extra={"report": r})
+
+    def s_tokenizer(self) -> StageResult:
+        self.distill("tokenizer", "tokenizer", "qwen2.5", "--output", str(self.p("tokenizer")))
+        import json as _json
+
+        vocab = len(_json.loads(self.p("tokenizer", "vocab.json").read_text()))
+        return StageResult("tokenizer", summary=f"Qwen2.5 tokenizer built offline ({vocab} BPE tokens)")
+
+    def _derived_yaml(self, src: str, name: str, edit: Callable[[dict], None]) -> Path:
+        """Copy one of the project's YAMLs with demo paths and sizes filled in."""
+        import yaml
+
+        cfg = yaml.safe_load((REPO / "configs" / src).read_text())
+        edit(cfg)
+        dst = self.p("configs", name)
+        from distilled.io_utils import atomic_write
+
+        with atomic_write(dst) as f:
+            f.write(f"# Derived by `distill demo` from configs/{src}: demo paths and sizes only.\n")
+            yaml.safe_dump(cfg, f, sort_keys=False)
+        return dst
+
+    def s_preprocess(self) -> StageResult:
+        c = self.cfg
+        handled, packed = self.p("data", "handled"), self.p("data", "packed")
+
+        def handling(cfg: dict) -> None:
+            dl = cfg["train_dataset"]["data_loader"]
+            dl.update(path="json", data_files=str(self.p("data", "verified.jsonl")))
+            h = dl["handler"][0]
+            h["type"] = "CoTJsonlDataHandler"
+            h["tokenizer"] = {"pretrained_model_dir": str(self.p("tokenizer"))}
+            h.pop("generation_policy", None)
+            h["num_proc"] = 1
+
+        def packing(cfg: dict) -> None:
+            dl = cfg["train_dataset"]["data_loader"]
+            dl["dataset_path"] = str(handled)
+            dl["handler"][0]["seq_length"] = c.seq_length
+
+        y1 = self._derived_yaml("data_process_handling.yaml", "data_process_handling.yaml", handling)
+        y2 = self._derived_yaml("data_process_packing.yaml", "data_process_packing.yaml", packing)
+        script = str(REPO / "toolkit" / "data_preprocess" / "huggingface" / "datasets_preprocess.py")
+        self.run("preprocess", [c.python, script, "--config", str(y1), "--save_path", str(handled)])
+        self.run("preprocess", [c.python, script, "--config", str(y2), "--save_path", str(packed)])
+        import datasets
+
+        ds = datasets.load_from_disk(str(packed))
+        ends = [r[-1] for r in ds["actual_seq_len"]]
+        docs = sum(len(r) for r in ds["actual_seq_len"])
+        fill = sum(ends) / (len(ds) * c.seq_length) if len(ds) else 0.0
+        handled_n = len(datasets.load_from_disk(str(handled)))
+        return StageResult("preprocess", rows_in=_count_lines(self.p("data", "verified.jsonl")), rows_out=len(ds),
+                           summary=f"{handled_n} tokenized samples -> {len(ds)} packed rows of {c.seq_length} "
+                                   f"({fill:.1%} filled)",
+                           extra={"handled": handled_n, "documents": docs, "packed_rows": len(ds), "fill": fill,
+                                  "doc_lengths": [b - a for r in ds["actual_seq_len"] for a, b in zip([0] + r[:-1], r)]})
+
+    def s_student(self) -> StageResult:
+        from distilled.tiny_model import TinyQwen2Shape, make_tiny_qwen2
+
+        make_tiny_qwen2(self.p("student-init"), seed=self.cfg.seed, tokenizer_dir=self.p("tokenizer"))
+        shape = TinyQwen2Shape()
+        return StageResult("student", summary=f"random tiny Qwen2.5-architecture student ({shape.num_hidden_layers} "
+                                              f"layers, hidden {shape.hidden_size}) saved as HF safetensors",
+                           extra={"shape": asdict(shape)})
+
+    def s_eval(self, name: str, model: Path, label: str) -> StageResult:
+        out = self.p(name)
+        self.distill(name, "eval", "--tasks", "synth", "--task-file", str(self.p("data", "test.jsonl")),
+                     "--engine", "transformers", "--model", str(model), "--model-name", label, "--n", "1",
+                     "--temperature", "0", "--max-tokens", str(self.cfg.eval_max_tokens), "--seed", str(self.cfg.seed),
+                     "--system-prompt", SYSTEM_PROMPT, "--batch-size", "64", "--output", str(out))
+        from distilled.demo_report import eval_summary
+
+        summ = eval_summary(out)
+        return StageResult(name, rows_in=summ["problems"], rows_out=summ["samples"],
+                           summary=f"{label}: accuracy {summ['accuracy']:.1%}, boxed answer in {summ['answered']:.1%} "
+                                   f"of outputs, {summ['truncated']:.1%} truncated",
+                           extra=summ)
+
+    def s_finetune(self) -> StageResult:
+        c = self.cfg
+        out = self.p("finetune")
+        cmd = (f"run_mindformer.py --config configs/finetune_qwen2_5_tiny_cpu.yaml --run_mode finetune "
+               f"--load_checkpoint {shlex.quote(str(self.p('student-init')))} "
+               f"--train_dataset_dir {shlex.quote(str(self.p('data', 'packed')))} "
+               f"--output_dir {shlex.quote(str(out))} --epochs {c.epochs} --seed {c.seed}")
+        self.run("finetune", ["bash", "scripts/msrun_launcher.sh", cmd, str(c.workers), str(_free_port()),
+                              str(self.p("logs", "msrun")), "False", "1800"])
+        ckpts = sorted(out.glob("checkpoint/rank_0/*.safetensors"), key=lambda f: f.stat().st_mtime)
+        if not ckpts:
+            raise StageFailed(f"stage 'finetune': no safetensors checkpoint under {out}/checkpoint/rank_0")
+        self.distill("finetune", "convert", "mf-to-hf", str(ckpts[-1]), str(self.p("student-final")),
+                     "--config", "configs/finetune_qwen2_5_tiny_cpu.yaml", "--tokenizer", str(self.p("tokenizer")))
+        from distilled.mf_run import read_loss
+
+        losses = read_loss(out / "loss.jsonl")
+        tokens = sum(r.get("tokens", 0) for r in losses)
+        secs = sum(r.get("step_time_s", 0.0) for r in losses)
+        first, last = losses[0]["loss"], losses[-1]["loss"]
+        return StageResult("finetune", rows_in=self.results_by_name("preprocess").rows_out, rows_out=len(losses),
+                           throughput=f"{tokens / secs:.0f} tok/s" if secs else "",
+                           summary=f"{len(losses)} steps on {c.workers} msrun CPU workers, loss {first:.3f} -> {last:.3f}; "
+                                   f"checkpoint {ckpts[-1].name} -> student-final (HF)",
+                           extra={"losses": [[r["step"], r["loss"]] for r in losses], "checkpoint": str(ckpts[-1])})
+
+    def s_parity(self) -> StageResult:
+        rep = self.p("parity")
+        self.distill("parity", "parity", "--config", "configs/finetune_qwen2_5_tiny_cpu.yaml",
+                     "--weights", str(self.p("student-init")), "--data", str(self.p("data", "packed")),
+                     "--steps", str(self.cfg.parity_steps), "--check", "all", "--report", str(rep))
+        r = _read_json(rep / "parity.json")
+        return StageResult("parity", summary="MindSpore vs torch: " + ("PASS" if r.get("passed") else "FAIL"),
+                           extra={"parity": r})
+
+    def results_by_name(self, name: str) -> StageResult:
+        for r in self.results:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def write_report(self) -> None:
+        from distilled.demo_report import write_demo_report
+
+        write_demo_report(self)
+
+
+def _eval_prompt_template() -> str:
+    """The teacher is asked with the same prompt template ``distill eval`` uses, so the student is
+    evaluated on the prompt format it was trained on (as one should do with R1 traces too)."""
+    from distilled.eval_tasks import MATH_PROMPT_TEMPLATE
+
+    return MATH_PROMPT_TEMPLATE
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
