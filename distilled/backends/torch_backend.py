@@ -131,10 +131,6 @@ class TorchBackend(Backend):
         self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
         if attn == "flash_attention_2" and self.autocast_dtype is None:
             raise ValueError("flash_attention_2 needs --dtype bfloat16; use attn='sdpa' for float32")
-        if self.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def enable_lora(self, lora: LoraSettings) -> None:
         """PEFT LoRA with MindFormers' settings: rank, alpha (scaling alpha/rank), dropout, targets;
@@ -147,10 +143,6 @@ class TorchBackend(Backend):
                          target_modules=list(lora.targets), bias="none", init_lora_weights=True)
         self.module = get_peft_model(self.module, cfg)
         self.model = self.module
-        if self.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.model = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.lora = lora
 
     @staticmethod
@@ -256,6 +248,10 @@ class TorchBackend(Backend):
     def setup_training(self, settings: TrainSettings) -> None:
         torch = self.torch
         torch.manual_seed(settings.seed)
+        if self.ddp and self.model is self.module:  # wrap once, after LoRA (DDP hooks the trainable params)
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         decay, no_decay = [], []
         for n, p in self._own_params().items():
             if p.requires_grad:
