@@ -111,7 +111,7 @@ class TorchBackend(Backend):
         attn = self.attn
         if attn == "auto":
             attn = "sdpa"
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and dtype == "bfloat16":  # flash-attn kernels are bf16/fp16 only
                 try:
                     import flash_attn  # noqa: F401
 
@@ -120,9 +120,8 @@ class TorchBackend(Backend):
                     pass
         self.attn_impl = attn
         # master weights stay fp32; bf16 runs under autocast, like MindFormers' fp32 params with
-        # bf16 compute_dtype
-        load_dtype = torch.bfloat16 if attn == "flash_attention_2" and dtype == "bfloat16" else torch.float32
-        model = Qwen2ForCausalLM.from_pretrained(str(weights_dir), dtype=load_dtype, attn_implementation=attn)
+        # bf16 compute_dtype (transformers casts fp32 q/k/v to the autocast dtype for flash-attn)
+        model = Qwen2ForCausalLM.from_pretrained(str(weights_dir), dtype=torch.float32, attn_implementation=attn)
         model.config.use_cache = False
         model.to(self.device)
         model.train()
