@@ -281,7 +281,7 @@ def test_run_mindformer_cli_fails_fast_with_the_yaml_key(tmp_path):
 def _msrun_train(out: Path, data: Path, port: int, extra: str = "") -> subprocess.CompletedProcess:
     cmd = (f"{REPO / 'run_mindformer.py'} --config {TINY} --run_mode finetune --train_dataset_dir {data} "
            f"--output_dir {out} --model.model_config.seq_length 64 {extra}")
-    return subprocess.run(["bash", str(LAUNCHER), cmd, "2", str(port), str(out / "msrun_log"), "False", "600"],
+    return subprocess.run(["bash", str(LAUNCHER), cmd, "2", str(port), str(out / "msrun_log"), "True", "600"],
                           cwd=REPO, capture_output=True, text=True, timeout=1500)
 
 
