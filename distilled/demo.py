@@ -184,7 +184,31 @@ class Demo:
         self.results.append(res)
         return res
 
+    def prepare(self) -> None:
+        """``--force`` starts from an empty output directory (resumable stages such as generate
+        would otherwise pick up their old outputs). Without it, refuse to mix settings: a rerun
+        with other sizes into the same directory would skip stages built for the old sizes."""
+        import shutil
+
+        from distilled.io_utils import write_json
+
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.cfg).items()
+                    if k not in ("force", "output")}
+        marker = self.p("demo_settings.json")
+        if self.cfg.force and self.out.exists():
+            if self.out == REPO or REPO.is_relative_to(self.out):
+                raise StageFailed(f"refusing to delete {self.out}: it holds the repository")
+            shutil.rmtree(self.out)
+        elif marker.exists():
+            old = _read_json(marker)
+            if old != settings:
+                diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
+                raise StageFailed(f"{self.out} was made with other settings ({diff}); rerun with --force "
+                                  f"to start over, or pick another --output")
+        write_json(marker, settings)
+
     def run_all(self) -> None:
+        self.prepare()
         self.stage("problems", self.s_problems)
         self.stage("generate", self.s_generate)
         self.stage("reject", self.s_reject)
@@ -389,7 +413,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parity-steps", type=int, default=d.parity_steps)
     p.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--force", action="store_true", help="redo finished stages")
+    p.add_argument("--force", action="store_true",
+                   help="start over: delete the output directory and redo every stage")
     p.set_defaults(func=_cmd_demo)
 
 
