@@ -199,3 +199,29 @@ def test_mindformers_packing_handler_drops_pad_token(tmp_path):
     for ids, labs, loss_mask, pos, mask in got:
         trained_on_zero += int(((labs == 0) & (loss_mask == 1)).sum())
     assert trained_on_zero > 0
+
+
+def test_handler_arguments_and_dataset_kinds():
+    import datasets
+
+    assert BFDPackingHandler(seq_length=8).pad_token == QWEN_PAD_ID
+    assert BFDPackingHandler(seq_length=8, pad_token_id=5).pad_token == 5
+    assert BFDPackingHandler(seq_length=8, pad_token=6, pad_token_id=5).pad_token == 6
+    with pytest.raises(ValueError, match="overlong"):
+        BFDPackingHandler(seq_length=8, overlong="cut")
+    with pytest.raises(ValueError, match="ignore_token_id must be -100"):
+        BFDPackingHandler(seq_length=8, ignore_token_id=0)
+
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10] * 12]
+    ds = datasets.Dataset(handled_table(docs, docs))
+    h = BFDPackingHandler(seq_length=8, pad_token=0, overlong="drop")
+    # a view with an indices mapping (select/shuffle/filter) packs the selected rows only
+    out = h(ds.select([2, 0, 3]))
+    assert h.stats.samples_in == 3 and h.stats.dropped_overlong == 1
+    assert sorted(t for row in out["input_ids"] for t in row if t) == [1, 2, 3, 6, 7, 8, 9]
+    dd = h(datasets.DatasetDict({"train": ds}))
+    assert dd["train"].column_names == ["input_ids", "labels", "actual_seq_len", "position_ids"]
+    with pytest.raises(ValueError, match="map-style dataset"):
+        h(ds.to_iterable_dataset())
+    with pytest.raises(ValueError, match="no sample left to pack"):
+        BFDPackingHandler(seq_length=2)(ds.select([0, 2, 3]))
