@@ -6,9 +6,10 @@ is configured through ``HFDataLoader`` its ``pad_token`` is silently replaced by
 of every document trains the model on token 0 (FACTS §2). Here:
 
 * :func:`bfd_assign` decides which row each sample goes to (best fit decreasing: ~99.9% fill);
-* :func:`pack_table` builds the packed Arrow columns with numpy/pyarrow array operations only
-  (one Python step per *sample* in the bin search, none per token), writing straight into the
-  output buffers, so peak memory is the Arrow output plus one bounded input slice.
+* :func:`pack_table` writes every document into preallocated output buffers with contiguous
+  slice copies (one Python step per *document*, none per token; the label shift is folded into
+  the copy) and wraps the buffers as Arrow columns without copying, so peak memory is the Arrow
+  output plus one bounded input slice.
 
 Output rows follow MindFormers' packed format exactly, so its own ``_get_packed_data`` (used by
 ``HFDataLoader``/``CommonDataLoader`` with ``create_attention_mask: True``) builds the right
@@ -40,16 +41,20 @@ from __future__ import annotations
 import time
 from bisect import bisect_left, insort
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:  # heavy imports stay inside functions (the CLI imports this module)
+    import datasets
+    import pyarrow as pa
 
 IGNORE_INDEX = -100
 QWEN_PAD_ID = 151643  # <|endoftext|>
 PACKED_COLUMNS = ("input_ids", "labels", "actual_seq_len", "position_ids")
 
-# Work on the input in slices of at most this many tokens: bounds the per-token temporaries
-# (index arrays) independently of the dataset size.
+# Read the input in slices of at most this many tokens: bounds the temporary int32 copy of
+# non-int32 input (and sets the progress-bar step) independently of the dataset size.
 _SLICE_TOKENS = 1 << 22
 # Rows per output Arrow chunk are chosen so that one chunk holds at most this many tokens
 # (list<int32> offsets are 32-bit).
@@ -241,7 +246,7 @@ def _slices(col, max_tokens: int):
 # --------------------------------------------------------------------------------------------
 # Packing
 # --------------------------------------------------------------------------------------------
-def packed_schema():
+def packed_schema() -> "pa.Schema":
     """Arrow schema of packed output (docs/data-contracts.md section 5)."""
     import pyarrow as pa
 
@@ -249,7 +254,7 @@ def packed_schema():
 
 
 def pack_table(
-    table,
+    table: "pa.Table",
     seq_length: int,
     pad_id: int = QWEN_PAD_ID,
     overlong: Literal["drop", "truncate"] = "drop",
@@ -257,7 +262,7 @@ def pack_table(
     boundary_label: Literal["ignore", "pad"] = "ignore",
     seed: int | None = None,
     progress: bool = False,
-):
+) -> tuple["pa.Table", PackStats]:
     """Pack a table of tokenised samples into rows of exactly ``seq_length`` tokens.
 
     ``table``: a ``pyarrow.Table`` with ``input_ids`` and ``labels`` (list of integers, same
@@ -425,7 +430,7 @@ def pack_table(
     return packed, stats
 
 
-def to_dataset(packed, key: str = ""):
+def to_dataset(packed: "pa.Table", key: str = "") -> "datasets.Dataset":
     """Wrap a packed table as ``datasets.Dataset`` without hashing it.
 
     Why: ``datasets.Dataset(table)`` with no fingerprint serialises and hashes the whole table
