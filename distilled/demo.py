@@ -301,6 +301,7 @@ class Demo:
             dl = cfg["train_dataset"]["data_loader"]
             dl["dataset_path"] = str(handled)
             dl["handler"][0]["seq_length"] = c.seq_length
+            dl["handler"][0]["seed"] = c.seed  # BFD emits rows longest-first; shuffle them
 
         y1 = self._derived_yaml("data_process_handling.yaml", "data_process_handling.yaml", handling)
         y2 = self._derived_yaml("data_process_packing.yaml", "data_process_packing.yaml", packing)
