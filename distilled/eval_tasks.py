@@ -189,12 +189,23 @@ def gpqa_prompt(question: str, choices: list[str]) -> str:
                                 A=choices[0], B=choices[1], C=choices[2], D=choices[3])
 
 
-def _row_id(row: dict, index: int, label: str) -> str:
+def row_id(row: dict, index: int | None, label: str) -> str:
+    """A problem's id: its ``id``/``unique_id``/``Record ID`` column, else ``label/index``.
+
+    GPQA rows without an id column get ``gpqa/<sha1 of the question>`` instead of the index, so
+    the lighteval task file (whose prompt function never sees the row index) derives the same id
+    and therefore the same seeded answer shuffle.
+    """
     for key in ("id", "unique_id", "Record ID", "ID", "problem_id"):
         v = row.get(key)
         if v is not None and str(v).strip():
             return str(v)
+    if "Correct Answer" in row:
+        return "gpqa/" + hashlib.sha1(str(row.get("Question", "")).strip().encode()).hexdigest()[:12]
     return f"{label}/{index}"
+
+
+_row_id = row_id
 
 
 def build_problems(label: str, kind: str, rows: list[tuple[int, dict | str]], source: str,
