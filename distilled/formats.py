@@ -29,7 +29,9 @@ with ``strict``, stop with file, row and field named (:func:`rows_to_conversatio
 
 from __future__ import annotations
 
+import os
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -357,6 +359,130 @@ class TemplateError(RuntimeError):
     """The chat template rewrites message contents, so segment rendering cannot be exact."""
 
 
+class TiktokenEngine:
+    """Encode with ``tiktoken`` the exact byte-level BPE a Qwen2-style ``tokenizer.json`` defines.
+
+    Why: the HF ``tokenizers`` BPE is the preprocessing bottleneck (FACTS §4); on this machine
+    ``tiktoken`` encodes the same ranks + regex several times faster, and gives identical ids
+    whenever (checked here, else :meth:`from_tokenizer` returns ``None`` and the HF backend is used):
+    the model is byte-level BPE whose merge order equals token-id order (true for tiktoken-trained
+    vocabularies such as Qwen2/2.5's); the pre-tokenizer is one regex ``Split`` + ``ByteLevel``
+    without its own regex; the normaliser is none or NFC (applied here with ``unicodedata``); and
+    added tokens are plain (no strip/single-word/normalised flags). :class:`ChatEncoder`
+    also compares both engines on the first texts it sees and falls back on any difference.
+    """
+
+    def __init__(self, encoding, nfc: bool, specials: dict[str, int]):
+        self.encoding = encoding
+        self.nfc = nfc
+        self.specials = specials
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "TiktokenEngine | None":
+        """An engine equivalent to ``tokenizer``'s backend, or ``None`` when it is not provably so.
+
+        Cached per process for tokenizers loaded from a folder (keyed by the folder and the
+        ``tokenizer.json`` mtime): building takes a few seconds (7 MB of JSON), and forked
+        workers inherit a parent's engine for free.
+        """
+        key = None
+        path = getattr(tokenizer, "name_or_path", None)
+        tj = os.path.join(path, "tokenizer.json") if path and os.path.isdir(path) else None
+        if tj and os.path.isfile(tj):
+            key = (os.path.realpath(tj), os.stat(tj).st_mtime_ns, len(tokenizer))
+            if key in _ENGINE_CACHE:
+                return _ENGINE_CACHE[key]
+        engine = cls._build(tokenizer)
+        if key is not None:
+            _ENGINE_CACHE[key] = engine
+        return engine
+
+    @classmethod
+    def _build(cls, tokenizer) -> "TiktokenEngine | None":
+        import json as _json
+
+        try:
+            import tiktoken
+        except ImportError:
+            return None
+        try:
+            spec = _json.loads(tokenizer.backend_tokenizer.to_str())
+        except Exception:  # pragma: no cover - backend not serialisable
+            return None
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("dropout") \
+                or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+            return None
+        norm = spec.get("normalizer")
+        if norm is not None and norm.get("type") != "NFC":
+            return None
+        pre = spec.get("pre_tokenizer") or {}
+        if pre.get("type") != "Sequence" or len(pre.get("pretokenizers", [])) != 2:
+            return None
+        split, byte_level = pre["pretokenizers"]
+        if split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert") \
+                or "Regex" not in (split.get("pattern") or {}):
+            return None
+        if byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex") or byte_level.get("add_prefix_space"):
+            return None
+        pattern = split["pattern"]["Regex"]
+        vocab: dict[str, int] = model["vocab"]
+        inv = {c: b for b, c in _byte_decoder_items()}
+        ranks: dict[bytes, int] = {}
+        try:
+            for tok, i in vocab.items():
+                ranks[bytes(inv[c] for c in tok)] = i
+        except KeyError:
+            return None
+        if len(ranks) != len(vocab) or sorted(ranks.values()) != list(range(len(ranks))):
+            return None
+        # merge priority must follow token ids (tiktoken merges by the rank of the result)
+        last = -1
+        for m in model.get("merges", []):
+            a, b = m.split(" ", 1) if isinstance(m, str) else m
+            r = vocab.get(a + b)
+            if r is None or r <= last:
+                return None
+            last = r
+        specials = {}
+        for t in spec.get("added_tokens", []):
+            if t.get("lstrip") or t.get("rstrip") or t.get("single_word") or t.get("normalized"):
+                return None
+            specials[t["content"]] = t["id"]
+        try:
+            enc = tiktoken.Encoding("distilled-bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+        except Exception:
+            return None
+        return cls(enc, norm is not None, specials)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text (added tokens recognised anywhere, as HF does)."""
+        if self.nfc:
+            texts = [t if unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t) for t in texts]
+        return self.encoding.encode_batch(texts, num_threads=_threads(), allowed_special="all")
+
+
+_ENGINE_CACHE: dict[tuple, "TiktokenEngine | None"] = {}
+
+
+def _threads() -> int:
+    if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("false", "0"):
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _byte_decoder_items():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [(b, chr(c)) for b, c in zip(bs, cs)]
+
+
 class ChatEncoder:
     """Encode conversations with a chat template: ids identical to ``apply_chat_template``,
     labels = ids on assistant content + closing token, ``-100`` elsewhere.
@@ -369,9 +495,18 @@ class ChatEncoder:
 
     _SENTINEL = "\u2063\u2063DISTILLED{}\u2063\u2063"
 
-    def __init__(self, tokenizer, chat_template: str | None = None):
+    ENGINES = ("auto", "hf", "tiktoken")
+
+    def __init__(self, tokenizer, chat_template: str | None = None, engine: str = "auto"):
+        if engine not in self.ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(self.ENGINES)}")
         self.tokenizer = tokenizer
         self.backend = tokenizer.backend_tokenizer
+        self.tiktoken = TiktokenEngine.from_tokenizer(tokenizer) if engine != "hf" else None
+        if engine == "tiktoken" and self.tiktoken is None:
+            raise ValueError("engine 'tiktoken' requested but this tokenizer is not a plain byte-level BPE "
+                             "that tiktoken reproduces exactly; use engine 'auto' or 'hf'")
+        self._engine_checked = self.tiktoken is None
         if chat_template is None:
             chat_template = getattr(tokenizer, "chat_template", None)
         if not chat_template:
@@ -455,24 +590,47 @@ class ChatEncoder:
             texts.append(text)
             layouts.append(lay)
             metas.append((roles, contents, starts))
-        encs = self.backend.encode_batch(texts, add_special_tokens=False)
-        lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
-        offsets = np.zeros(len(encs) + 1, np.int64)
+        all_ids = self._encode_texts(texts)
+        lengths = np.fromiter((len(e) for e in all_ids), dtype=np.int64, count=len(all_ids))
+        offsets = np.zeros(len(all_ids) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         ids = np.empty(int(offsets[-1]), np.int32)
         labels = np.full(int(offsets[-1]), IGNORE_INDEX, np.int32)
-        for r, (e, lay) in enumerate(zip(encs, layouts)):
+        for r, (e, lay) in enumerate(zip(all_ids, layouts)):
             a, b = int(offsets[r]), int(offsets[r + 1])
             row_ids = ids[a:b]
-            row_ids[:] = e.ids
+            row_ids[:] = e
             spans = self._spans_fast(row_ids, lay) if lay.fast else None
             if spans is None:
                 self.fallback_rows += 1
-                spans = self._spans_offsets(e, texts[r], lay, metas[r])
+                spans = self._spans_offsets(self.backend.encode(texts[r], add_special_tokens=False), texts[r], lay,
+                                            metas[r])
             row_labels = labels[a:b]
             for s, t in spans:
                 row_labels[s:t] = row_ids[s:t]
         return EncodedBatch(ids, labels, offsets)
+
+    @property
+    def engine_name(self) -> str:
+        """``tiktoken`` or ``hf`` (the engine that produced the ids)."""
+        return "tiktoken" if self.tiktoken is not None else "hf"
+
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        if self.tiktoken is None:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        out = self.tiktoken.encode_batch(texts)
+        if not self._engine_checked:
+            # belt and braces: the first texts through both engines must agree exactly
+            sample = list(range(min(16, len(texts))))
+            ref = self.backend.encode_batch([texts[i] for i in sample], add_special_tokens=False)
+            if any(out[i] != ref[k].ids for k, i in enumerate(sample)):
+                import logging
+
+                logging.getLogger(__name__).warning("tiktoken engine disagrees with the HF tokenizer; using HF")
+                self.tiktoken = None
+                return self._encode_texts(texts)
+            self._engine_checked = True
+        return out
 
     @staticmethod
     def _spans_fast(row_ids: np.ndarray, lay: _Layout) -> list[tuple[int, int]] | None:

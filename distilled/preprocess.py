@@ -68,6 +68,7 @@ class PreprocessConfig:
     keep_handled: bool = False
     seed: int | None = None
     chat_template: str | None = None
+    engine: str = "auto"
     decontaminate: list[str] | None = None
     decontaminate_data: str | None = None
     decontaminate_ngram: int | None = None
@@ -245,15 +246,15 @@ def iter_source(src: Source, shard: int = 0, nshards: int = 1, batch_size: int =
 _W: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_dir: str, fmt: dict, chat_template: str | None, threads: bool, tok=None) -> None:
+def _init_worker(tokenizer_dir: str, fmt: dict, chat_template: str | None, threads: bool, tok=None,
+                 engine: str = "auto") -> None:
     """Per-process state: the tokenizer and the chat encoder (built once per process)."""
     if not threads:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from distilled.formats import ChatEncoder
-    from distilled.tokenizer import load_tokenizer
 
-    tok = tok if tok is not None else load_tokenizer(tokenizer_dir)
-    _W["encoder"] = ChatEncoder(tok, chat_template)
+    tok = tok if tok is not None else _load_tokenizer(tokenizer_dir)
+    _W["encoder"] = ChatEncoder(tok, chat_template, engine)
     _W["fmt"] = FormatConfig(**fmt)
 
 
@@ -264,10 +265,28 @@ def _encode_batch(rows: list[dict], locs: list[str], strict: bool):
     skips = SkipCounter()
     owners: list[int] = []
     enc = encode_rows(rows, _W["fmt"], _W["encoder"], skips, locs, strict, owners)
-    return enc, np.asarray(owners, np.int64), skips, _W["encoder"].fallback_rows
+    encoder = _W["encoder"]
+    fallback, encoder.fallback_rows = encoder.fallback_rows, 0
+    return enc, np.asarray(owners, np.int64), skips, fallback, encoder.engine_name
 
 
 # ----------------------------------------------------------------------------- main chain
+
+_TOK_CACHE: dict[tuple, Any] = {}
+
+
+def _load_tokenizer(tok_dir: str):
+    """``load_tokenizer`` memoised per process (folder + file mtimes): repeated runs in one process
+    (tests, notebooks, merge after shards) skip re-parsing 7 MB of tokenizer JSON. Read-only use."""
+    from distilled.tokenizer import load_tokenizer
+
+    key = (os.path.realpath(tok_dir),) + tuple(
+        (f.name, f.stat().st_mtime_ns) for f in sorted(Path(tok_dir).glob("*.json")))
+    if key not in _TOK_CACHE:
+        _TOK_CACHE.clear()
+        _TOK_CACHE[key] = load_tokenizer(tok_dir)
+    return _TOK_CACHE[key]
+
 
 def resolve_tokenizer_dir(name: str) -> str:
     """``qwen2.5`` means the offline-built cached Qwen2.5 tokenizer; anything else is a folder."""
@@ -361,9 +380,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     tok_dir = resolve_tokenizer_dir(cfg.tokenizer)
     chat_template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
     fmt = asdict(cfg.format)
-    from distilled.tokenizer import load_tokenizer
-
-    main_tok = load_tokenizer(tok_dir) if cfg.num_proc <= 1 or cfg.pad_id is None else None
+    main_tok = _load_tokenizer(tok_dir)
     pad_id = cfg.pad_id
     if pad_id is None:
         pad_id = main_tok.pad_token_id
@@ -375,6 +392,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     hist = np.zeros(len(HIST_EDGES), np.int64)  # last bin: >= HIST_EDGES[-1]
     totals = dict(rows_in=0, rows_kept=0, samples=0, tokens=0, trained_tokens=0, fallback_rows=0)
     file_rows = [0] * len(sources)  # samples written per source (merge order)
+    engines: set[str] = set()
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 
     with atomic_dir(cfg.output) as tmp:
@@ -384,7 +402,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         bar = tqdm(desc="preprocess", unit=" rows", disable=not cfg.progress, dynamic_ncols=True)
 
         def consume(result, nrows: int, si: int, glocs: list[str]) -> None:
-            enc, owners, bskips, fallback = result
+            enc, owners, bskips, fallback, engine_used = result
+            engines.add(engine_used)
             skips.merge(bskips)
             totals["fallback_rows"] += fallback
             lengths = enc.lengths
@@ -427,7 +446,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
 
         try:
             if cfg.num_proc <= 1:
-                _init_worker(tok_dir, fmt, chat_template, threads=True, tok=main_tok)
+                _init_worker(tok_dir, fmt, chat_template, threads=True, tok=main_tok, engine=cfg.engine)
                 for rows, locs, si in _batches(sources, cfg):
                     totals["rows_in"] += len(rows)
                     good, glocs = prepared(rows, locs)
@@ -436,9 +455,13 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                 import multiprocessing as mp
                 from collections import deque
 
+                if cfg.engine != "hf" and main_tok is not None:
+                    from distilled.formats import TiktokenEngine
+
+                    TiktokenEngine.from_tokenizer(main_tok)  # built once here; forked workers inherit it
                 ctx = mp.get_context("fork")
                 with ctx.Pool(cfg.num_proc, initializer=_init_worker,
-                              initargs=(tok_dir, fmt, chat_template, False)) as pool:
+                              initargs=(tok_dir, fmt, chat_template, False, None, cfg.engine)) as pool:
                     pending: deque = deque()
                     for rows, locs, si in _batches(sources, cfg):
                         totals["rows_in"] += len(rows)
@@ -468,6 +491,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             "seq_length": cfg.seq_length,
             "pad_id": int(pad_id),
             "overlong": cfg.overlong,
+            "engine": "+".join(sorted(engines)) or None,
             "shard": {"index": cfg.shard_index, "count": cfg.num_shards},
             **{k: int(v) for k, v in totals.items()},
             "rows_skipped": int(skips.total - skips.counts.get("overlong", 0)),
@@ -615,7 +639,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
             inputs=args.input, tokenizer=args.tokenizer, seq_length=args.seq_length, output=args.output,
             format=fmt, num_proc=args.num_proc, strict=args.strict, shard_index=args.shard_index,
             num_shards=args.num_shards, batch_size=args.batch_size, overlong=args.overlong, pad_id=args.pad_id,
-            keep_handled=args.keep_handled, seed=args.seed, chat_template=args.chat_template,
+            keep_handled=args.keep_handled, seed=args.seed, chat_template=args.chat_template, engine=args.engine,
             decontaminate=[b for b in (args.decontaminate or "").split(",") if b.strip()] or None,
             decontaminate_data=args.decontaminate_data, decontaminate_ngram=args.decontaminate_ngram,
             progress=not args.quiet)
@@ -663,6 +687,9 @@ def register_cli(sub) -> None:
                    help="stratos: keep <|begin_of_thought|> markers, or convert to <think> (r1)")
     p.add_argument("--messages-column", default="messages", help="column holding the conversation")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="a .jinja template instead of the tokenizer's")
+    p.add_argument("--engine", choices=("auto", "hf", "tiktoken"), default="auto",
+                   help="BPE engine: auto uses tiktoken when it provably gives the tokenizer's exact ids "
+                        "(Qwen2/2.5), else the HF tokenizer")
     p.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
                    help="samples longer than --seq-length: drop (counted) or truncate (counted)")
     p.add_argument("--pad-id", type=int, default=None, help="pad id (default: the tokenizer's, 151643 for Qwen2.5)")

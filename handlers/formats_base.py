@@ -40,6 +40,8 @@ class FormatDataHandler(BaseInstructDataHandler):
         batch_size: rows per tokenizer batch. num_proc: ``datasets.map`` worker processes.
         chat_template: a template string or a path to a ``.jinja`` file to use instead of the
             tokenizer's own.
+        engine: ``auto`` (tiktoken when it provably reproduces the tokenizer's ids, e.g. Qwen2.5;
+            several times faster), ``hf`` or ``tiktoken``.
     """
 
     format_name = "cot"
@@ -48,7 +50,8 @@ class FormatDataHandler(BaseInstructDataHandler):
     def __init__(self, seq_length: int | None = None, system_prompt: Any = _UNSET,
                  generation_policy: str | None = None, think_style: str = "keep",
                  messages_column: str = "messages", strict: bool = False, batch_size: int = 1000,
-                 num_proc: int | None = None, chat_template: str | None = None, **kwargs: Any) -> None:
+                 num_proc: int | None = None, chat_template: str | None = None, engine: str = "auto",
+                 **kwargs: Any) -> None:
         kwargs.pop("output_columns", None)
         tok_cfg = kwargs.get("tokenizer")
         if tok_cfg is None:
@@ -64,7 +67,7 @@ class FormatDataHandler(BaseInstructDataHandler):
                                    generation_policy, think_style, messages_column)
         if chat_template and os.path.isfile(chat_template):
             chat_template = Path(chat_template).read_text(encoding="utf-8")
-        self.encoder = ChatEncoder(self.tokenizer, chat_template)
+        self.encoder = ChatEncoder(self.tokenizer, chat_template, engine)
         self.strict = bool(strict)
         self.batch_size = int(batch_size)
         self.num_proc = num_proc

@@ -225,12 +225,12 @@ def test_stratos_keep_and_r1(qwen_tokenizer, encoder):
 
 def test_template_that_rewrites_content_is_refused(qwen_tokenizer):
     strip_tpl = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}")
-    enc = ChatEncoder(qwen_tokenizer, chat_template=strip_tpl)
+    enc = ChatEncoder(qwen_tokenizer, chat_template=strip_tpl, engine="hf")
     with pytest.raises(TemplateError):
         enc.encode([[{"role": "user", "content": " q "}, {"role": "assistant", "content": "a "}]])
     drop_tpl = "{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}{% endif %}{% endfor %}"
     with pytest.raises(TemplateError):
-        ChatEncoder(qwen_tokenizer, chat_template=drop_tpl).encode([[{"role": "user", "content": "q"},
+        ChatEncoder(qwen_tokenizer, chat_template=drop_tpl, engine="hf").encode([[{"role": "user", "content": "q"},
                                                                      {"role": "assistant", "content": "a"}]])
 
 
