@@ -305,10 +305,7 @@ class TransformersEngine:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return chat_ids(self.tok, messages)
 
     def _generate(self, contexts: list[list[int]], limit: int, stop_at_close: bool, seed: int,
                   temperature: float, top_p: float) -> list[list[int]]:
@@ -392,6 +389,15 @@ class _CloseStop:
                             dtype=torch.bool, device=input_ids.device)
 
 
+def chat_ids(tok: Any, messages: list[dict]) -> list[int]:
+    """Prompt token ids through the model's own chat template (transformers 4 returns a list,
+    transformers 5 a BatchEncoding)."""
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
 def _think_count(text: str, ids: list[int] | None, engine: Any) -> int | None:
     """Tokens before ``</think>`` (None when the output has no ``</think>``)."""
     if THINK_CLOSE not in text:
@@ -457,10 +463,8 @@ class VLLMEngine:
 
     def generate(self, requests: list[GenRequest], max_tokens: int, temperature: float, top_p: float,
                  budget: BudgetConfig, seed: int) -> Iterator[tuple[GenRequest, GenOutput]]:
-        prompts = [list(self.tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True))
-                   for r in requests]
+        prompts = [chat_ids(self.tok, r.messages) for r in requests]
         if budget.active:
-            seeds = {id(r): r.seed for r in requests}  # noqa: F841 - per-request seeds below
             machines = [budget_machine(p, "", max_tokens, budget, self.encode) for p in prompts]
             rounds = [0]
 

@@ -119,8 +119,6 @@ def _check_config(cfg: EvalConfig) -> None:
     if cfg.engine == "openai":
         if not cfg.api_addr:
             raise EvalError("--engine openai needs --api-addr HOST:PORT (one or more)")
-        if not cfg.model_name:
-            raise EvalError("--engine openai needs --model-name (the model id the server serves)")
     else:
         if not cfg.model:
             raise EvalError(f"--engine {cfg.engine} needs --model DIR (a HF model folder)")
@@ -254,9 +252,13 @@ def _make_engine(cfg: EvalConfig, logits_processor: Any = None):
 
     if cfg.engine == "openai":
         try:
-            asyncio.run(E.probe_server(cfg.api_addr, api_key_env=cfg.api_key_env))
+            served = asyncio.run(E.probe_server(cfg.api_addr, api_key_env=cfg.api_key_env))
         except EngineError as exc:
             raise EvalError(str(exc)) from None
+        if not cfg.model_name:
+            if len(set(served)) != 1:
+                raise EvalError(f"--model-name is needed: the server serves {sorted(set(served)) or 'no models'}")
+            cfg.model_name = served[0]
         if cfg.budget().active and not cfg.tokenizer:
             raise EvalError("budget forcing with --engine openai needs --tokenizer DIR (the served model's "
                             "tokenizer, to render its chat template for /v1/completions continuation)")
@@ -282,8 +284,8 @@ def run_eval(cfg: EvalConfig, logits_processor: Any = None, stop_after: int | No
 
     _check_config(cfg)
     tasks = load_tasks(cfg)
-    if not cfg.model_name:
-        cfg.model_name = Path(cfg.model).name if cfg.model else "model"
+    if not cfg.model_name and cfg.model:
+        cfg.model_name = Path(cfg.model).name
     engine = _make_engine(cfg, logits_processor)
     out = _prepare_output(cfg)
     samples_path = out / "samples.jsonl"

@@ -205,3 +205,25 @@ def test_openai_budget_forcing_via_completions(teacher, problems_file, tmp_path,
     assert "budget forcing (s1): min_think_tokens None, max_think_tokens 8" in (out / "report.md").read_text()
     with pytest.raises(EvalError, match="needs --tokenizer"):
         run_eval(cfg_for(teacher, problems_file, tmp_path / "bf2", max_think_tokens=8))
+
+
+def test_gpqa_through_the_engine_records_the_shuffle(teacher, tmp_path):
+    rows = [{"Record ID": f"r{i}", "Question": f"Which gas is {i}?", "Correct Answer": f"good {i}",
+             "Incorrect Answer 1": f"bad1 {i}", "Incorrect Answer 2": f"bad2 {i}", "Incorrect Answer 3": f"bad3 {i}"}
+            for i in range(3)]
+    (tmp_path / "gpqa_diamond.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "g"
+    # no --model-name: the server serves exactly one model, which is used
+    res = run_eval(EvalConfig(tasks=["gpqa_diamond"], data_dir=str(tmp_path), engine="openai", api_addr=[teacher.addr],
+                              n=2, output=str(out), max_tokens=2000, verify_workers=1, seed=4))
+    assert res["model"] == "stand-in-teacher"
+    m = res["tasks"]["gpqa_diamond"]
+    recs = read_lines(out / "samples.jsonl")
+    assert len(recs) == 6
+    for r in recs:
+        assert r["gold"] == "ABCD"[r["gold_index"]] and r["choices"][r["gold_index"]].startswith("good")
+        assert f"{r['gold']}) good" in r["prompt"][-1]["content"]
+        assert m["shuffle"]["gold_letters"][r["problem_id"]] == r["gold"]
+    assert m["shuffle"]["seed"] == 4
+    # the stand-in cannot answer GPQA: every sample is wrong or unanswered, never counted right
+    assert m["pass@1"] == 0.0 and all(not r["correct"] for r in recs)
