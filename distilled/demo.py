@@ -352,7 +352,7 @@ class Demo:
                f"--train_dataset_dir {shlex.quote(str(self.p('data', 'packed')))} "
                f"--output_dir {shlex.quote(str(out))} --epochs {c.epochs} --seed {c.seed}")
         self.run("finetune", ["bash", "scripts/msrun_launcher.sh", cmd, str(c.workers), str(_free_port()),
-                              str(self.p("logs", "msrun")), "False", "1800"])
+                              str(self.p("logs", "msrun")), "True", "1800"])  # JOIN True: wait for the workers
         ckpts = sorted(out.glob("checkpoint/rank_0/*.safetensors"), key=lambda f: f.stat().st_mtime)
         if not ckpts:
             raise StageFailed(f"stage 'finetune': no safetensors checkpoint under {out}/checkpoint/rank_0")
