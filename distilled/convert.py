@@ -16,8 +16,8 @@ Library::
     convert_hf_to_mf(src_dir, dst)            # HF model dir -> MF safetensors (file or dir)
     convert_mf_to_hf(src, dst_dir, config=…)  # MF safetensors (file/dir) -> HF model dir + config.json
 
-CLI: ``distill convert hf-to-mf SRC_DIR DST`` and ``distill convert mf-to-hf SRC DST_DIR --config
-YAML|HF_DIR``.
+CLI: ``distill convert hf-to-mf SRC_DIR DST``, ``distill convert mf-to-hf SRC DST_DIR --config
+YAML|HF_DIR`` and ``distill convert merge-lora SRC DST_DIR --config LORA_YAML [--base HF_DIR]``.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ __all__ = [
     "convert_mf_to_hf",
     "hf_config_from_mf_yaml",
     "ConversionError",
+    "merge_lora",
+    "convert_merge_lora",
     "register_cli",
 ]
 
@@ -485,6 +487,98 @@ def load_safetensors_np(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# LoRA (MindFormers PET / mindpet LoRADense) merge
+# --------------------------------------------------------------------------------------------
+
+LORA_A = ".mindpet_delta_lora_a"
+LORA_B = ".mindpet_delta_lora_b"
+
+
+def merge_lora(state: dict[str, Any], lora_alpha: float) -> dict[str, Any]:
+    """Fold MindFormers LoRA adapters into their base weights: ``W + (alpha / r) * B @ A``.
+
+    ``state`` uses MindFormers names: ``<layer>.weight`` (out, in), ``<layer>.mindpet_delta_lora_a``
+    (r, in) and ``<layer>.mindpet_delta_lora_b`` (out, r), as ``mindpet.delta.lora.LoRADense``
+    defines them (its forward adds ``scaling * x A^T B^T`` with ``scaling = alpha / r``). Values are
+    numpy arrays or torch tensors; the sum is done in float32 and cast back to the weight's dtype.
+    Returns a new dict without adapter tensors. A missing base weight is an error.
+    """
+    out = {k: v for k, v in state.items() if not k.endswith((LORA_A, LORA_B))}
+    prefixes = sorted({k[: -len(LORA_A)] for k in state if k.endswith(LORA_A)})
+    if not prefixes:
+        raise ConversionError("no LoRA tensors (*.mindpet_delta_lora_a) in the checkpoint")
+    for prefix in prefixes:
+        a, b = state[prefix + LORA_A], state.get(prefix + LORA_B)
+        w_name = prefix + ".weight"
+        if b is None:
+            raise ConversionError(f"{prefix}: lora_a without lora_b")
+        if w_name not in out:
+            raise ConversionError(f"{w_name}: base weight missing (pass the base model with --base)")
+        w = out[w_name]
+        r = a.shape[0]
+        if tuple(b.shape) != (w.shape[0], r) or tuple(a.shape) != (r, w.shape[1]):
+            raise ConversionError(f"{prefix}: shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit W{tuple(w.shape)}")
+        scale = float(lora_alpha) / r
+        if hasattr(w, "float"):  # torch
+            out[w_name] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+        else:
+            import numpy as np
+
+            out[w_name] = (w.astype(np.float32) + scale * (b.astype(np.float32) @ a.astype(np.float32))).astype(w.dtype)
+    return out
+
+
+def _lora_alpha_from_config(config: str | os.PathLike) -> float | None:
+    p = Path(config)
+    if p.suffix not in {".yaml", ".yml"}:
+        return None
+    import yaml
+
+    pet = ((yaml.safe_load(p.read_text()) or {}).get("model", {}).get("model_config", {}) or {}).get("pet_config")
+    return None if not pet or pet.get("lora_alpha") is None else float(pet["lora_alpha"])
+
+
+def convert_merge_lora(src: str | os.PathLike, dst_dir: str | os.PathLike, config: str | os.PathLike,
+                       base: str | os.PathLike | None = None, lora_alpha: float | None = None,
+                       tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Merge a MindFormers LoRA checkpoint into full HF ``Qwen2ForCausalLM`` safetensors.
+
+    ``src``: a MindFormers safetensors file/dir from a LoRA run (adapters, and usually the frozen
+    base weights too). ``base``: where the base weights come from when ``src`` lacks them (an HF
+    model dir or a MindFormers safetensors file/dir). ``lora_alpha`` defaults to the YAML's
+    ``pet_config.lora_alpha``. Needs torch (bf16-safe arithmetic).
+    """
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    alpha = lora_alpha if lora_alpha is not None else _lora_alpha_from_config(config)
+    if alpha is None:
+        raise ConversionError("lora_alpha unknown: give the LoRA YAML as --config or pass --lora-alpha")
+    state: dict[str, Any] = {}
+    if base is not None:
+        base_files = _safetensors_files(Path(base))
+        base_state: dict[str, Any] = {}
+        for f in base_files:
+            base_state.update(load_file(str(f)))
+        if any(k in base_state for k in (HF_EMBED, "model.norm.weight")):
+            tie = HF_EMBED in base_state and LM_HEAD not in base_state
+            base_state = hf_to_mf(base_state, tie_word_embeddings=tie)
+        state.update(base_state)
+    for f in _safetensors_files(Path(src)):
+        for k, v in load_file(str(f)).items():
+            if is_mf_model_weight(k) or k.endswith((LORA_A, LORA_B)):
+                state[k] = v
+    merged = merge_lora(state, alpha)
+    with tempfile.TemporaryDirectory(dir=Path(dst_dir).parent if Path(dst_dir).parent.exists() else None) as tmp:
+        tmp_file = Path(tmp) / "merged_mf.safetensors"
+        save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp_file))
+        tie = None if MF_EMBED not in merged else (LM_HEAD not in merged)
+        return convert_mf_to_hf(tmp_file, dst_dir, config=config, tie_word_embeddings=tie,
+                                tokenizer_dir=tokenizer_dir)
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 
@@ -514,6 +608,17 @@ def _cmd_mf_to_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge_lora(args: argparse.Namespace) -> int:
+    try:
+        out = convert_merge_lora(args.src, args.dst, config=args.config, base=args.base,
+                                 lora_alpha=args.lora_alpha, tokenizer_dir=args.tokenizer)
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"merge-lora: wrote merged HF Qwen2ForCausalLM to {out}")
+    return 0
+
+
 def register_cli(sub: Any) -> None:
     """Add ``distill convert hf-to-mf|mf-to-hf`` (and ``merge-lora`` when present)."""
     p = sub.add_parser("convert", help="convert checkpoints between HF Qwen2 and MindFormers names")
@@ -540,5 +645,14 @@ def register_cli(sub: Any) -> None:
     b.add_argument("--tokenizer", default=None, help="directory whose tokenizer files to copy")
     tie_flags(b)
     b.set_defaults(func=_cmd_mf_to_hf)
+
+    c = csub.add_parser("merge-lora", help="MindFormers LoRA checkpoint -> merged HF Qwen2ForCausalLM dir")
+    c.add_argument("src", help="MindFormers safetensors file/dir of the LoRA run (adapters, usually + base)")
+    c.add_argument("dst", help="output HF model directory (written atomically)")
+    c.add_argument("--config", required=True, help="the LoRA training YAML (pet_config, model shape) or an HF dir")
+    c.add_argument("--base", default=None, help="base weights when SRC holds only adapters (HF dir or MF file/dir)")
+    c.add_argument("--lora-alpha", type=float, default=None, help="default: the YAML's pet_config.lora_alpha")
+    c.add_argument("--tokenizer", default=None, help="directory whose tokenizer files to copy")
+    c.set_defaults(func=_cmd_merge_lora)
 
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from distilled.convert import (ConversionError, convert_hf_to_mf, convert_mf_to_hf, hf_config_from_mf_yaml,
                                hf_name_to_mf, hf_to_mf, load_safetensors_np, mf_name_to_hf, mf_to_hf)
@@ -201,3 +202,71 @@ def test_mindformers_model_loads_converted_weights_with_hf_logits(hf_untied):
     with torch.no_grad():
         ref = Qwen2ForCausalLM.from_pretrained(hf_untied).eval()(torch.tensor(ids, dtype=torch.long)).logits[0].numpy()
     assert np.abs(logits - ref).max() < 1e-4
+
+
+def test_merge_lora_equals_mindformers_lora_forward(hf_untied, tmp_path):
+    """A MindFormers PET-LoRA model (q/k/v/o) with non-zero adapters, merged by `distill convert
+    merge-lora`, gives the same logits in transformers as the unmerged LoRA model in MindFormers.
+    Only the adapter tensors are trainable in the PET model."""
+    import mindspore as ms
+    import torch
+    from safetensors.numpy import save_file
+    from transformers import Qwen2ForCausalLM
+
+    from distilled.convert import convert_merge_lora
+    from distilled.mindformers_compat import apply_cpu_shims
+    from distilled.cli import main
+
+    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    apply_cpu_shims()
+    from mindformers import LlamaConfig, LlamaForCausalLM
+    from mindformers.pet import LoraConfig, get_pet_model
+
+    hf_cfg = json.loads((hf_untied / "config.json").read_text())
+    cfg = LlamaConfig(batch_size=1, seq_length=8, hidden_size=hf_cfg["hidden_size"],
+                      num_layers=hf_cfg["num_hidden_layers"], num_heads=hf_cfg["num_attention_heads"],
+                      n_kv_heads=hf_cfg["num_key_value_heads"], vocab_size=hf_cfg["vocab_size"],
+                      intermediate_size=hf_cfg["intermediate_size"], qkv_has_bias=True, use_flash_attention=False,
+                      compute_dtype="float32", layernorm_compute_type="float32", softmax_compute_type="float32",
+                      rotary_dtype="float32", param_init_type="float32", use_past=False, pad_token_id=151643,
+                      use_rope_slice=True, input_sliced_sig=True, theta=hf_cfg["rope_theta"],
+                      rms_norm_eps=hf_cfg["rms_norm_eps"])
+    base = LlamaForCausalLM(cfg)
+    mf = hf_to_mf(load_safetensors_np(hf_untied), tie_word_embeddings=False)
+    ms.load_param_into_net(base, {k: ms.Parameter(ms.Tensor(v), name=k) for k, v in mf.items()})
+    pet = LoraConfig(lora_rank=4, lora_alpha=8, lora_dropout=0.0, target_modules=".*wq|.*wk|.*wv|.*wo",
+                     param_init_type="float32", compute_dtype="float32")
+    model = get_pet_model(base, pet)
+    trainable = [p.name for p in model.trainable_params()]
+    assert trainable and all(n.endswith(("mindpet_delta_lora_a", "mindpet_delta_lora_b")) for n in trainable)
+    assert len(trainable) == 2 * 4 * hf_cfg["num_hidden_layers"]
+    rng = np.random.RandomState(0)
+    for p in model.trainable_params():  # B starts at 0: give both matrices real values
+        p.set_data(ms.Tensor(rng.normal(0, 0.05, p.shape).astype(np.float32)))
+    model.set_train(False)
+    ids = rng.randint(0, 151000, (1, 8)).astype(np.int32)
+    lora_logits = model(ms.Tensor(ids))[0].asnumpy().reshape(8, -1)
+
+    ckpt = tmp_path / "lora_run.safetensors"
+    save_file({p.name: p.asnumpy() for p in model.get_parameters()}, str(ckpt))
+    out = convert_merge_lora(ckpt, tmp_path / "merged", config=hf_untied, lora_alpha=8)
+    with torch.no_grad():
+        merged = Qwen2ForCausalLM.from_pretrained(out).eval()(torch.tensor(ids, dtype=torch.long)).logits[0].numpy()
+    assert np.abs(merged - lora_logits).max() < 1e-4
+    with torch.no_grad():
+        base_logits = Qwen2ForCausalLM.from_pretrained(hf_untied).eval()(torch.tensor(ids, dtype=torch.long)).logits[0]
+    assert np.abs(base_logits.numpy() - lora_logits).max() > 1e-3  # the adapters did change the model
+
+    # adapter-only checkpoint + --base, alpha from the LoRA YAML, through the CLI
+    adapters = tmp_path / "adapters.safetensors"
+    save_file({n: p.asnumpy() for n, p in ((p.name, p) for p in model.trainable_params())}, str(adapters))
+    lora_yaml = Path(__file__).resolve().parents[1] / "configs" / "finetune_qwen2_5_tiny_cpu_lora.yaml"
+    raw = yaml.safe_load(lora_yaml.read_text())
+    raw["model"]["model_config"]["pet_config"]["lora_alpha"] = 8
+    yml = tmp_path / "lora.yaml"
+    yml.write_text(yaml.safe_dump(raw))
+    assert main(["convert", "merge-lora", str(adapters), str(tmp_path / "merged2"), "--config", str(yml),
+                 "--base", str(hf_untied)]) == 0
+    a, b = load_safetensors_np(out), load_safetensors_np(tmp_path / "merged2")
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert main(["convert", "merge-lora", str(hf_untied), str(tmp_path / "m3"), "--config", str(yml)]) == 2

@@ -300,7 +300,7 @@ def _worker_tail(out: Path) -> str:
 def test_two_worker_msrun_finetune_resume_and_export(tmp_path, qwen_tokenizer, tiny_qwen2_dir):
     from distilled.convert import convert_mf_to_hf, load_safetensors_np
 
-    data = build_packed_dataset(qwen_tokenizer, tmp_path / "packed", 24, 64, seed=1)
+    data = build_packed_dataset(qwen_tokenizer, tmp_path / "packed", 12, 64, seed=1)
     import datasets
 
     rows = len(datasets.load_from_disk(str(data)))
@@ -337,6 +337,8 @@ def test_two_worker_msrun_finetune_resume_and_export(tmp_path, qwen_tokenizer, t
         d.mkdir(parents=True)
         (src,) = (full / "checkpoint" / f"rank_{rank}").glob("*-1_2.safetensors")
         shutil.copy2(src, d / src.name)
+        # what CheckpointMonitor's meta.json says after a job died between steps 2 and 4
+        (d / "meta.json").write_text(json.dumps({"last_epoch": 1, "last_step": 2, "last_ckpt_file": src.name}))
     resumed = tmp_path / "resumed"
     r = _msrun_train(resumed, data, 8233, f"--load_checkpoint {resume_src} --resume_training True")
     assert r.returncode == 0, r.stdout[-3000:] + _worker_tail(resumed)
