@@ -172,3 +172,20 @@ def test_budget_forcing_token_accounting(tiny_qwen2_dir, problems_file, tmp_path
         # the answer phase (3 tokens, then the processor writes </think> again, then free tokens)
         assert r["completion_tokens"] == 40 and r["finish_reason"] == "length"
     assert close_n >= 1
+
+
+def test_vllm_engine_missing_is_a_clear_error(problems_file, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vllm is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(EvalError, match=r"needs the vllm package.*pip install vllm"):
+        run_eval(cfg(tmp_path, problems_file, tmp_path / "v", engine="vllm"))
+    assert not (tmp_path / "v").exists()  # nothing was started or written
+
+
+def test_budget_flags_are_checked(problems_file, tmp_path):
+    with pytest.raises(EvalError, match="--min-think-tokens 20 > --max-think-tokens 10"):
+        run_eval(cfg(tmp_path, problems_file, tmp_path / "x", min_think_tokens=20, max_think_tokens=10))
