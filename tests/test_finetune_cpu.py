@@ -358,3 +358,39 @@ def test_two_worker_msrun_finetune_resume_and_export(tmp_path, qwen_tokenizer, t
         logits = model(torch.tensor([[9707, 1879]])).logits
     assert torch.isfinite(logits).all()
     assert torch.equal(model.model.norm.weight.data, torch.from_numpy(last0["model.norm_out.weight"]))
+
+
+@pytest.mark.slow
+def test_two_worker_lora_trains_only_adapters_and_merges(tmp_path, qwen_tokenizer, tiny_qwen2_dir):
+    """The tiny PET-LoRA twin through the same launcher: base weights stay bit-identical to the
+    loaded HF student, the adapters move, and `merge-lora` gives an HF model that transformers loads."""
+    from distilled.convert import convert_merge_lora, hf_to_mf, load_safetensors_np
+
+    lora_yaml = REPO / "configs" / "finetune_qwen2_5_tiny_cpu_lora.yaml"
+    data = build_packed_dataset(qwen_tokenizer, tmp_path / "packed", 8, 64, seed=2)
+    out = tmp_path / "lora"
+    cmd = (f"{REPO / 'run_mindformer.py'} --config {lora_yaml} --run_mode finetune --train_dataset_dir {data} "
+           f"--output_dir {out} --model.model_config.seq_length 64 --load_checkpoint {tiny_qwen2_dir}")
+    r = subprocess.run(["bash", str(LAUNCHER), cmd, "2", "8235", str(out / "msrun_log"), "True", "600"],
+                       cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + _worker_tail(out)
+    l0, l1 = _losses(out, 0), _losses(out, 1)
+    assert l0 and [x["global_norm"] for x in l0] == [x["global_norm"] for x in l1]
+    ckpts = sorted((out / "checkpoint" / "rank_0").glob("*.safetensors"))
+    assert ckpts
+    trained = load_safetensors_np(ckpts[-1])
+    base = hf_to_mf(load_safetensors_np(tiny_qwen2_dir), tie_word_embeddings=False)
+    for k, v in base.items():
+        assert np.array_equal(trained[k], v), f"{k} changed: only adapters may train"
+    lora_b = [k for k in trained if k.endswith("mindpet_delta_lora_b")]
+    assert len(lora_b) == 8 and any(np.abs(trained[k]).max() > 0 for k in lora_b)  # B started at 0
+    merged = convert_merge_lora(ckpts[-1], tmp_path / "merged", config=lora_yaml)
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(merged).eval()
+    ref = Qwen2ForCausalLM.from_pretrained(tiny_qwen2_dir).eval()
+    ids = torch.tensor([[9707, 1879, 151645]])
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, ref(ids).logits)
+        assert torch.isfinite(model(ids).logits).all()
