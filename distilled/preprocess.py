@@ -159,7 +159,7 @@ def _iter_jsonl(path: str, shard: int, nshards: int) -> Iterator[tuple[str, Any]
             f.seek(start - 1)
             if f.read(1) != b"\n":
                 f.readline()  # the rest of a line that started before the range
-                line_no += 1
+            line_no += 1  # the newline ending the line before our first one
         pos = f.tell()
         while pos < end:
             raw = f.readline()

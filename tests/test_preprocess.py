@@ -189,12 +189,13 @@ def test_jsonl_byte_range_shards_cover_every_line_once(tmp_path):
     p = tmp_path / "x.jsonl"
     lines = [json.dumps({"i": i, "pad": "y" * (i % 37)}) for i in range(503)]
     p.write_text("\n".join(lines[:250]) + "\n\n" + "\n".join(lines[250:]) + "\n")
-    for n in (1, 2, 7, 64):
+    want = [f"{p}:{k + 1}" for k in range(250)] + [f"{p}:{k + 2}" for k in range(250, 503)]  # blank line 251
+    for n in (1, 2, 7, 64, 501):
         seen = []
         for i in range(n):
             seen += [(loc, r["i"]) for loc, r in pp.iter_source(pp.Source(str(p), "jsonl"), i, n)]
         assert [r for _, r in seen] == list(range(503))
-        assert seen[250][0] == f"{p}:252"  # blank line counted in line numbers
+        assert [loc for loc, _ in seen] == want
 
 
 def test_num_proc_same_result(data, tmp_path, qwen_tokenizer_dir):
