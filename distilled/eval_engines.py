@@ -90,6 +90,7 @@ class Step:
     text: str  # prompt + output text (text engines)
     limit: int
     stop_at_close: bool
+    seed: int = 0  # per-sample, per-step sampling seed (engines that seed each request)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class BudgetResult:
 
 
 def budget_machine(prompt_ids: list[int] | None, prompt_text: str, max_tokens: int, cfg: BudgetConfig,
-                   encode: Callable[[str], list[int]] | None) -> Generator[Step, Segment, BudgetResult]:
+                   encode: Callable[[str], list[int]] | None, seed: int = 0) -> Generator[Step, Segment, BudgetResult]:
     """One sequence under budget forcing. Yields :class:`Step`, receives :class:`Segment`.
 
     Accounting (all in tokens of the model's tokenizer for id engines):
@@ -150,8 +151,12 @@ def budget_machine(prompt_ids: list[int] | None, prompt_text: str, max_tokens: i
     def done(finish: str) -> BudgetResult:
         return BudgetResult(out_text, out_ids if use_ids else None, finish, total, think, waits, forced)
 
+    steps = [0]
+
     def step(limit: int, stop: bool) -> Step:
-        return Step((prompt_ids + out_ids) if use_ids else None, prompt_text + out_text, limit, stop)
+        steps[0] += 1
+        return Step((prompt_ids + out_ids) if use_ids else None, prompt_text + out_text, limit, stop,
+                    stable_seed(seed, steps[0]))
 
     # thinking phase
     while True:
@@ -465,13 +470,11 @@ class VLLMEngine:
                  budget: BudgetConfig, seed: int) -> Iterator[tuple[GenRequest, GenOutput]]:
         prompts = [chat_ids(self.tok, r.messages) for r in requests]
         if budget.active:
-            machines = [budget_machine(p, "", max_tokens, budget, self.encode) for p in prompts]
-            rounds = [0]
+            machines = [budget_machine(p, "", max_tokens, budget, self.encode, r.seed)
+                        for p, r in zip(prompts, requests)]
 
             def run_steps(steps: list[Step]) -> list[Segment]:
-                rounds[0] += 1
-                params = [self._params(s.limit, stable_seed(seed, rounds[0], i), temperature, top_p, s.stop_at_close)
-                          for i, s in enumerate(steps)]
+                params = [self._params(s.limit, s.seed, temperature, top_p, s.stop_at_close) for s in steps]
                 raw = self._run([s.ids for s in steps], params)
                 return [classify_ids(ids, s.limit, self.end_ids, self.decode, s.stop_at_close)
                         for (ids, _), s in zip(raw, steps)]
@@ -558,15 +561,13 @@ class OpenAIEngine:
                              usage.get("prompt_tokens"), usage.get("completion_tokens"), None)
         assert self.tok is not None
         prompt = self.tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
-        machine = budget_machine(None, prompt, max_tokens, budget, None)
+        machine = budget_machine(None, prompt, max_tokens, budget, None, req.seed)
         seg: Segment | None = None
-        k = 0
         try:
             stp = next(machine)
             while True:
-                k += 1
                 res = await client.complete(stp.text, max_tokens=stp.limit, temperature=temperature, top_p=top_p,
-                                            seed=stable_seed(req.seed, k),
+                                            seed=stp.seed,
                                             stop=[THINK_CLOSE] if stp.stop_at_close else None,
                                             extra={"include_stop_str_in_output": True} if stp.stop_at_close else None)
                 seg = _text_segment(res.text, res.finish_reason, (res.usage or {}).get("completion_tokens"),

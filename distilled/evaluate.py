@@ -326,6 +326,12 @@ def _run_openai(cfg: EvalConfig, engine: Any, reqs: list[GenRequest], judge: _Ju
     """Generate concurrently; completed samples are judged in a thread and logged within seconds."""
     failed: list[str] = []
 
+    from concurrent.futures import ThreadPoolExecutor
+
+    # one judging thread: the verifier pool's workers and pipes are not shared between threads,
+    # and batches are then logged in completion order
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-judge")
+
     async def go() -> None:
         loop = asyncio.get_running_loop()
         buf: list = []
@@ -335,7 +341,7 @@ def _run_openai(cfg: EvalConfig, engine: Any, reqs: list[GenRequest], judge: _Ju
             if buf:
                 items = buf[:]
                 buf.clear()
-                flushes.append(loop.run_in_executor(None, judge, items))
+                flushes.append(loop.run_in_executor(executor, judge, items))
 
         def on_done(req: GenRequest, res: Any) -> None:
             if isinstance(res, BaseException):
@@ -354,6 +360,8 @@ def _run_openai(cfg: EvalConfig, engine: Any, reqs: list[GenRequest], judge: _Ju
         asyncio.run(go())
     except EngineError as exc:
         raise EvalError(str(exc)) from None
+    finally:
+        executor.shutdown(wait=True)
     return failed
 
 
