@@ -122,7 +122,9 @@ def budget_machine(prompt_ids: list[int] | None, prompt_text: str, max_tokens: i
 
     Accounting (all in tokens of the model's tokenizer for id engines):
     - ``think_tokens``: tokens before the final ``</think>``, inserted ``Wait`` tokens included;
-      never more than ``max_think``; at least ``min_think`` unless ``max_tokens`` ran out first.
+      never more than ``max_think``; at least ``min_think`` unless ``max_tokens`` or ``max_think``
+      ran out first. (Characters that shared a token with the model's own ``</think>`` are
+      re-encoded with it and counted as output, not thinking.)
     - ``completion_tokens``: every output token, forced ``</think>`` and ``Wait`` included; never
       more than ``max_tokens`` (a forced insertion that does not fit ends the sample as "length").
     """
@@ -174,12 +176,20 @@ def budget_machine(prompt_ids: list[int] | None, prompt_text: str, max_tokens: i
             seg = Segment([], "", 0, "length")
         if seg.end in ("close", "eos"):
             if cfg.min_think is not None and think < cfg.min_think:
-                n = insert(cfg.wait_text)
-                if n is None:
+                wait = seg.tail + cfg.wait_text  # keep what shared a token with </think>
+                n_wait = len(encode(wait)) if encode is not None else max(1, len(wait.split()))
+                if cfg.max_think is None or think + n_wait <= cfg.max_think:
+                    n = insert(wait)
+                    if n is None:
+                        return done("length")
+                    think += n
+                    waits += 1
+                    continue
+                # "Wait" would overrun the think budget: close the thinking here instead
+                if insert(seg.tail + cfg.close_text) is None:
                     return done("length")
-                think += n
-                waits += 1
-                continue
+                forced = True
+                break
             if seg.end == "eos":  # ended without closing the thinking: nothing to answer with
                 return done("stop")
             if insert(seg.tail + THINK_CLOSE) is None:

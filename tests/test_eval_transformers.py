@@ -189,3 +189,16 @@ def test_vllm_engine_missing_is_a_clear_error(problems_file, tmp_path):
 def test_budget_flags_are_checked(problems_file, tmp_path):
     with pytest.raises(EvalError, match="--min-think-tokens 20 > --max-think-tokens 10"):
         run_eval(cfg(tmp_path, problems_file, tmp_path / "x", min_think_tokens=20, max_think_tokens=10))
+
+
+def test_machine_never_lets_wait_overrun_the_think_budget():
+    # Wait is 2 tokens here; at think=9 with B=10 it would overrun: the thinking is closed instead
+    def enc(text):
+        return [7] * (2 if text.endswith("Wait") else max(1, len(text.split())))
+
+    run, _ = scripted([([1] * 9, "close"), ([2] * 3, "eos")])
+    [res] = drive_machines([budget_machine([0], "", 100, BudgetConfig(min_think=10, max_think=10), enc)], run)
+    assert res.think_tokens == 9 and res.waits == 0 and res.forced_close
+    run, _ = scripted([([1] * 5, "close"), ([1] * 3, "length"), ([2] * 3, "eos")])
+    [res] = drive_machines([budget_machine([0], "", 100, BudgetConfig(min_think=10, max_think=10), enc)], run)
+    assert res.waits == 1 and res.think_tokens == 10 and res.forced_close
