@@ -3,9 +3,12 @@
 Throughput, on >= 2,000 realistic R1-style pairs (multi-kB ``<think>`` reasoning, a few hundred
 characters of solution ending in ``\\boxed{}``; ~10% unfinished or cut by ``length``):
 
-* ``bare``: the math-verify calls alone, in this process, with math-verify's own timeouts:
+* ``bare``: the math-verify calls alone, in this process, with no timeout machinery at all
+  (``parsing_timeout=None``, ``timeout_seconds=None``; math-verify's default signal timeouts
+  cost more, and under load they fire on ordinary pairs):
   ``verify(parse(gold), parse(answer_after_think))`` for exactly the pairs our pool sends to a
-  worker (unfinished ones cost bare nothing), parsed golds cached as the pool caches them. This is the floor our per-item overhead is measured
+  worker (unfinished ones cost bare nothing), parsed golds cached as the pool caches them. This
+  is the strictest floor: pure math-verify work. This is the floor our per-item overhead is measured
   against (target: <= 15%).
 * ``pool w=1``: ``VerifierPool(workers=1)``: the same verdicts, each in a worker process under a
   timeout, results streamed back in order.
@@ -44,7 +47,7 @@ def _gold_text(gold: str) -> str:
 
 
 def run_bare(work: list[tuple[str, str]]) -> tuple[float, float, list[bool]]:
-    """math-verify parse + parse + verify per pair, in-process (math-verify's default timeouts)."""
+    """math-verify parse + parse + verify per pair, in-process, no timeouts (the floor)."""
     mv, gold_cfg, pred_cfg, _ = _mv()
     gold_cfg, pred_cfg = list(gold_cfg), list(pred_cfg)
     t, c = time.perf_counter(), time.process_time()
@@ -53,9 +56,10 @@ def run_bare(work: list[tuple[str, str]]) -> tuple[float, float, list[bool]]:
     for answer, gold in work:
         g = golds.get(gold)
         if g is None:
-            g = golds[gold] = mv.parse(_gold_text(gold), gold_cfg, extraction_mode="first_match")
-        p = mv.parse(answer, pred_cfg)
-        out.append(bool(g and p and mv.verify(g, p)))
+            g = golds[gold] = mv.parse(_gold_text(gold), gold_cfg, extraction_mode="first_match",
+                                       parsing_timeout=None)
+        p = mv.parse(answer, pred_cfg, parsing_timeout=None)
+        out.append(bool(g and p and mv.verify(g, p, timeout_seconds=None)))
     return time.perf_counter() - t, time.process_time() - c, out
 
 
@@ -91,13 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         if pre is None:
             work.append((answer, gold))
     kb = sum(len(g) for g, _, _ in pairs) / len(pairs) / 1000
+    auto = Path("/proc/self/autogroup")
+    if auto.exists() and Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1":
+        print("note: sched_autogroup is on: this session's processes share ONE CPU share against other "
+              "sessions, so with other sessions busy a 2-worker pool cannot run faster than 1 worker")
     print(f"{len(pairs)} pairs, mean generation {kb:.1f} kB, {len(work)} finished (sent to math-verify); "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
-    # warm up: imports, compiled regexes and latex2sympy's parser, in this process (workers fork from it)
+    # warm up: imports, compiled regexes and latex2sympy's parser, in this process (workers fork
+    # from it). Only run_bare: judge() would fill the verifier's gold cache the workers inherit.
     run_bare(work[:20])
-    for it in items[:20]:
-        judge(*it)
 
     res: dict[str, list[tuple[float, float]]] = {"bare": [], "pool w=1": [], "pool w=2": []}
     verdicts = {}
@@ -132,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"per-item overhead of pool w=1 over bare math-verify: wall {overhead_wall:+.1%}, CPU {overhead_cpu:+.1%} "
           f"(target <= +15%)")
     print(f"pool w=2 vs single process: {speedup_w2_w1:.2f}x pool w=1, {speedup_w2_bare:.2f}x bare (target >= 1.8x)")
+    paired = [(res["pool w=1"][i][0] / res["bare"][i][0] - 1, res["pool w=1"][i][0] / res["pool w=2"][i][0])
+              for i in range(a.rounds)]
+    print("same-round ratios: " + "; ".join(f"round {i + 1}: w=1 overhead {o:+.1%}, w=2 speed-up {s:.2f}x"
+                                             for i, (o, s) in enumerate(paired)))
     print(f"verdict agreement pool vs bare on finished pairs: {agree:.2%}; pool timeouts: {timeouts}")
 
     ours = sum(judge(gen, gold, fr).correct == label for gold, gen, fr, label, _ in LABELLED)
@@ -145,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_s": cpu, "overhead_wall": overhead_wall, "overhead_cpu": overhead_cpu,
             "speedup_w2_vs_w1": speedup_w2_w1, "speedup_w2_vs_bare": speedup_w2_bare, "agreement": agree,
             "labelled": {"n": n, "ours": ours / n, "docs": docs / n}, "loadavg": os.getloadavg()[0],
+            "rounds": {k: v for k, v in res.items()}, "paired": paired,
         }, indent=2))
     return 0
 

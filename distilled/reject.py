@@ -21,6 +21,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -223,7 +224,7 @@ def run_reject(cfg: RejectConfig) -> dict:
 
     # ---- pass 1: judge whatever the journal does not have yet --------------------------------
     total_lines = _count_lines(cfg.src)
-    rows_queue: list[_Row] = []
+    rows_queue: collections.deque = collections.deque()
 
     def rows() -> Iterator[_Row]:
         for line, obj in iter_jsonl(cfg.src):
@@ -232,10 +233,10 @@ def run_reject(cfg: RejectConfig) -> dict:
             else:
                 r = _validate(cfg, line, obj)
                 if isinstance(r, _Row):
-                    bar.update(1)
                     if line in done:
+                        bar.update(1)
                         continue
-                    yield r
+                    yield r  # counted on the bar when its verdicts are in
                     continue
                 bad = r
             bar.update(1)
@@ -258,14 +259,16 @@ def run_reject(cfg: RejectConfig) -> dict:
         buf: list = []
         for v in _with_empty_rows(verdicts, rows_queue):
             if v is _ROW_END:
-                r = rows_queue.pop(0)
+                r = rows_queue.popleft()
                 done[r.line] = buf
                 journal.write({"line": r.line, "v": buf})
                 stats["new_generations"] += len(buf)
                 buf = []
+                bar.update(1)
                 continue
             buf.append([v.correct, v.reason, v.extracted, v.complete])
         killed = pool.killed_workers
+        bar.update(max(0, bar.total - bar.n))  # blank lines are not rows
     judge_s = time.perf_counter() - t0
 
     # ---- pass 2: write the outputs atomically from the journal --------------------------------
@@ -329,7 +332,7 @@ def run_reject(cfg: RejectConfig) -> dict:
 _ROW_END = object()
 
 
-def _with_empty_rows(verdicts: Iterator, rows_queue: list[_Row]) -> Iterator:
+def _with_empty_rows(verdicts: Iterator, rows_queue: collections.deque) -> Iterator:
     """Yield the verdicts with an end-of-row marker after each row's last one (rows with no
     generations get a marker too). ``rows_queue[0]`` is the row being filled: the item generator
     appends a row before yielding its first item, and the consumer pops it at the marker."""
