@@ -196,6 +196,9 @@ def test_magpie_and_messages_formats(qwen_tokenizer, encoder):
                                 FormatConfig("messages", system_prompt=None))[0]
     ids, labels = encoder.encode([conv]).row(0)
     assert qwen_tokenizer.decode(ids[labels != -100]) == "b<|im_end|>d<|im_end|>"
+    for c in (conv, m[0]):
+        ids, labels = encoder.encode([c]).row(0)
+        assert (ids.tolist(), labels.tolist()) == _reference_labels(qwen_tokenizer, c)
 
 
 STRATOS = {"system": "Your role as an assistant involves thoroughly exploring questions...",

@@ -176,3 +176,32 @@ def test_mindformers_hfdataloader_resolves_our_types(tmp_path, openr1_jsonl, qwe
     lm = item["loss_mask"].reshape(-1)
     labels = item["labels"].reshape(-1)
     assert ((labels != -100) == (lm != 0)).all()
+
+
+def test_stratos_magpie_handlers_and_num_proc(qwen_tokenizer_dir, qwen_tokenizer):
+    import datasets
+
+    from handlers import MagpieDataHandler, StratosDataHandler
+
+    tok = {"pretrained_model_dir": str(qwen_tokenizer_dir)}
+    think = ("<|begin_of_thought|>\n\nAdd them.\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\n"
+             "\\boxed{{{}}}\n\n<|end_of_solution|>")
+    rows = [{"system": "Think first.", "conversations": [{"from": "user", "value": f"{i}+{i}?"},
+                                                        {"from": "assistant", "value": think.format(2 * i)}]}
+            for i in range(12)]
+    rows.append({"system": "x", "conversations": [{"from": "user", "value": "no markers"},
+                                                  {"from": "assistant", "value": "just text"}]})
+    ds = datasets.Dataset.from_list(rows)
+    h = StratosDataHandler(tokenizer=tok, think_style="r1", num_proc=2, batch_size=4)
+    out = h(ds)
+    assert len(out) == 12
+    text = qwen_tokenizer.decode(out[3]["input_ids"])
+    assert "<think>\nAdd them.\n</think>\n\n\\boxed{6}<|im_end|>" in text and "Please reason step by step" in text
+    keep = StratosDataHandler(tokenizer=tok)(ds)
+    assert len(keep) == 13 and "<|im_start|>system\nThink first.<|im_end|>" in qwen_tokenizer.decode(keep[0]["input_ids"])
+    mg = MagpieDataHandler(tokenizer=tok, system_prompt=None)
+    out = mg(datasets.Dataset.from_list([{"instruction": "Sum 1..3", "response": "<think>1+2+3</think>6"},
+                                         {"instruction": "x", "response": None}]))
+    assert len(out) == 1 and mg.skips.counts == {"missing_column": 1}
+    labels = np.asarray(out[0]["labels"])
+    assert qwen_tokenizer.decode(np.asarray(out[0]["input_ids"])[labels != -100]) == "<think>1+2+3</think>6<|im_end|>"
