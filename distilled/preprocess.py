@@ -299,6 +299,21 @@ def resolve_tokenizer_dir(name: str) -> str:
     return name
 
 
+def _tokenizer_fingerprint(tok_dir: str) -> str | None:
+    """sha256 of tokenizer.json (+ tokenizer_config.json): identifies the tokenizer across hosts
+    whose paths differ, so `distill merge` can refuse shards tokenized differently."""
+    import hashlib
+
+    h = hashlib.sha256()
+    found = False
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        f = Path(tok_dir) / name
+        if f.is_file():
+            h.update(f.read_bytes())
+            found = True
+    return h.hexdigest() if found else None
+
+
 def _peak_rss_mb() -> float:
     self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -488,6 +503,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             "inputs": [asdict(s) for s in sources],
             "format": fmt,
             "tokenizer": tok_dir,
+            "tokenizer_sha256": _tokenizer_fingerprint(tok_dir),
             "seq_length": cfg.seq_length,
             "pad_id": int(pad_id),
             "overlong": cfg.overlong,
@@ -572,13 +588,15 @@ def merge(shard_dirs: list[str], output: str, seed: int | None = None, keep_hand
     if not shards:
         raise ValueError("no shard directories given")
     ref = shards[0][1]
-    same = ("seq_length", "pad_id", "overlong", "format", "tokenizer")
+    # hosts may mount data and models at different paths: compare content, not paths
+    same = ("seq_length", "pad_id", "overlong", "format", "tokenizer_sha256")
     for d, rep in shards[1:]:
         for k in same:
             if rep.get(k) != ref.get(k):
                 raise ValueError(f"{d}: {k} = {rep.get(k)!r} differs from {shards[0][0]}: {ref.get(k)!r}")
-        if [s["path"] for s in rep["inputs"]] != [s["path"] for s in ref["inputs"]]:
-            raise ValueError(f"{d}: inputs differ from {shards[0][0]}'s")
+        if [(Path(s["path"]).name, s["kind"]) for s in rep["inputs"]] != \
+                [(Path(s["path"]).name, s["kind"]) for s in ref["inputs"]]:
+            raise ValueError(f"{d}: inputs differ from {shards[0][0]}'s (same files, same order needed)")
     count = ref["shard"]["count"]
     idx = sorted(rep["shard"]["index"] for _, rep in shards)
     if any(rep["shard"]["count"] != count for _, rep in shards) or idx != list(range(count)):
@@ -601,7 +619,8 @@ def merge(shard_dirs: list[str], output: str, seed: int | None = None, keep_hand
         for k, v in rep["skips"]["by_reason"].items():
             skips.add(k, rep["skips"]["first_seen"].get(k, ""), v)
         hist += np.asarray(rep["length_histogram"]["counts"])
-    report = {k: ref[k] for k in ("inputs", "format", "tokenizer", "seq_length", "pad_id", "overlong")}
+    report = {k: ref.get(k) for k in ("inputs", "format", "tokenizer", "tokenizer_sha256", "seq_length", "pad_id",
+                                      "overlong", "engine")}
     report.update({k: int(sum(rep.get(k, 0) for _, rep in shards)) for k in sum_keys})
     report["skips"] = skips.to_dict()
     report["samples_per_source"] = [int(sum(rep["samples_per_source"][i] for _, rep in shards))
