@@ -571,7 +571,7 @@ def compare(runs: Sequence[str], reference: bool = False, output: str | None = N
 def _cfg_from_args(a: argparse.Namespace) -> EvalConfig:
     return EvalConfig(
         tasks=a.tasks, engine=a.engine, api_addr=a.api_addr or [], model=a.model, model_name=a.model_name,
-        n=a.n, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, system_prompt=a.system_prompt,
+        n=int(a.n) if str(a.n).isdigit() else a.n, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, system_prompt=a.system_prompt,
         data_dir=a.data_dir, task_file=a.task_file, output=a.output, limit=a.limit, seed=a.seed,
         batch_size=a.batch_size, max_concurrent=a.max_concurrent, max_retries=a.max_retries,
         request_timeout=a.request_timeout, api_key_env=a.api_key_env, tokenizer=a.tokenizer,

@@ -187,6 +187,7 @@ def test_killed_subprocess_resumes(problems_file, tmp_path):
         srv.stop()
 
 
+@pytest.mark.slow  # loads the 150k-token tokenizer (~15 s on 2 busy cores)
 def test_openai_budget_forcing_via_completions(teacher, problems_file, tmp_path, qwen_tokenizer_dir):
     """The stand-in teacher supports /v1/completions continuation: with a think budget the
     reasoning is cut (counted in the server's tokens) and </think> forced, and the answer still
@@ -227,3 +228,16 @@ def test_gpqa_through_the_engine_records_the_shuffle(teacher, tmp_path):
     assert m["shuffle"]["seed"] == 4
     # the stand-in cannot answer GPQA: every sample is wrong or unanswered, never counted right
     assert m["pass@1"] == 0.0 and all(not r["correct"] for r in recs)
+
+
+def test_raising_n_generates_only_the_extra_samples(teacher, problems_file, tmp_path):
+    out = tmp_path / "grow"
+    r2 = run_eval(cfg_for(teacher, problems_file, out, n=2))
+    first = {(r["problem_id"], r["sample_index"]): r["output"] for r in read_lines(out / "samples.jsonl")}
+    before = teacher.stats()["requests"]
+    r4 = run_eval(cfg_for(teacher, problems_file, out, n=4))
+    assert teacher.stats()["requests"] - before == 6 * 2
+    recs = read_lines(out / "samples.jsonl")
+    assert len(recs) == 24 and all(first[k] == o for k, o in
+                                   (((r["problem_id"], r["sample_index"]), r["output"]) for r in recs) if k in first)
+    assert r2["tasks"]["synth"]["n"] == 2 and r4["tasks"]["synth"]["n"] == 4 and "pass@4" in r4["tasks"]["synth"]
