@@ -592,7 +592,7 @@ class OpenAIEngine:
                         budget: BudgetConfig, on_done: Callable[[GenRequest, GenOutput | BaseException], Any]) -> None:
         """Run every request (bounded by the client's concurrency); ``on_done`` gets each result or
         the exception that ended it (after the client's retries)."""
-        from distilled.client import APIError, ChatClient
+        from distilled.client import APIError, ChatClient, FatalAPIError
 
         if budget.active and self.tok is None:
             raise EngineError("budget forcing with --engine openai needs --tokenizer DIR (to render the chat template "
@@ -606,6 +606,10 @@ class OpenAIEngine:
                     try:
                         out: GenOutput | BaseException = await self._one(client, req, max_tokens, temperature,
                                                                            top_p, budget)
+                    except FatalAPIError as exc:
+                        # retrying cannot help (bad request, auth, unknown model): stop the run now
+                        # rather than fail every remaining request the same way
+                        raise EngineError(f"the server refused a request: {exc}") from None
                     except APIError as exc:
                         out = exc
                     res = on_done(req, out)

@@ -241,3 +241,13 @@ def test_raising_n_generates_only_the_extra_samples(teacher, problems_file, tmp_
     assert len(recs) == 24 and all(first[k] == o for k, o in
                                    (((r["problem_id"], r["sample_index"]), r["output"]) for r in recs) if k in first)
     assert r2["tasks"]["synth"]["n"] == 2 and r4["tasks"]["synth"]["n"] == 4 and "pass@4" in r4["tasks"]["synth"]
+
+
+def test_fatal_server_error_stops_the_run(problems_file, tmp_path):
+    srv = start_in_thread(TeacherConfig(latency_ms=1, max_tokens_cap=1000))
+    try:
+        with pytest.raises(EvalError, match=r"refused a request: .*max_tokens=4000 exceeds"):
+            run_eval(cfg_for(srv, problems_file, tmp_path / "f"))
+        assert srv.stats()["requests"] <= 16  # stopped at once, not after all 24 samples failed
+    finally:
+        srv.stop()
