@@ -406,7 +406,8 @@ class TiktokenEngine:
         except ImportError:
             return None
         try:
-            spec = _json.loads(tokenizer.backend_tokenizer.to_str())
+            raw = tokenizer.backend_tokenizer.to_str()
+            spec = _json.loads(raw)
         except Exception:  # pragma: no cover - backend not serialisable
             return None
         model = spec.get("model") or {}
@@ -438,12 +439,16 @@ class TiktokenEngine:
             return None
         # merge priority must follow token ids (tiktoken merges by the rank of the result)
         last = -1
+        rules: dict[str, tuple[str, str]] = {}
         for m in model.get("merges", []):
             a, b = m.split(" ", 1) if isinstance(m, str) else m
             r = vocab.get(a + b)
             if r is None or r <= last:
                 return None
             last = r
+            rules[a + b] = (a, b)
+        if not _canonical_merges(vocab, rules, ranks, inv, raw):
+            return None
         specials = {}
         for t in spec.get("added_tokens", []):
             if t.get("lstrip") or t.get("rstrip") or t.get("single_word") or t.get("normalized"):
@@ -463,6 +468,47 @@ class TiktokenEngine:
 
 
 _ENGINE_CACHE: dict[tuple, "TiktokenEngine | None"] = {}
+
+
+def _canonical_merges(vocab: dict[str, int], rules: dict[str, tuple[str, str]], ranks: dict[bytes, int],
+                      inv: dict[str, int], raw: str) -> bool:
+    """True when every multi-byte token has exactly the merge rule tiktoken's BPE would use last
+    to form it (run on the token's own bytes with lower-ranked merges only).
+
+    With merges in id order this makes HF's merge-priority BPE and tiktoken's rank-of-result BPE
+    pick the same pair at every step (parts are always formed from lower ranks, so a pair that is
+    a token is always that token's rule). A few seconds for 151k tokens, so the verdict is cached
+    on disk per tokenizer (sha256 of its JSON) under ``$DISTILLED_CACHE/bpe-verified``.
+    """
+    import hashlib
+
+    from distilled.tokenizer import _split_by_lower_ranks, cache_root
+
+    digest = hashlib.sha256(raw.encode("utf-8")).hexdigest()
+    marker = cache_root() / "bpe-verified" / digest
+    if marker.is_file():
+        return marker.read_text().strip() == "ok"
+    ok = True
+    for tok, r in vocab.items():
+        if len(tok) == 1:
+            continue
+        rule = rules.get(tok)
+        b = bytes(inv[c] for c in tok)
+        if rule is None:
+            ok = False
+            break
+        parts = _split_by_lower_ranks(ranks, b, r)
+        if len(parts) != 2 or parts[0] != bytes(inv[c] for c in rule[0]):
+            ok = False
+            break
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text("ok\n" if ok else "no\n")
+        os.replace(tmp, marker)
+    except OSError:
+        pass
+    return ok
 
 
 def _threads() -> int:

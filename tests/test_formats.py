@@ -259,8 +259,9 @@ def test_format_config_validation():
     assert FormatConfig("openr1", generation_policy="messages").generation_policy is None
 
 
-def _tiny_bpe(merges_in_id_order: bool):
-    """A byte-level BPE (256 bytes + 'ab' + 'abc') with Qwen2's pre-tokenizer, as a fast tokenizer."""
+def _tiny_bpe(merges_in_id_order: bool, extra: bool = False):
+    """A byte-level BPE (256 bytes + 'ab' + 'abc') with Qwen2's pre-tokenizer, as a fast tokenizer.
+    ``extra``: instead 'ab', 'bc', 'abc' with the non-canonical rule ('a', 'bc') for 'abc'."""
     from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
@@ -271,6 +272,9 @@ def _tiny_bpe(merges_in_id_order: bool):
     vocab = {enc[b]: b for b in range(256)}
     vocab["ab"], vocab["abc"] = 256, 257
     merges = [("a", "b"), ("ab", "c")] if merges_in_id_order else [("ab", "c"), ("a", "b")]
+    if extra:
+        vocab["bc"], vocab["abc"] = 257, 258
+        merges = [("a", "b"), ("b", "c"), ("a", "bc")]
     tok = Tokenizer(BPE(vocab, merges))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_PAT), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -284,6 +288,11 @@ def test_tiktoken_engine_only_when_provably_equal(qwen_tokenizer):
     ok = TiktokenEngine.from_tokenizer(_tiny_bpe(True))
     assert ok is not None and ok.encode_batch(["abc abd"]) == [[257, 32, 256, 100]]
     assert TiktokenEngine.from_tokenizer(_tiny_bpe(False)) is None  # merge order != id order
+    # ids in merge order, but 'abc' = a + bc is not the split tiktoken makes (ab + c): HF gives
+    # [ab, c] where tiktoken would give [abc], so the engine must refuse
+    odd = _tiny_bpe(True, extra=True)
+    assert odd.encode("abc") == [256, 99]
+    assert TiktokenEngine.from_tokenizer(odd) is None
     with pytest.raises(ValueError, match="not a plain byte-level BPE"):
         ChatEncoder(_tiny_bpe(False), chat_template="{% for m in messages %}{{ m.content }}{% endfor %}",
                     engine="tiktoken")
