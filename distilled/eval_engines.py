@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 THINK_CLOSE = "</think>"
 

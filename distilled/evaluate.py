@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from distilled.eval_engines import BudgetConfig, EngineError, GenOutput, GenRequest, stable_seed
 from distilled.eval_tasks import PROMPT_VERSION, Problem, Task, TaskError, load_task, parse_task_names
@@ -259,6 +258,8 @@ def _make_engine(cfg: EvalConfig, logits_processor: Any = None):
             if len(set(served)) != 1:
                 raise EvalError(f"--model-name is needed: the server serves {sorted(set(served)) or 'no models'}")
             cfg.model_name = served[0]
+        if cfg.budget().active and not cfg.tokenizer and cfg.model:
+            cfg.tokenizer = cfg.model  # the served model's folder holds its tokenizer
         if cfg.budget().active and not cfg.tokenizer:
             raise EvalError("budget forcing with --engine openai needs --tokenizer DIR (the served model's "
                             "tokenizer, to render its chat template for /v1/completions continuation)")
@@ -629,7 +630,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-retries", type=int, default=8)
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--api-key-env", help="environment variable holding the API key")
-    p.add_argument("--tokenizer", help="openai + budget forcing: the served model's tokenizer folder")
+    p.add_argument("--tokenizer", help="openai + budget forcing: the served model's tokenizer folder "
+                                       "(default: --model when given)")
     p.add_argument("--verify-workers", type=int, default=2)
     p.add_argument("--verify-timeout", type=float, default=5.0)
     p.add_argument("--min-think-tokens", type=int, help="budget forcing: replace an earlier </think> with 'Wait'")
