@@ -128,6 +128,37 @@ def majority_vote(clusters: Sequence[int | None]) -> int | None:
     return best[0]
 
 
+def cons_correct(correct: Sequence[bool], answers: Sequence[Hashable | None],
+                 equivalent: Callable[[list[tuple[object, object]]], list[bool]] | None = None) -> bool:
+    """Is the majority-vote answer right? The same result as :func:`majority_vote` over
+    :func:`cluster_answers` when the correct answers form one cluster (they all equal the gold),
+    with far fewer equivalence checks.
+
+    Why: clustering n=64 AIME answers pairwise costs up to 2,016 verifier calls per problem
+    (about 17 ms each). Here no pair is checked when no sample is right, or when the right ones
+    outnumber every answered wrong one; otherwise only the distinct wrong answers are clustered.
+    Ties go to the cluster whose first sample came earliest, as in :func:`majority_vote`.
+    """
+    right = [i for i, (c, a) in enumerate(zip(correct, answers)) if c]
+    wrong = [i for i, (c, a) in enumerate(zip(correct, answers))
+             if not c and a is not None and str(a).strip() != ""]
+    if not right:
+        return False
+    if len(right) > len(wrong):
+        return True
+    clusters = cluster_answers([answers[i] for i in wrong], equivalent)
+    sizes: dict[int, int] = {}
+    for c in clusters:
+        if c is not None:
+            sizes[c] = sizes.get(c, 0) + 1
+    if not sizes:
+        return True
+    best, m = max(sizes.items(), key=lambda kv: (kv[1], -kv[0]))
+    if len(right) != m:
+        return len(right) > m
+    return right[0] < wrong[best]
+
+
 @dataclass
 class ProblemScores:
     """Per-problem figures that the task metrics average."""
@@ -142,21 +173,25 @@ class ProblemScores:
 
 
 def score_problem(problem_id: str, correct: Sequence[bool], truncated: Sequence[bool],
-                  answered: Sequence[bool], clusters: Sequence[int | None], ks: Iterable[int]) -> ProblemScores:
+                  answered: Sequence[bool], clusters: Sequence[int | None] | None, ks: Iterable[int],
+                  cons: bool | None = None) -> ProblemScores:
     """Scores of one problem from its n samples.
 
-    cons@n is right when the majority cluster's representative sample is correct.
+    cons@n is ``cons`` when given (from :func:`cons_correct`), else it is right when the majority
+    cluster's representative sample is correct.
     """
     n = len(correct)
     c = sum(bool(x) for x in correct)
-    rep = majority_vote(clusters)
+    if cons is None:
+        rep = majority_vote(clusters or [])
+        cons = bool(rep is not None and correct[rep])
     return ProblemScores(
         problem_id=problem_id,
         n=n,
         correct=c,
         truncated=sum(bool(x) for x in truncated),
         unanswered=sum(not bool(x) for x in answered),
-        cons_correct=bool(rep is not None and correct[rep]),
+        cons_correct=bool(cons),
         pass_at={k: pass_at_k(n, c, k) for k in ks if k <= n},
     )
 

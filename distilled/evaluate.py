@@ -385,7 +385,7 @@ def _equivalence(pool: Any, kind: str):
 
 def summarize(cfg: EvalConfig, tasks: list[Task], records: dict, pool: Any) -> dict:
     """results.json content: metrics per task from the logged samples of this run's problems."""
-    from distilled.eval_metrics import aggregate, cluster_answers, default_ks, score_problem
+    from distilled.eval_metrics import aggregate, cons_correct, default_ks, score_problem
 
     res: dict[str, Any] = {
         "model": cfg.model_name, "engine": cfg.engine, "prompt_version": cfg.prompt_version,
@@ -410,9 +410,10 @@ def summarize(cfg: EvalConfig, tasks: list[Task], records: dict, pool: Any) -> d
                 continue
             answered = [r["extracted"] is not None for r in recs]
             truncated = [r["finish_reason"] == "length" for r in recs]
-            clusters = cluster_answers([r["extracted"] for r in recs], _equivalence(pool, t.kind))
-            scores.append(score_problem(p.id, [r["correct"] for r in recs], truncated,
-                                        [a or tr for a, tr in zip(answered, truncated)], clusters, ks))
+            correct = [bool(r["correct"]) for r in recs]
+            cons = cons_correct(correct, [r["extracted"] for r in recs], _equivalence(pool, t.kind))
+            scores.append(score_problem(p.id, correct, truncated, [a or tr for a, tr in zip(answered, truncated)],
+                                        None, ks, cons=cons))
             # unanswered counts finished samples with no answer; truncated ones are counted apart
             for r in recs:
                 if r.get("think_tokens") is not None:

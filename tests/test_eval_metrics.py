@@ -121,3 +121,43 @@ def test_aggregate_percentages_and_stderr():
     assert m["truncated_pct"] == pytest.approx(100 / 12)
     assert m["unanswered_pct"] == pytest.approx(100 / 12)
     assert m["problems"] == 3 and m["samples"] == 12 and m["n"] == 4
+
+
+def test_cons_correct_equals_full_clustering_vote():
+    """The shortcut gives the same cons@n as voting over full clusters, on random problems where
+    answers are residues and 'equivalent' means equal mod 5 (so distinct strings do merge)."""
+    from distilled.eval_metrics import cons_correct
+
+    calls = {"pairs": 0}
+
+    def eq(pairs):
+        calls["pairs"] += len(pairs)
+        return [int(a) % 5 == int(b) % 5 for a, b in pairs]
+
+    rng = random.Random(7)
+    for _ in range(400):
+        n = rng.choice([1, 2, 4, 8, 16])
+        gold = rng.randrange(5)
+        answers, correct = [], []
+        for _ in range(n):
+            if rng.random() < 0.2:
+                answers.append(None)
+                correct.append(False)
+                continue
+            v = rng.randrange(15) if rng.random() < 0.6 else gold + 5 * rng.randrange(3)
+            answers.append(str(v))
+            correct.append(v % 5 == gold)
+        full = majority_vote(cluster_answers(answers, eq))
+        expected = full is not None and correct[full]
+        assert cons_correct(correct, answers, eq) == expected, (answers, correct)
+
+
+def test_cons_correct_skips_equivalence_when_it_cannot_matter():
+    from distilled.eval_metrics import cons_correct
+
+    def never(pairs):
+        raise AssertionError("no equivalence check was needed")
+
+    assert cons_correct([False] * 4, ["1", "2", "3", None], never) is False
+    assert cons_correct([True, True, True, False], ["4", "4", "4.0", "7"], never) is True
+    assert cons_correct([True, False, False], ["4", None, None], never) is True
