@@ -480,6 +480,22 @@ def yaml_problems(path: str | os.PathLike) -> list[str]:
     return problems
 
 
+def _global_step(cb: Any) -> int:
+    """The optimizer's step counter: continues across a resume (MindFormers restarts
+    ``cur_step_num`` at 1 after resuming and keeps the offset in a config copy we cannot see)."""
+    net = cb.get("train_network") if hasattr(cb, "get") else None
+    opt = getattr(net, "optimizer", None) or (cb.get("optimizer") if hasattr(cb, "get") else None)
+    gs = getattr(opt, "global_step", None)
+    if gs is not None:
+        try:
+            import numpy as np
+
+            return int(np.asarray(gs.asnumpy()).reshape(-1)[0])
+        except Exception:  # noqa: BLE001 - fall back to MindSpore's own counter
+            pass
+    return int(cb.cur_step_num)
+
+
 def make_loss_callback(output_dir: str, rank: int, tokens_per_step: int):
     """A MindSpore callback writing one JSON line per step (see module docstring).
 
@@ -521,7 +537,7 @@ def make_loss_callback(output_dir: str, rank: int, tokens_per_step: int):
                 return float(a.mean()) if a.dtype != np.bool_ else bool(a.any())
 
             rec = {
-                "step": int(cb.cur_step_num),
+                "step": _global_step(cb),
                 "epoch": int(cb.cur_epoch_num),
                 "loss": num(vals[0]),
                 "overflow": num(vals[1]) if len(vals) > 1 else None,

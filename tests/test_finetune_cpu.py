@@ -304,7 +304,7 @@ def test_two_worker_msrun_finetune_resume_and_export(tmp_path, qwen_tokenizer, t
     import datasets
 
     rows = len(datasets.load_from_disk(str(data)))
-    steps = rows // 2  # 2 data-parallel workers, batch 1 each, drop_remainder
+    steps = (rows + 1) // 2  # 2 data-parallel shards of batch 1 (MindSpore pads the shorter shard)
     assert steps >= 4
 
     full = tmp_path / "full"
@@ -382,7 +382,7 @@ def test_two_worker_lora_trains_only_adapters_and_merges(tmp_path, qwen_tokenize
     base = hf_to_mf(load_safetensors_np(tiny_qwen2_dir), tie_word_embeddings=False)
     for k, v in base.items():
         assert np.array_equal(trained[k], v), f"{k} changed: only adapters may train"
-    lora_b = [k for k in trained if k.endswith("mindpet_delta_lora_b")]
+    lora_b = [k for k in trained if k.startswith("model.") and k.endswith("mindpet_delta_lora_b")]
     assert len(lora_b) == 8 and any(np.abs(trained[k]).max() > 0 for k in lora_b)  # B started at 0
     merged = convert_merge_lora(ckpts[-1], tmp_path / "merged", config=lora_yaml)
     import torch
