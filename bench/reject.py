@@ -68,6 +68,9 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+PARENT_CPU: dict[int, list[float]] = {}
+
+
 def run_pool(items: list[tuple], workers: int, timeout: float) -> tuple[float, float, list]:
     c0, ch0 = time.process_time(), _children_cpu()
     pool = VerifierPool(workers=workers, timeout=timeout)
@@ -75,7 +78,9 @@ def run_pool(items: list[tuple], workers: int, timeout: float) -> tuple[float, f
     out = list(pool.judge_many(items))
     wall = time.perf_counter() - t
     pool.close()  # joins the workers, so their CPU time is counted below
-    return wall, (time.process_time() - c0) + (_children_cpu() - ch0), out
+    parent = time.process_time() - c0
+    PARENT_CPU.setdefault(workers, []).append(parent)
+    return wall, parent + (_children_cpu() - ch0), out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"per-item overhead of pool w=1 over bare math-verify: wall {overhead_wall:+.1%}, CPU {overhead_cpu:+.1%} "
           f"(target <= +15%)")
     print(f"pool w=2 vs single process: {speedup_w2_w1:.2f}x pool w=1, {speedup_w2_bare:.2f}x bare (target >= 1.8x)")
+    eff = {w: len(pairs) / cpu[f"pool w={w}"] for w in (1, 2)}
+    print(f"pairs per CPU-second: pool w=1 {eff[1]:.1f}, w=2 {eff[2]:.1f} (ratio {eff[2] / eff[1]:.2f}); parent "
+          f"process CPU: w=1 {min(PARENT_CPU[1]):.1f} s, w=2 {min(PARENT_CPU[2]):.1f} s")
     paired = [(res["pool w=1"][i][0] / res["bare"][i][0] - 1, res["pool w=1"][i][0] / res["pool w=2"][i][0])
               for i in range(a.rounds)]
     print("same-round ratios: " + "; ".join(f"round {i + 1}: w=1 overhead {o:+.1%}, w=2 speed-up {s:.2f}x"
@@ -157,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "speedup_w2_vs_w1": speedup_w2_w1, "speedup_w2_vs_bare": speedup_w2_bare, "agreement": agree,
             "labelled": {"n": n, "ours": ours / n, "docs": docs / n}, "loadavg": os.getloadavg()[0],
             "rounds": {k: v for k, v in res.items()}, "paired": paired,
+            "pairs_per_cpu_s": eff, "parent_cpu_s": PARENT_CPU,
         }, indent=2))
     return 0
 
