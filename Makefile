@@ -32,7 +32,7 @@ eval-env: .venv-eval/.installed
 .venv-eval/.installed:
 	test -x .venv-eval/bin/python || $(PY) -m venv .venv-eval
 	.venv-eval/bin/pip install -q --upgrade pip
-	.venv-eval/bin/pip install -q 'lighteval[math]' torch==2.13.0
+	.venv-eval/bin/pip install -q 'lighteval[math]==0.13.0' torch==2.13.0
 	touch $@
 
 clean:
