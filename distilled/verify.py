@@ -251,6 +251,21 @@ def _judge_answer(answer_text: str, gold: str, kind: str) -> tuple[bool, str, st
     return (True, "correct", extracted) if ok else (False, "wrong_answer", extracted)
 
 
+EXTRACTED_MAX_CHARS = 500
+
+
+def _judge_answer_safe(answer_text: str, gold: str, kind: str) -> tuple[bool, str, str | None]:
+    """``_judge_answer`` where an error inside math-verify/sympy is a clean ``no_answer`` verdict
+    (the same in-process and in a worker), and ``extracted`` is capped for reports/journals."""
+    try:
+        correct, reason, extracted = _judge_answer(answer_text, gold, kind)
+    except Exception as exc:  # noqa: BLE001 - one odd input must not stop a 100k-row run
+        return False, "no_answer", f"error: {type(exc).__name__}"
+    if extracted is not None and len(extracted) > EXTRACTED_MAX_CHARS:
+        extracted = extracted[:EXTRACTED_MAX_CHARS] + "..."
+    return correct, reason, extracted
+
+
 def _raise_timeout(signum, frame):  # pragma: no cover - runs from the signal handler
     raise VerifyTimeout()
 
@@ -264,13 +279,13 @@ def _with_timer(answer_text: str, gold: str, kind: str, timeout: float | None,
     a caller's own threads would also advance a CPU timer."""
     _mv()  # the first call imports sympy & co: not part of any verdict's time
     if not timeout or timeout <= 0 or threading.current_thread() is not threading.main_thread():
-        return _judge_answer(answer_text, gold, kind)
+        return _judge_answer_safe(answer_text, gold, kind)
     which, sig = (signal.ITIMER_PROF, signal.SIGPROF) if cpu_time else (signal.ITIMER_REAL, signal.SIGALRM)
     old = signal.signal(sig, _raise_timeout)
     try:
         signal.setitimer(which, timeout)
         try:
-            return _judge_answer(answer_text, gold, kind)
+            return _judge_answer_safe(answer_text, gold, kind)
         finally:
             signal.setitimer(which, 0)
     except VerifyTimeout:
@@ -329,10 +344,7 @@ def _worker_main(conn, timeout: float | None) -> None:
         if chunk is None:
             return
         for seq, answer_text, gold, kind in chunk:
-            try:
-                res = _with_timer(answer_text, gold, kind, timeout, cpu_time=True)
-            except Exception as exc:  # a bug or odd input must not kill the pool
-                res = (False, "no_answer", f"error: {type(exc).__name__}")
+            res = _with_timer(answer_text, gold, kind, timeout, cpu_time=True)
             conn.send((seq, *res))
 
 
