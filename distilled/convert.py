@@ -567,7 +567,8 @@ def convert_merge_lora(src: str | os.PathLike, dst_dir: str | os.PathLike, confi
         state.update(base_state)
     for f in _safetensors_files(Path(src)):
         for k, v in load_file(str(f)).items():
-            if is_mf_model_weight(k) or k.endswith((LORA_A, LORA_B)):
+            # adapters of the model only: the optimizer's adam_m./adam_v. copies end the same way
+            if is_mf_model_weight(k) or (k.endswith((LORA_A, LORA_B)) and _looks_like_model_param(k)):
                 state[k] = v
     merged = merge_lora(state, alpha)
     with tempfile.TemporaryDirectory(dir=Path(dst_dir).parent if Path(dst_dir).parent.exists() else None) as tmp:
