@@ -12,7 +12,9 @@ mask) or when positions that should restart do not (the torch backend derives it
 boundaries from ``position_ids``, as flash-attn varlen does).
 
 Tolerances (``TOLERANCES``; the fp32 defaults come from the issue, bf16 ones are looser because
-bf16 keeps 8 bits of mantissa and the two frameworks round matmuls differently):
+bf16 keeps 8 bits of mantissa and the two frameworks round matmuls differently; the packing check
+compares a backend with itself, so it stays tight in bf16). MindSpore 2.9 has no bf16 MatMul on
+CPU: bf16 parity needs Ascend for the MindSpore side.
 
 ============================ ========= =========
 check                        float32   bfloat16
@@ -22,7 +24,7 @@ loss rel. diff, every step   1e-4      5e-2
 grad-norm rel. diff          1e-3      1e-1
 logits max-abs / max|logit|  1e-4      5e-2
 parameter drift ||a-b||/||a|| 1e-4     5e-2
-packing rel. diff            1e-5      2e-2
+packing rel. diff            1e-5      2e-3
 ============================ ========= =========
 """
 
@@ -39,7 +41,7 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "float32": {"loss_rel_step0": 1e-5, "loss_rel": 1e-4, "grad_norm_rel": 1e-3, "logits_rel": 1e-4,
                 "param_drift_rel": 1e-4, "packing_rel": 1e-5},
     "bfloat16": {"loss_rel_step0": 2e-2, "loss_rel": 5e-2, "grad_norm_rel": 1e-1, "logits_rel": 5e-2,
-                 "param_drift_rel": 5e-2, "packing_rel": 2e-2},
+                 "param_drift_rel": 5e-2, "packing_rel": 2e-3},
 }
 DEFAULT_BACKENDS = ("mindspore", "torch")
 

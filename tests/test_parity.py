@@ -145,3 +145,19 @@ def test_mindspore_lora_trains_only_adapters(setup):
             assert np.array_equal(before[k], after[k]), k
     # B starts at 0, so the first step moves B (A's gradient is B^T... = 0)
     assert all(not np.array_equal(before[k], after[k]) for k in lora_names if ".lora_B" in k)
+
+
+def test_bf16_packing_check_on_torch_and_clear_mindspore_cpu_error(setup):
+    from distilled.backends import get_backend
+    from distilled.train import load_packed
+
+    d, weights, data, cfg = setup
+    rows = load_packed(data)
+    tol = TOLERANCES["bfloat16"]["packing_rel"]
+    ok = packing_check("torch", weights, rows, dtype="bfloat16", max_rows=1)
+    assert ok["ok"] and ok["tolerance"] == tol
+    leaky = packing_check("torch", weights, rows, dtype="bfloat16", max_rows=1,
+                          backend_kwargs={"torch": {"block_mask": False}})
+    assert not leaky["ok"]
+    with pytest.raises(ValueError, match="no bfloat16 kernel"):
+        get_backend("mindspore").load_hf(weights, dtype="bfloat16")

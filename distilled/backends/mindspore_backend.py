@@ -154,6 +154,9 @@ class MindSporeBackend(Backend):
         from distilled.backends.torch_backend import check_model_config
         from distilled import mindformers_compat as compat
 
+        if dtype == "bfloat16" and self.device_target == "CPU":
+            raise ValueError("dtype bfloat16: MindSpore 2.9's CPU MatMul has no bfloat16 kernel; run bf16 parity "
+                             "on Ascend (device_target Ascend) or use --dtype float32 on CPU")
         weights_dir = Path(weights_dir)
         cfg_path = weights_dir / "config.json"
         if not cfg_path.is_file():
