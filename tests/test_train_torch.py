@@ -140,3 +140,24 @@ def test_torch_lora_trains_only_adapters(setup, tmp_path):
             np.testing.assert_allclose(merged[k], base[k] + 2.0 * (b @ a), rtol=1e-5, atol=1e-6)
         else:  # frozen: biases, MLP, norms, embeddings, head
             assert np.array_equal(merged[k], base[k]), k
+
+
+@pytest.mark.slow
+def test_mindspore_backend_trains_the_same_checkpoint(setup, tmp_path):
+    """distill train --backend mindspore writes HF safetensors equal (to fp32 noise) to torch's."""
+    from safetensors.numpy import load_file
+
+    d, weights, data = setup
+    cfg = write_yaml(tmp_path / "c.yaml", data=data, weights=weights, lr=5e-3, warmup_ratio=0.0)
+    for name in ("torch", "mindspore"):
+        run_train(str(cfg), backend=name, output=str(tmp_path / name), steps=2, device="cpu" if name == "torch" else None,
+                  quiet=True)
+    a = load_file(str(tmp_path / "torch" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "mindspore" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    num = sum(float(((a[k].astype(np.float64) - b[k]) ** 2).sum()) for k in a)
+    den = sum(float((a[k].astype(np.float64) ** 2).sum()) for k in a)
+    assert (num / den) ** 0.5 < 1e-5
+    la = [json.loads(x)["loss"] for x in (tmp_path / "torch" / "loss.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "mindspore" / "loss.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
