@@ -141,3 +141,16 @@ def test_model_config_mismatch_is_refused(small_weights):
     be = get_backend("torch", device="cpu")
     with pytest.raises(ValueError, match=r"model_config.hidden_size=128 but config.json hidden_size=64"):
         be.load_hf(small_weights, model_config={"hidden_size": 128})
+
+
+def test_torch_flattened_batch_equals_batched(small_weights):
+    """The flash-attn layout (B rows as one row, boundaries from positions) computes the same loss."""
+    b = packed_batch(packed_rows(3, 40, seed=11))
+    plain = get_backend("torch", device="cpu")
+    plain.load_hf(small_weights)
+    flat = get_backend("torch", device="cpu", flatten_batch=True)
+    flat.load_hf(small_weights)
+    r1, r2 = plain.forward(b, return_logits=True), flat.forward(b, return_logits=True)
+    assert r1.num_tokens == r2.num_tokens
+    assert abs(r1.loss - r2.loss) / r1.loss < 1e-6
+    np.testing.assert_allclose(r1.logits, r2.logits, atol=1e-5)

@@ -74,10 +74,13 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, device: str | None = None, attn: str = "auto", mask_from: str = "position_ids",
-                 block_mask: bool = True, ddp: bool = False):
+                 block_mask: bool = True, ddp: bool = False, flatten_batch: bool | None = None):
         """``mask_from``: ``position_ids`` (default, like flash varlen) or ``doc_ids`` (the batch's
         ``actual_seq_len``). ``block_mask=False`` gives a plain causal mask across the whole row:
-        only for tests proving the packing check catches leaks."""
+        only for tests proving the packing check catches leaks. ``flatten_batch`` runs a (B, S)
+        batch as one (1, B*S) row; rows stay apart because every row starts at position 0. It is
+        forced on for flash-attn, whose varlen path (transformers ``_is_packed_sequence``) only
+        reads ``position_ids`` when the batch size is 1."""
         import torch
 
         self.torch = torch
@@ -90,6 +93,7 @@ class TorchBackend(Backend):
         self.mask_from = mask_from
         self.block_mask = block_mask
         self.ddp = ddp
+        self.flatten_batch = flatten_batch
         self.model = None
         self.module = None  # the unwrapped model
         self.optimizer = None
@@ -188,9 +192,17 @@ class TorchBackend(Backend):
         return out
 
     # ---------------------------------------------------------------- forward and loss
+    def _flat(self) -> bool:
+        return self.attn_impl == "flash_attention_2" or bool(self.flatten_batch)
+
     def _inputs(self, batch: PackedBatch) -> dict:
         torch = self.torch
         dev = self.device
+        if self._flat() and batch.batch_size > 1:
+            flat = batch.input_ids.reshape(1, -1), batch.position_ids.reshape(1, -1), batch.doc_ids
+            # doc ids must stay distinct across rows once the rows are concatenated
+            docs = (batch.doc_ids + (batch.doc_ids.max() + 1) * np.arange(batch.batch_size)[:, None]).reshape(1, -1)
+            batch = PackedBatch(flat[0], batch.labels.reshape(1, -1), batch.loss_mask.reshape(1, -1), flat[1], docs)
         input_ids = torch.as_tensor(batch.input_ids, dtype=torch.long, device=dev)
         position_ids = torch.as_tensor(batch.position_ids, dtype=torch.long, device=dev)
         kw = {"input_ids": input_ids, "position_ids": position_ids}
@@ -226,7 +238,7 @@ class TorchBackend(Backend):
             ctx = contextlib.nullcontext()
         with ctx:
             logits = self.model(**kw, use_cache=False).logits
-        logits = logits.float()
+        logits = logits.float().reshape(batch.batch_size, batch.seq_length, -1)
         labels = torch.as_tensor(batch.labels, dtype=torch.long, device=self.device)
         mask = torch.as_tensor(batch.loss_mask, dtype=torch.float32, device=self.device)
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
