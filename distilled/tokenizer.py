@@ -70,7 +70,14 @@ QWEN2_5_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<|repo_name|>", False),
     ("<|file_sep|>", False),
 )
-ADDED_TOKEN_IDS = {tok: NUM_BPE_TOKENS + i for i, (tok, _) in enumerate(QWEN2_5_ADDED_TOKENS)}
+
+
+def added_token_ids(bpe_tokens: int = NUM_BPE_TOKENS) -> dict[str, int]:
+    """Ids of the added tokens, which follow the BPE vocabulary (151643.. for the full one)."""
+    return {tok: bpe_tokens + i for i, (tok, _) in enumerate(QWEN2_5_ADDED_TOKENS)}
+
+
+ADDED_TOKEN_IDS = added_token_ids()
 ENDOFTEXT_ID = ADDED_TOKEN_IDS["<|endoftext|>"]  # 151643, the pad id
 IM_START_ID = ADDED_TOKEN_IDS["<|im_start|>"]  # 151644
 IM_END_ID = ADDED_TOKEN_IDS["<|im_end|>"]  # 151645, eos of the chat models
@@ -178,10 +185,10 @@ def _build_backend(vocab: dict[str, int], merges: list[tuple[str, str]]):
     ])
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    # one call, in id order, so ids are 151643.. exactly
+    # one call, in id order, so ids are 151643.. exactly (len(vocab).. for a trimmed vocabulary)
     tok.add_tokens([AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False, special=s)
                     for t, s in QWEN2_5_ADDED_TOKENS])
-    for t, want in ADDED_TOKEN_IDS.items():
+    for t, want in added_token_ids(len(vocab)).items():
         got = tok.token_to_id(t)
         if got != want:
             raise RuntimeError(f"added token {t} got id {got}, expected {want}")
@@ -196,13 +203,14 @@ def read_chat_template(path: str | os.PathLike | None = None) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def _tokenizer_config(chat_template: str) -> dict:
+def _tokenizer_config(chat_template: str, bpe_tokens: int = NUM_BPE_TOKENS) -> dict:
     """tokenizer_config.json as Qwen2.5 instruct models ship it."""
+    ids = added_token_ids(bpe_tokens)
     return {
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": {
-            str(ADDED_TOKEN_IDS[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+            str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                       "single_word": False, "special": s}
             for t, s in QWEN2_5_ADDED_TOKENS
         },
@@ -221,9 +229,17 @@ def _tokenizer_config(chat_template: str) -> dict:
 
 
 def write_qwen2_5_tokenizer_files(out: Path, ranks_path: str | os.PathLike | None = None,
-                                  chat_template_path: str | os.PathLike | None = None) -> None:
-    """Write the four tokenizer files into an existing directory ``out`` (not atomic by itself)."""
+                                  chat_template_path: str | os.PathLike | None = None,
+                                  bpe_tokens: int | None = None) -> None:
+    """Write the four tokenizer files into an existing directory ``out`` (not atomic by itself).
+
+    ``bpe_tokens``: keep only the BPE tokens of rank < N (see ``build_qwen2_5_tokenizer``).
+    """
     ranks = load_qwen_ranks(ranks_path)
+    if bpe_tokens is not None:
+        if not 256 <= bpe_tokens <= NUM_BPE_TOKENS:
+            raise ValueError(f"bpe_tokens must be between 256 and {NUM_BPE_TOKENS}, got {bpe_tokens}")
+        ranks = {b: r for b, r in ranks.items() if r < bpe_tokens}
     vocab, merges = derive_vocab_and_merges(ranks)
     template = read_chat_template(chat_template_path)
     backend = _build_backend(vocab, merges)
@@ -235,7 +251,7 @@ def write_qwen2_5_tokenizer_files(out: Path, ranks_path: str | os.PathLike | Non
         for a, b in merges:
             f.write(f"{a} {b}\n")
     with open(out / "tokenizer_config.json", "w", encoding="utf-8") as f:
-        json.dump(_tokenizer_config(template), f, ensure_ascii=False, indent=2)
+        json.dump(_tokenizer_config(template, len(vocab)), f, ensure_ascii=False, indent=2)
         f.write("\n")
     special_map = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
                    "additional_special_tokens": _tokenizer_config("")["additional_special_tokens"]}
@@ -246,8 +262,14 @@ def write_qwen2_5_tokenizer_files(out: Path, ranks_path: str | os.PathLike | Non
 
 
 def build_qwen2_5_tokenizer(output_dir: str | os.PathLike, ranks_path: str | os.PathLike | None = None,
-                            chat_template_path: str | os.PathLike | None = None) -> Path:
+                            chat_template_path: str | os.PathLike | None = None,
+                            bpe_tokens: int | None = None) -> Path:
     """Build the Qwen2.5 tokenizer into ``output_dir`` atomically and return its path.
+
+    ``bpe_tokens=N`` trims the vocabulary to the N lowest-ranked BPE tokens (the first N merges),
+    for tiny CPU students whose 151,936-row embedding and softmax would dominate every step.
+    Tokens below N keep their real Qwen2.5 ids, text still round-trips (it splits into more,
+    smaller pieces), and the 22 added tokens follow at N, N+1, ...; default: the full tokenizer.
 
     Writes ``tokenizer.json``, ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` (official
     chat template, eos ``<|im_end|>``, pad ``<|endoftext|>``) and ``special_tokens_map.json``.
@@ -260,7 +282,7 @@ def build_qwen2_5_tokenizer(output_dir: str | os.PathLike, ranks_path: str | os.
 
     output_dir = Path(output_dir)
     with atomic_dir(output_dir) as tmp:
-        write_qwen2_5_tokenizer_files(tmp, ranks_path, chat_template_path)
+        write_qwen2_5_tokenizer_files(tmp, ranks_path, chat_template_path, bpe_tokens)
     return output_dir
 
 
@@ -332,10 +354,10 @@ def _cmd_qwen(args: argparse.Namespace) -> int:
     import time
 
     t0 = time.perf_counter()
-    out = build_qwen2_5_tokenizer(args.output)
+    out = build_qwen2_5_tokenizer(args.output, bpe_tokens=args.bpe_tokens)
     tok = load_tokenizer(out)
     check = tok.encode("Hello world")
-    if check != [9707, 1879]:
+    if args.bpe_tokens is None and check != [9707, 1879]:
         print(f"error: built tokenizer encodes 'Hello world' as {check}, expected [9707, 1879]", file=sys.stderr)
         return 1
     print(f"wrote Qwen2.5 tokenizer to {out} ({len(tok)} tokens, eos {tok.eos_token} "
@@ -352,6 +374,9 @@ def register_cli(sub) -> None:
                         description="Write tokenizer.json, vocab.json, merges.txt and tokenizer_config.json "
                                     "of Qwen2.5 (official chat template, eos <|im_end|>, pad <|endoftext|>).")
     q.add_argument("--output", required=True, help="directory to write (replaced atomically)")
+    q.add_argument("--bpe-tokens", type=int, default=None, metavar="N",
+                   help="trim to the N lowest-ranked BPE tokens (tiny CPU students; ids below N are the "
+                        "real Qwen2.5 ids, the added tokens follow at N..N+21). Default: all 151643")
     q.set_defaults(func=_cmd_qwen)
 
     def _need_name(_args: argparse.Namespace) -> int:
