@@ -44,6 +44,7 @@ class DemoConfig:
     num_generations: int = 2
     wrong_rate: float = 0.2
     seq_length: int = 512
+    vocab_size: int = 8192
     epochs: int = 3
     workers: int = 2
     parity_steps: int = 3
@@ -264,11 +265,30 @@ class Demo:
                            summary=f"{kept} verified rows", extra={"report": r})
 
     def s_tokenizer(self) -> StageResult:
-        self.distill("tokenizer", "tokenizer", "qwen2.5", "--output", str(self.p("tokenizer")))
-        import json as _json
+        """The real Qwen2.5 BPE, trimmed to ``vocab_size`` ids (``--bpe-tokens``): on 2 CPU cores a
+        151,936-row softmax would take ~3/4 of every training step of the 2-layer student."""
+        bpe = self.cfg.vocab_size - 22  # the 22 added tokens follow the BPE ids
+        self.distill("tokenizer", "tokenizer", "qwen2.5", "--output", str(self.p("tokenizer")), "--bpe-tokens", str(bpe))
+        return StageResult("tokenizer", summary=f"Qwen2.5 tokenizer built offline, trimmed to its first {bpe} BPE "
+                                                f"tokens + 22 added tokens ({self.cfg.vocab_size} ids)")
 
-        vocab = len(_json.loads(self.p("tokenizer", "vocab.json").read_text()))
-        return StageResult("tokenizer", summary=f"Qwen2.5 tokenizer built offline ({vocab} BPE tokens)")
+    def special_ids(self) -> dict[str, int]:
+        from distilled.tokenizer import added_token_ids
+
+        return added_token_ids(self.cfg.vocab_size - 22)
+
+    def finetune_yaml(self) -> Path:
+        """configs/finetune_qwen2_5_tiny_cpu.yaml with the demo student's vocabulary and pad id."""
+        dst = self.p("configs", "finetune_qwen2_5_tiny_cpu.yaml")
+        if dst.exists():
+            return dst
+
+        def edit(cfg: dict) -> None:
+            mc = cfg["model"]["model_config"]
+            mc["vocab_size"] = self.cfg.vocab_size
+            mc["pad_token_id"] = self.special_ids()["<|endoftext|>"]
+
+        return self._derived_yaml("finetune_qwen2_5_tiny_cpu.yaml", "finetune_qwen2_5_tiny_cpu.yaml", edit)
 
     def _derived_yaml(self, src: str, name: str, edit: Callable[[dict], None]) -> Path:
         """Copy one of the project's YAMLs with demo paths and sizes filled in."""
@@ -302,6 +322,7 @@ class Demo:
             dl["dataset_path"] = str(handled)
             dl["handler"][0]["seq_length"] = c.seq_length
             dl["handler"][0]["seed"] = c.seed  # BFD emits rows longest-first; shuffle them
+            dl["handler"][0]["pad_token"] = self.special_ids()["<|endoftext|>"]
 
         y1 = self._derived_yaml("data_process_handling.yaml", "data_process_handling.yaml", handling)
         y2 = self._derived_yaml("data_process_packing.yaml", "data_process_packing.yaml", packing)
@@ -324,8 +345,8 @@ class Demo:
     def s_student(self) -> StageResult:
         from distilled.tiny_model import TinyQwen2Shape, make_tiny_qwen2
 
-        make_tiny_qwen2(self.p("student-init"), seed=self.cfg.seed, tokenizer_dir=self.p("tokenizer"))
-        shape = TinyQwen2Shape()
+        shape = TinyQwen2Shape(vocab_size=self.cfg.vocab_size)
+        make_tiny_qwen2(self.p("student-init"), shape=shape, seed=self.cfg.seed, tokenizer_dir=self.p("tokenizer"))
         return StageResult("student", summary=f"random tiny Qwen2.5-architecture student ({shape.num_hidden_layers} "
                                               f"layers, hidden {shape.hidden_size}) saved as HF safetensors",
                            extra={"shape": asdict(shape)})
@@ -347,7 +368,7 @@ class Demo:
     def s_finetune(self) -> StageResult:
         c = self.cfg
         out = self.p("finetune")
-        cmd = (f"run_mindformer.py --config configs/finetune_qwen2_5_tiny_cpu.yaml --run_mode finetune "
+        cmd = (f"run_mindformer.py --config {shlex.quote(str(self.finetune_yaml()))} --run_mode finetune "
                f"--load_checkpoint {shlex.quote(str(self.p('student-init')))} "
                f"--train_dataset_dir {shlex.quote(str(self.p('data', 'packed')))} "
                f"--output_dir {shlex.quote(str(out))} --epochs {c.epochs} --seed {c.seed}")
@@ -357,7 +378,7 @@ class Demo:
         if not ckpts:
             raise StageFailed(f"stage 'finetune': no safetensors checkpoint under {out}/checkpoint/rank_0")
         self.distill("finetune", "convert", "mf-to-hf", str(ckpts[-1]), str(self.p("student-final")),
-                     "--config", "configs/finetune_qwen2_5_tiny_cpu.yaml", "--tokenizer", str(self.p("tokenizer")))
+                     "--config", str(self.finetune_yaml()), "--tokenizer", str(self.p("tokenizer")))
         from distilled.mf_run import read_loss
 
         losses = read_loss(out / "loss.jsonl")
@@ -372,7 +393,7 @@ class Demo:
 
     def s_parity(self) -> StageResult:
         rep = self.p("parity")
-        self.distill("parity", "parity", "--config", "configs/finetune_qwen2_5_tiny_cpu.yaml",
+        self.distill("parity", "parity", "--config", str(self.finetune_yaml()),
                      "--weights", str(self.p("student-init")), "--data", str(self.p("data", "packed")),
                      "--steps", str(self.cfg.parity_steps), "--check", "all", "--report", str(rep))
         r = _read_json(rep / "parity.json")
@@ -409,6 +430,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-test", type=int, default=d.n_test, help="held-out synthetic test problems")
     p.add_argument("--num-generations", type=int, default=d.num_generations, help="teacher generations per problem")
     p.add_argument("--seq-length", type=int, default=d.seq_length, help="packed row length")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                   help="student vocabulary: the Qwen2.5 BPE trimmed to this many ids (151665 = all)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="fine-tuning epochs")
     p.add_argument("--workers", type=int, default=d.workers, help="msrun workers / verifier processes")
     p.add_argument("--parity-steps", type=int, default=d.parity_steps)

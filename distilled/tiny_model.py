@@ -43,6 +43,15 @@ def make_tiny_qwen2(output_dir: str | Path, shape: TinyQwen2Shape = TinyQwen2Sha
 
     from distilled.io_utils import atomic_dir
 
+    endoftext, im_end = 151643, 151645
+    if tokenizer_dir is not None:  # a trimmed tokenizer (`--bpe-tokens`) moves the special ids
+        from distilled.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_dir)
+        if len(tok) > shape.vocab_size:
+            raise ValueError(f"{tokenizer_dir}: the tokenizer has {len(tok)} tokens but vocab_size is "
+                             f"{shape.vocab_size}")
+        endoftext, im_end = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
     torch.manual_seed(seed)
     cfg = Qwen2Config(
         **asdict(shape),
@@ -50,9 +59,9 @@ def make_tiny_qwen2(output_dir: str | Path, shape: TinyQwen2Shape = TinyQwen2Sha
         initializer_range=0.02,
         use_cache=True,
         use_sliding_window=False,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        pad_token_id=151643,
+        bos_token_id=endoftext,
+        eos_token_id=im_end,
+        pad_token_id=endoftext,
         torch_dtype="float32",
     )
     model = Qwen2ForCausalLM(cfg).to(torch.float32)
