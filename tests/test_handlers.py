@@ -178,6 +178,7 @@ def test_mindformers_hfdataloader_resolves_our_types(tmp_path, openr1_jsonl, qwe
     assert ((labels != -100) == (lm != 0)).all()
 
 
+@pytest.mark.slow
 def test_stratos_magpie_handlers_and_num_proc(qwen_tokenizer_dir, qwen_tokenizer):
     import datasets
 
