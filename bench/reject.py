@@ -18,6 +18,11 @@ Rounds are interleaved (bare, w1, w2, bare, ...) so that load from other process
 methods alike; the best round of each is reported (and CPU seconds, which other load does not
 inflate: for pools, parent plus workers).
 
+On a shared machine with ``sched_autogroup`` on (this one), all processes of one session share one
+CPU share against other sessions, so a 2-worker pool cannot beat 1 worker there while other
+sessions are busy; ``--own-sessions`` (a diagnostic, off by default) puts each worker in its own
+session to show what the pool does when it gets the CPU a lone process gets.
+
 Accuracy: the hand-labelled R1-style set in ``bench/reject_data.py``, judged by our verifier and by
 the MindSpore docs' ``reject_sampling.py`` logic (re-implemented there).
 
@@ -90,7 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the figures here too")
+    ap.add_argument("--own-sessions", action="store_true",
+                    help="diagnostic: start each pool worker in its own session (os.setsid), so that Linux's "
+                         "sched_autogroup gives it the CPU share of a lone process, as on a machine where no "
+                         "other session competes; `bare` already runs alone in its session")
     a = ap.parse_args(argv)
+    if a.own_sessions:
+        import distilled.verify as V
+
+        original = V._worker_main
+
+        def in_own_session(conn, timeout):
+            os.setsid()
+            original(conn, timeout)
+
+        V._worker_main = in_own_session
 
     pairs = realistic_pairs(a.pairs, seed=a.seed)
     items = [(g, gold, fr, "math") for g, gold, fr in pairs]
@@ -104,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if auto.exists() and Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1":
         print("note: sched_autogroup is on: this session's processes share ONE CPU share against other "
               "sessions, so with other sessions busy a 2-worker pool cannot run faster than 1 worker")
+    if a.own_sessions:
+        print("diagnostic --own-sessions: each pool worker runs in its own session (own autogroup)")
     print(f"{len(pairs)} pairs, mean generation {kb:.1f} kB, {len(work)} finished (sent to math-verify); "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
@@ -165,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             "speedup_w2_vs_w1": speedup_w2_w1, "speedup_w2_vs_bare": speedup_w2_bare, "agreement": agree,
             "labelled": {"n": n, "ours": ours / n, "docs": docs / n}, "loadavg": os.getloadavg()[0],
             "rounds": {k: v for k, v in res.items()}, "paired": paired,
-            "pairs_per_cpu_s": eff, "parent_cpu_s": PARENT_CPU,
+            "pairs_per_cpu_s": eff, "parent_cpu_s": PARENT_CPU, "own_sessions": a.own_sessions,
         }, indent=2))
     return 0
 
