@@ -519,6 +519,7 @@ def make_loss_callback(output_dir: str, rank: int, tokens_per_step: int):
 
         def on_train_step_begin(self, run_context: Any) -> None:
             self.t0 = time.perf_counter()
+            self.c0 = time.process_time()
 
         def on_train_step_end(self, run_context: Any) -> None:
             import resource
@@ -527,6 +528,7 @@ def make_loss_callback(output_dir: str, rank: int, tokens_per_step: int):
 
             cb = run_context.original_args()
             dt = time.perf_counter() - self.t0
+            cpu = time.process_time() - getattr(self, "c0", time.process_time())
             out = cb.net_outputs
             vals = list(out) if isinstance(out, (tuple, list)) else [out]
 
@@ -544,6 +546,7 @@ def make_loss_callback(output_dir: str, rank: int, tokens_per_step: int):
                 "lr": num(vals[3]) if len(vals) > 3 else None,
                 "global_norm": num(vals[4]) if len(vals) > 4 else None,
                 "step_time_s": round(dt, 6),
+                "cpu_time_s": round(cpu, 6),  # this process, all threads: robust on a shared machine
                 "tokens": tokens_per_step,
                 "tokens_per_s": tokens_per_step / dt if dt > 0 else None,
                 "rank": rank,
@@ -702,7 +705,9 @@ def bench_tiny_mf(workers: int, steps: int = 6, seq_length: int = 512, workdir: 
                   for recs in per_rank]
     step_time = max(step_times)  # the slowest rank sets the pace
     rank0 = per_rank[0]
-    return {"workers": workers, "steps": len(rank0), "seq_length": seq_length,
+    cpu = [statistics.median([r["cpu_time_s"] for r in recs[1:] if r.get("cpu_time_s")] or [0.0]) for recs in per_rank]
+    extra = {"tokens_per_cpu_s_per_worker": round(seq_length / max(cpu), 1)} if max(cpu) > 0 else {}
+    return {**extra, "workers": workers, "steps": len(rank0), "seq_length": seq_length,
             "tokens_per_s": round(seq_length * workers / step_time, 1), "step_time_s": round(step_time, 3),
             "peak_rss_mb": max(recs[-1]["peak_rss_mb"] for recs in per_rank),
             "first_loss": rank0[0]["loss"], "last_loss": rank0[-1]["loss"], "wall_s": round(wall, 1)}
