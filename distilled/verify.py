@@ -345,7 +345,10 @@ def _worker_main(conn, timeout: float | None) -> None:
             return
         for seq, answer_text, gold, kind in chunk:
             res = _with_timer(answer_text, gold, kind, timeout, cpu_time=True)
-            conn.send((seq, *res))
+            try:
+                conn.send((seq, *res))
+            except (BrokenPipeError, OSError):
+                return  # the parent is gone (killed): nothing left to do
 
 
 class _Worker:

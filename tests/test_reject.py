@@ -216,3 +216,23 @@ def test_journal_of_another_input_is_not_reused(tmp_path):
     rep = run_reject(RejectConfig(src=str(src), dst=str(dst), workers=0, progress=False))
     assert rep["resumed_rows"] == 0
     assert read_jsonl(dst)[0]["correctness_math_verify"] == [False, True, True]
+
+
+def test_choice_kind(tmp_path):
+    rows = [{"question": "Which?", "answer": "C", "generations": [R1("Answer: B"), R1(r"So $\\boxed{C}$.")]}]
+    src = write_jsonl(tmp_path / "gpqa.jsonl", rows)
+    rep = run_reject(RejectConfig(src=str(src), dst=str(tmp_path / "k.jsonl"), kind="choice",
+                                  prompt_column="question", workers=1, progress=False))
+    (row,) = read_jsonl(tmp_path / "k.jsonl")
+    assert row["correctness_math_verify"] == [False, True] and row["kept_generation_index"] == 1
+    assert rep["rejections_by_reason"]["wrong_answer"] == 1
+
+
+def test_distill_help_lists_reject_without_heavy_imports():
+    code = ("import sys, argparse, distilled.reject as r, distilled.verify; "
+            "r.register_cli(argparse.ArgumentParser().add_subparsers()); "
+            "print(sorted(m for m in ('math_verify', 'sympy', 'torch', 'mindspore') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and r.stdout.strip().endswith("[]"), r.stdout + r.stderr
+    r = subprocess.run(DISTILL + ["reject", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "--keep {first,shortest,all}" in r.stdout
