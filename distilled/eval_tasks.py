@@ -178,9 +178,11 @@ def gpqa_shuffle(row: dict, seed: int, problem_id: str) -> tuple[list[str], int]
     return choices, gold_index
 
 
-def math_prompt(problem: str) -> str:
-    """The pinned math prompt (see module docstring)."""
-    return MATH_PROMPT_TEMPLATE.format(prompt=problem)
+def math_prompt(problem: str, template: str | None = None) -> str:
+    """The pinned math prompt (see module docstring), or ``template`` (``--prompt-template``:
+    ``str.format`` with ``{prompt}``, as ``distill generate`` takes it) to evaluate a model on the
+    prompt format it was trained with."""
+    return (template or MATH_PROMPT_TEMPLATE).format(prompt=problem)
 
 
 def gpqa_prompt(question: str, choices: list[str]) -> str:
@@ -209,7 +211,8 @@ _row_id = row_id
 
 
 def build_problems(label: str, kind: str, rows: list[tuple[int, dict | str]], source: str,
-                   seed: int, problem_field: str = "problem", answer_field: str = "answer") -> list[Problem]:
+                   seed: int, problem_field: str = "problem", answer_field: str = "answer",
+                   math_template: str | None = None) -> list[Problem]:
     """Turn rows into problems; every missing or empty field is an error naming file, row, field."""
     problems: list[Problem] = []
     errors: list[str] = []
@@ -236,7 +239,7 @@ def build_problems(label: str, kind: str, rows: list[tuple[int, dict | str]], so
         if ans is None or (isinstance(ans, str) and not ans.strip()) or isinstance(ans, (dict, list)):
             errors.append(f"{where}: field {answer_field!r} is missing or empty (got {type(ans).__name__})")
             continue
-        problems.append(Problem(label, index, _row_id(row, index, label), kind, math_prompt(prob), str(ans).strip()))
+        problems.append(Problem(label, index, _row_id(row, index, label), kind, math_prompt(prob, math_template), str(ans).strip()))
     if errors:
         more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
         raise TaskError(f"{len(errors)} bad row(s) in task {label}:\n  " + "\n  ".join(errors[:10]) + more)
@@ -249,7 +252,8 @@ def build_problems(label: str, kind: str, rows: list[tuple[int, dict | str]], so
 
 def load_task(name: str, data_dir: str | Path | None = None, task_file: str | Path | None = None,
               seed: int = 0, limit: int | None = None,
-              hub_loader: Callable[[str, str | None, str], Any] | None = None) -> Task:
+              hub_loader: Callable[[str, str | None, str], Any] | None = None,
+              math_template: str | None = None) -> Task:
     """Load one task: ``jsonl:PATH``; else ``--task-file`` (synth); else ``--data-dir``; else the hub.
 
     Fails with :class:`TaskError` on an empty dataset or a bad row, so nothing is generated for a
@@ -294,7 +298,8 @@ def load_task(name: str, data_dir: str | Path | None = None, task_file: str | Pa
         raise TaskError(f"task {label}: dataset {source} is empty")
     if limit is not None:
         rows = rows[:limit]
-    problems = build_problems(label, spec.kind, rows, source, seed, spec.problem_field, spec.answer_field)
+    problems = build_problems(label, spec.kind, rows, source, seed, spec.problem_field, spec.answer_field,
+                              math_template)
     if not problems:
         raise TaskError(f"task {label}: dataset {source} has no usable problems")
     return Task(label, spec.kind, source, problems, spec.default_n)

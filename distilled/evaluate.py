@@ -85,6 +85,13 @@ class EvalConfig:
     max_think_tokens: int | None = None
     tensor_parallel_size: int = 1
     prompt_version: str = PROMPT_VERSION
+    prompt_template: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_template is not None:
+            if "{prompt}" not in self.prompt_template:
+                raise EvalError("--prompt-template must contain {prompt}")
+            self.prompt_version = f"custom math template {self.prompt_template!r}"
 
     def budget(self) -> BudgetConfig:
         return BudgetConfig(self.min_think_tokens, self.max_think_tokens)
@@ -129,7 +136,8 @@ def load_tasks(cfg: EvalConfig) -> list[Task]:
     """Load and check every task (raises :class:`EvalError` with file/row/field on bad data)."""
     try:
         names = parse_task_names(cfg.tasks)
-        return [load_task(n, cfg.data_dir, cfg.task_file, cfg.seed, cfg.limit) for n in names]
+        return [load_task(n, cfg.data_dir, cfg.task_file, cfg.seed, cfg.limit, math_template=cfg.prompt_template)
+                for n in names]
     except TaskError as exc:
         raise EvalError(str(exc)) from None
 
@@ -574,6 +582,7 @@ def _cfg_from_args(a: argparse.Namespace) -> EvalConfig:
     return EvalConfig(
         tasks=a.tasks, engine=a.engine, api_addr=a.api_addr or [], model=a.model, model_name=a.model_name,
         n=int(a.n) if str(a.n).isdigit() else a.n, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, system_prompt=a.system_prompt,
+        prompt_template=a.prompt_template,
         data_dir=a.data_dir, task_file=a.task_file, output=a.output, limit=a.limit, seed=a.seed,
         batch_size=a.batch_size, max_concurrent=a.max_concurrent, max_retries=a.max_retries,
         request_timeout=a.request_timeout, api_key_env=a.api_key_env, tokenizer=a.tokenizer,
@@ -621,6 +630,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-tokens", type=int, default=32768, help="max new tokens per sample")
     p.add_argument("--system-prompt", default=None)
+    p.add_argument("--prompt-template", default=None,
+                   help="math tasks: a str.format template with {prompt} instead of the pinned lighteval prompt "
+                        "(e.g. the one the model was trained with); recorded as the prompt version")
     p.add_argument("--data-dir", help="folder with math500.jsonl, aime24.jsonl, aime25.jsonl, gpqa_diamond.jsonl")
     p.add_argument("--task-file", help="problems file (id, problem, answer) for the synth task")
     p.add_argument("--output", default="runs/eval")

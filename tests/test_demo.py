@@ -67,7 +67,7 @@ def test_demo_counts_add_up(demo_dir: Path) -> None:
     assert docs + dropped == len(handled)
     assert report["packing"]["documents"] == docs and report["packing"]["packed_rows"] == len(packed)
     real = sum(r[-1] for r in packed["actual_seq_len"])
-    assert report["packing"]["fill"] == pytest.approx(real / (len(packed) * 512))
+    assert report["packing"]["fill"] == pytest.approx(real / (len(packed) * report["packing"]["seq_length"]))
 
     losses = _lines(demo_dir / "finetune" / "loss.jsonl")
     assert report["finetune"]["steps"] == len(losses)
