@@ -49,7 +49,7 @@ MAPPED = {
     "runner_wrapper.max_grad_norm": "clip threshold",
     "runner_wrapper.scale_sense": "loss scale; must be 1.0 (float32/bf16 need none)",
     "train_dataset.data_loader.dataset_path": "--data default (packed Arrow)",
-    "train_dataset.data_loader.shuffle": "must be False (order = parity)",
+    "train_dataset.data_loader.shuffle": "True: a seeded permutation of the rows per epoch (not MindSpore's order)",
     "train_dataset.drop_remainder": "partial batches are dropped",
     "model.model_config.compute_dtype": "float32 or bfloat16 (autocast)",
     "callbacks.CheckpointMonitor.save_checkpoint_steps": "--save-steps default",
@@ -58,6 +58,7 @@ MAPPED = {
     "model.model_config.pet_config.lora_alpha": "LoRA alpha (scaling alpha/rank)",
     "model.model_config.pet_config.lora_dropout": "LoRA dropout",
     "model.model_config.pet_config.target_modules": "regex over wq/wk/wv/wo/w1/w2/w3 -> q/k/v/o/gate/down/up_proj",
+    "model.model_config.pet_config.lora_b_init": "B starts at zero (PEFT and MindPet)",
 }
 # model_config keys checked against the weights' config.json
 MODEL_SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "n_kv_heads", "vocab_size",
@@ -96,6 +97,9 @@ NOT_APPLICABLE = {
     "train_dataset.data_loader.load_func": "loader function",
     "train_dataset.data_loader.create_attention_mask": "masks are always built from actual_seq_len",
     "train_dataset.data_loader.use_broadcast_data": "MindSpore data broadcast",
+    "train_dataset.data_loader.create_compressed_eod_mask": "Ascend flash-attention mask format (torch masks from positions)",
+    "train_dataset.data_loader.compressed_eod_mask_length": "Ascend flash-attention mask format",
+    "model.model_config.use_eod_attn_mask_compression": "Ascend flash-attention mask format",
     "train_dataset.data_loader.handler": "preprocessing (already done: --data is packed)",
     "callbacks": "MindFormers callbacks (loss.jsonl is always written)",
     "model.model_config.type": "config class",
@@ -132,6 +136,10 @@ NOT_APPLICABLE = {
     "model.model_config.tie_word_embeddings": "from config.json",
     "model.model_config.residual_dtype": "float32 residual",
     "processor": "tokenizer config (data is already tokenized)",
+    "model.model_config.pet_config.lora_a_init": "MindFormers 1.9's LoraAdapter does not pass it to LoRADense "
+                                                 "(A is He-uniform there, as in PEFT); parity copies A across",
+    "model.model_config.pet_config.param_init_type": "adapter weights are float32",
+    "model.model_config.pet_config.compute_dtype": "follows compute_dtype",
     "eval_dataset": "evaluation is distill eval",
     "eval_dataset_task": "evaluation is distill eval",
     "do_eval": "evaluation is distill eval",
@@ -155,6 +163,7 @@ class YamlPlan:
     save_steps: int | None
     yaml_total_steps: int
     lora: LoraSettings | None = None
+    shuffle: bool = False
     applied: dict[str, Any] = field(default_factory=dict)
     not_applicable: dict[str, str] = field(default_factory=dict)
     unsupported: list[str] = field(default_factory=list)
@@ -233,8 +242,6 @@ def settings_from_yaml(cfg: Mapping[str, Any], num_rows: int | None = None, worl
     scale = rw.get("scale_sense", 1.0)
     if isinstance(scale, Mapping) or float(scale) != 1.0:
         raise bad("runner_wrapper.scale_sense", scale, "only a fixed loss scale of 1.0")
-    if dl.get("shuffle"):
-        raise bad("train_dataset.data_loader.shuffle", dl.get("shuffle"), "rows are read in order")
     lr_type = lrs.get("type", "LinearWithWarmUpLR" if lrs else "constant")
     batch_size = int(rc.get("batch_size", mc.get("batch_size", 1)))
     epochs = int(rc.get("epochs", 1))
@@ -292,6 +299,7 @@ def settings_from_yaml(cfg: Mapping[str, Any], num_rows: int | None = None, worl
     return YamlPlan(settings=settings, batch_size=batch_size, epochs=epochs, dtype=compute, model_config=mc,
                     data=dl.get("dataset_path"), weights=cfg.get("load_checkpoint") or None,
                     output=cfg.get("output_dir"), save_steps=save_steps, yaml_total_steps=yaml_total, lora=lora,
+                    shuffle=bool(dl.get("shuffle", False)),
                     applied=applied, not_applicable=na, unsupported=sorted(unsupported))
 
 
@@ -391,7 +399,8 @@ def run_train(config: str, backend: str = "torch", data: str | None = None, weig
         log.close()
         os.replace(out / "loss.jsonl", out / f"loss.{int(time.time())}.jsonl")
         log = JsonlAppender(out / "loss.jsonl")
-    rows = _RankRows(ds, rank, world, plan.batch_size)
+    rows = _RankRows(ds, rank, world, plan.batch_size, seed=plan.settings.seed if plan.shuffle else None,
+                     epochs=plan.epochs)
     t0 = time.perf_counter()
     tokens = 0
     first = last = None
@@ -446,16 +455,30 @@ class _RankRows:
     """The rows this rank reads: global batch b holds rows [b*B*W, (b+1)*B*W); rank r takes its
     B-row slice, like MindFormers' data-parallel sharding of a non-shuffled dataset."""
 
-    def __init__(self, ds, rank: int, world: int, batch_size: int):
+    def __init__(self, ds, rank: int, world: int, batch_size: int, seed: int | None = None, epochs: int = 1):
         self.ds, self.rank, self.world, self.bs = ds, rank, world, batch_size
         self.n = (len(ds) // (batch_size * world)) * batch_size
+        self.seed = seed
+        self.epochs = max(1, epochs) if seed is not None else 1
+        self._perm: dict[int, Any] = {}
 
     def __len__(self) -> int:
-        return self.n
+        return self.n * self.epochs  # with shuffling, every epoch is its own stretch of indices
+
+    def _order(self, epoch: int):
+        """``shuffle: True``: the same seeded permutation on every rank, a new one per epoch."""
+        if epoch not in self._perm:
+            import numpy as np
+
+            self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.ds))}
+        return self._perm[epoch]
 
     def __getitem__(self, i: int) -> dict:
+        epoch, i = divmod(i, self.n)
         b, j = divmod(i, self.bs)
         g = b * self.bs * self.world + self.rank * self.bs + j
+        if self.seed is not None:
+            g = int(self._order(epoch)[g])
         return self.ds[g]
 
 
