@@ -122,6 +122,10 @@ def run_parity(config: str | Path | None, weights: str | Path, data: str | Path,
                            "failures": []}
     if plan.unsupported:
         out["unsupported_yaml_keys"] = plan.unsupported
+    if plan.lora is not None and plan.lora.dropout:
+        # dropout masks are random per framework: compare the deterministic computation
+        out["notes"] = [f"lora_dropout {plan.lora.dropout} set to 0 for parity"]
+        plan.lora.dropout = 0.0
     t0 = time.perf_counter()
 
     if check in ("packing", "all"):
@@ -224,6 +228,8 @@ def write_report(res: Mapping[str, Any], report_dir: str | Path) -> None:
              f"**{'PASS' if res['ok'] else 'FAIL'}**  weights `{res['weights']}`, data `{res['data']}`", ""]
     for msg in res["failures"]:
         lines.append(f"- FAIL: {msg}")
+    for note in res.get("notes", []):
+        lines.append(f"- note: {note}")
     if res.get("unsupported_yaml_keys"):
         lines.append(f"- YAML keys not applied: {', '.join(res['unsupported_yaml_keys'])}")
     if "train" in res:
