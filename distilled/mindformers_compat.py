@@ -9,14 +9,17 @@ test_mindformers_compat.py`` proves each one changes what it claims to change.
 Two entry points (a contract with ``distilled/backends`` and ``run_mindformer.py``):
 
 * :func:`apply_cpu_shims` -- what the legacy model and MindFormers' Trainer need to run on a CPU
-  (FACTS section 2). Only ``run_mindformer.py`` calls it, and only when ``device_target`` is CPU.
+  (FACTS section 2): composed RMSNorm, a real isfinite overflow check, an AllReduce barrier, and
+  complete checkpoints loaded on every data-parallel rank. ``run_mindformer.py`` (and the
+  ``mindspore`` backend) call it only when ``device_target`` is CPU. It returns the shim names.
 * :func:`apply_packed_rope_shim` -- packed-sequence correctness for every device. MindFormers 1.9's
   ``LlamaModel.construct`` (a) ignores ``position_ids`` in training, so RoPE positions keep counting
   across document boundaries inside a packed row, and (b) without flash attention, *adds* the
   packed ``attention_mask`` (uint8, 1 = masked) to the attention scores instead of masking with a
   large negative number, so every token sees the future and the other documents. The shim gathers
   the RoPE cos/sin tables by ``position_ids`` and turns the 0/1 mask into an additive ``-1e4``
-  mask on the non-flash path; with flash attention the 0/1 mask is already what the kernel wants.
+  mask on the non-flash path; with flash attention the 0/1 mask (or the compressed EOD mask with
+  ``actual_seq_len``) is already what the kernel wants, so only the RoPE positions change.
 
 Nothing here imports MindSpore or MindFormers at module import time (``distill --help`` stays fast).
 """
