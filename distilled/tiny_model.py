@@ -43,7 +43,8 @@ def make_tiny_qwen2(output_dir: str | Path, shape: TinyQwen2Shape = TinyQwen2Sha
 
     from distilled.io_utils import atomic_dir
 
-    endoftext, im_end = 151643, 151645
+    endoftext: int | None = 151643
+    im_end: int | None = 151645
     if tokenizer_dir is not None:  # a trimmed tokenizer (`--bpe-tokens`) moves the special ids
         from distilled.tokenizer import load_tokenizer
 
@@ -52,6 +53,8 @@ def make_tiny_qwen2(output_dir: str | Path, shape: TinyQwen2Shape = TinyQwen2Sha
             raise ValueError(f"{tokenizer_dir}: the tokenizer has {len(tok)} tokens but vocab_size is "
                              f"{shape.vocab_size}")
         endoftext, im_end = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    elif shape.vocab_size <= im_end:  # no tokenizer and a vocabulary without Qwen's special ids
+        endoftext = im_end = None
     torch.manual_seed(seed)
     cfg = Qwen2Config(
         **asdict(shape),
