@@ -154,18 +154,13 @@ def _read_bench_file(path: Path, text_col: str | None = None, id_col: str | None
 
         rows = pq.read_table(path).to_pylist()
     else:
+        from distilled.io_utils import BadLine, iter_jsonl
+
         rows = []
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw)
-                except ValueError as exc:
-                    raise ValueError(f"{path}:{n}: invalid JSON in benchmark file ({exc})") from None
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-                rows.append(obj)
+        for _, obj in iter_jsonl(path):
+            if isinstance(obj, BadLine):
+                raise ValueError(f"{obj} in benchmark file")
+            rows.append(obj)
     return _bench_from_rows(rows, str(path), text_col, id_col)
 
 
