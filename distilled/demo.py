@@ -404,7 +404,7 @@ class Demo:
                      "--weights", str(self.p("student-init")), "--data", str(self.p("data", "packed")),
                      "--steps", str(self.cfg.parity_steps), "--check", "all", "--report", str(rep))
         r = _read_json(rep / "parity.json")
-        return StageResult("parity", summary="MindSpore vs torch: " + ("PASS" if r.get("passed") else "FAIL"),
+        return StageResult("parity", summary="MindSpore vs torch: " + ("PASS" if r["ok"] else "FAIL"),
                            extra={"parity": r})
 
     def results_by_name(self, name: str) -> StageResult:
