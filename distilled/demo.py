@@ -50,7 +50,8 @@ class DemoConfig:
     wrong_rate: float = 0.2
     seq_length: int = 1024
     vocab_size: int = 8192
-    epochs: int = 3
+    epochs: int = 2
+    learning_rate: float = 5e-3
     workers: int = 2
     parity_steps: int = 3
     eval_max_tokens: int = 256
@@ -293,6 +294,12 @@ class Demo:
             mc["vocab_size"] = self.cfg.vocab_size
             mc["pad_token_id"] = self.special_ids()["<|endoftext|>"]
             mc["seq_length"] = self.cfg.seq_length
+            cfg["lr_schedule"]["learning_rate"] = self.cfg.learning_rate
+            # one checkpoint per epoch (the YAML's every-2-steps suits its short tests, not a run)
+            rows = self.results_by_name("preprocess").rows_out or 1
+            for cb in cfg.get("callbacks", []):
+                if cb.get("type") == "CheckpointMonitor":
+                    cb["save_checkpoint_steps"] = max(1, rows // self.cfg.workers)
 
         return self._derived_yaml("finetune_qwen2_5_tiny_cpu.yaml", "finetune_qwen2_5_tiny_cpu.yaml", edit)
 
@@ -432,6 +439,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, default=d.vocab_size,
                    help="student vocabulary: the Qwen2.5 BPE trimmed to this many ids (151665 = all)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="fine-tuning epochs")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate,
+                   help="peak learning rate of the tiny student (the YAML's linear warm-up/decay schedule)")
     p.add_argument("--workers", type=int, default=d.workers, help="msrun workers / verifier processes")
     p.add_argument("--parity-steps", type=int, default=d.parity_steps)
     p.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens)
