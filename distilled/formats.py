@@ -428,7 +428,9 @@ class TiktokenEngine:
             return None
         pattern = split["pattern"]["Regex"]
         vocab: dict[str, int] = model["vocab"]
-        inv = {c: b for b, c in _byte_decoder_items()}
+        from distilled.tokenizer import bytes_to_unicode
+
+        inv = {c: b for b, c in bytes_to_unicode().items()}
         ranks: dict[bytes, int] = {}
         try:
             for tok, i in vocab.items():
@@ -517,16 +519,6 @@ def _threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def _byte_decoder_items():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [(b, chr(c)) for b, c in zip(bs, cs)]
 
 
 class ChatEncoder:

@@ -116,7 +116,7 @@ def load_qwen_ranks(path: str | os.PathLike | None = None) -> dict[bytes, int]:
     return ranks
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode map used by byte-level BPE files."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -152,7 +152,7 @@ def _split_by_lower_ranks(ranks: dict[bytes, int], token: bytes, max_rank: int) 
 
 def derive_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Byte-level BPE ``vocab`` (token string -> id) and ``merges`` (ordered by rank) from ranks."""
-    enc = _bytes_to_unicode()
+    enc = bytes_to_unicode()
 
     def to_str(b: bytes) -> str:
         return "".join(enc[x] for x in b)

@@ -266,9 +266,9 @@ def _tiny_bpe(merges_in_id_order: bool, extra: bool = False):
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
-    from distilled.tokenizer import QWEN2_PAT, _bytes_to_unicode
+    from distilled.tokenizer import QWEN2_PAT, bytes_to_unicode
 
-    enc = _bytes_to_unicode()
+    enc = bytes_to_unicode()
     vocab = {enc[b]: b for b in range(256)}
     vocab["ab"], vocab["abc"] = 256, 257
     merges = [("a", "b"), ("ab", "c")] if merges_in_id_order else [("ab", "c"), ("a", "b")]
