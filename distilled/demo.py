@@ -50,7 +50,7 @@ class DemoConfig:
     wrong_rate: float = 0.2
     seq_length: int = 1024
     vocab_size: int = 8192
-    epochs: int = 2
+    epochs: int = 3
     learning_rate: float = 5e-3
     workers: int = 2
     parity_steps: int = 3

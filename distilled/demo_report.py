@@ -134,8 +134,9 @@ def write_demo_report(demo: "Demo") -> Path:
         md_table(["model", "problems", "accuracy", "parsable \\boxed{} answer", "truncated", "mean output tokens"],
                  [[e["model"], e["problems"], f"{e['accuracy']:.1%}", f"{e['answered']:.1%}", f"{e['truncated']:.1%}",
                    f"{e['mean_output_tokens']:.0f}"] for e in (before, after)]),
-        "Greedy decoding, one sample per problem, same prompt format as the training data "
-        "(lighteval's math prompt, the MindSpore docs' system prompt).", "",
+        "Greedy decoding, one sample per problem, up to "
+        f"{demo.cfg.eval_max_tokens} new tokens, same prompt format as the training data (the bare problem "
+        "after the MindSpore docs' system prompt).", "",
     ]
     with atomic_write(out / "report.md") as f:
         f.write("\n".join(md) + "\n")
