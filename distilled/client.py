@@ -265,25 +265,27 @@ class ChatClient:
                    top_p: float | None = None, seed: int | None = None, n: int = 1,
                    stop: list[str] | str | None = None, extra: dict | None = None) -> ChatResult:
         """``POST /chat/completions``; returns when a valid answer came back (retrying as needed)."""
-        payload: dict[str, Any] = {"model": self.model, "messages": messages}
-        _opt(payload, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
-        if n != 1:
-            payload["n"] = n
-        if extra:
-            payload.update(extra)
+        payload = self._payload("messages", messages, max_tokens, temperature, top_p, seed, n, stop, extra)
         return await self._call("/chat/completions", payload, chat=True)
 
     async def complete(self, prompt: str, max_tokens: int | None = None, temperature: float | None = None,
                        top_p: float | None = None, seed: int | None = None, n: int = 1,
                        stop: list[str] | str | None = None, extra: dict | None = None) -> ChatResult:
         """``POST /completions`` (plain continuation of ``prompt``, e.g. for budget forcing)."""
-        payload: dict[str, Any] = {"model": self.model, "prompt": prompt}
+        payload = self._payload("prompt", prompt, max_tokens, temperature, top_p, seed, n, stop, extra)
+        return await self._call("/completions", payload, chat=False)
+
+    def _payload(self, key: str, value: Any, max_tokens: int | None, temperature: float | None,
+                 top_p: float | None, seed: int | None, n: int, stop: list[str] | str | None,
+                 extra: dict | None) -> dict[str, Any]:
+        """The request body shared by chat and plain completions (unset options are left out)."""
+        payload: dict[str, Any] = {"model": self.model, key: value}
         _opt(payload, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
         if n != 1:
             payload["n"] = n
         if extra:
             payload.update(extra)
-        return await self._call("/completions", payload, chat=False)
+        return payload
 
     # --- machinery ------------------------------------------------------------------------------
     def _emit(self, kind: str, **info: Any) -> None:
