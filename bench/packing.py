@@ -111,19 +111,9 @@ def run_mindformers(n: int, seq_length: int, seed: int = 0) -> dict:
     _quiet()
     from mindformers.dataset.handler.packing_handler import PackingHandler
 
-    ds = synthetic_dataset(n, seed)
-    tokens_in = int(synthetic_lengths(n, seed).sum())
     handler = PackingHandler(seq_length=seq_length, pack_strategy="pack", pad_token_id=151643)
-    _reset_peak()
-    base = _rss_kb("VmRSS")
-    t = time.perf_counter()
-    out = handler(ds)
-    elapsed = time.perf_counter() - t
-    rows, tokens = _fill_from_packed(out.data.table, seq_length)
-    return {"method": "mindformers PackingHandler", "samples": n, "seq_length": seq_length,
-            "tokens_in": tokens_in, "tokens": tokens, "rows": rows, "fill": tokens / (rows * seq_length),
-            "elapsed_s": elapsed, "tok_per_s": tokens / elapsed,
-            "peak_extra_mb": (_rss_kb("VmHWM") - base) / 1024}
+    res, _ = _run_handler("mindformers PackingHandler", handler, n, seq_length, seed)
+    return res
 
 
 def run_bfd(n: int, seq_length: int, seed: int = 0) -> dict:
@@ -131,21 +121,26 @@ def run_bfd(n: int, seq_length: int, seed: int = 0) -> dict:
     _quiet()
     from handlers.bfd_packing import BFDPackingHandler
 
+    handler = BFDPackingHandler(seq_length=seq_length, pad_token=151643)
+    res, out = _run_handler("distilled BFDPackingHandler", handler, n, seq_length, seed)
+    assert res["tokens"] == handler.stats.tokens and res["rows"] == handler.stats.rows
+    return res | {"output_mb": out.data.table.nbytes / 2**20}
+
+
+def _run_handler(method: str, handler, n: int, seq_length: int, seed: int) -> tuple[dict, object]:
+    """Time one packing handler on the synthetic dataset; figures and the packed dataset."""
     ds = synthetic_dataset(n, seed)
     tokens_in = int(synthetic_lengths(n, seed).sum())
-    handler = BFDPackingHandler(seq_length=seq_length, pad_token=151643)
     _reset_peak()
     base = _rss_kb("VmRSS")
     t = time.perf_counter()
     out = handler(ds)
     elapsed = time.perf_counter() - t
     rows, tokens = _fill_from_packed(out.data.table, seq_length)
-    assert tokens == handler.stats.tokens and rows == handler.stats.rows
-    return {"method": "distilled BFDPackingHandler", "samples": n, "seq_length": seq_length,
-            "tokens_in": tokens_in, "tokens": tokens, "rows": rows, "fill": tokens / (rows * seq_length),
-            "elapsed_s": elapsed, "tok_per_s": tokens / elapsed,
-            "peak_extra_mb": (_rss_kb("VmHWM") - base) / 1024,
-            "output_mb": out.data.table.nbytes / 2**20}
+    return ({"method": method, "samples": n, "seq_length": seq_length,
+             "tokens_in": tokens_in, "tokens": tokens, "rows": rows, "fill": tokens / (rows * seq_length),
+             "elapsed_s": elapsed, "tok_per_s": tokens / elapsed,
+             "peak_extra_mb": (_rss_kb("VmHWM") - base) / 1024}, out)
 
 
 def measure(fn, *args) -> dict:
