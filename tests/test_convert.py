@@ -178,17 +178,9 @@ def test_mindformers_model_loads_converted_weights_with_hf_logits(hf_untied):
 
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
     apply_cpu_shims()
-    from mindformers import LlamaConfig, LlamaForCausalLM
+    from mindformers import LlamaForCausalLM
 
-    hf_cfg = json.loads((hf_untied / "config.json").read_text())
-    cfg = LlamaConfig(batch_size=1, seq_length=16, hidden_size=hf_cfg["hidden_size"],
-                      num_layers=hf_cfg["num_hidden_layers"], num_heads=hf_cfg["num_attention_heads"],
-                      n_kv_heads=hf_cfg["num_key_value_heads"], vocab_size=hf_cfg["vocab_size"],
-                      intermediate_size=hf_cfg["intermediate_size"], qkv_has_bias=True, use_flash_attention=False,
-                      compute_dtype="float32", layernorm_compute_type="float32", softmax_compute_type="float32",
-                      rotary_dtype="float32", param_init_type="float32", use_past=False, pad_token_id=151643,
-                      use_rope_slice=True, input_sliced_sig=True, theta=hf_cfg["rope_theta"],
-                      rms_norm_eps=hf_cfg["rms_norm_eps"])
+    cfg = _mf_llama_config(hf_untied, seq_length=16)
     model = LlamaForCausalLM(cfg)
     mf = hf_to_mf(load_safetensors_np(hf_untied), tie_word_embeddings=False)
     params = {p.name: tuple(p.shape) for p in model.get_parameters()}
@@ -219,18 +211,10 @@ def test_merge_lora_equals_mindformers_lora_forward(hf_untied, tmp_path):
 
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
     apply_cpu_shims()
-    from mindformers import LlamaConfig, LlamaForCausalLM
+    from mindformers import LlamaForCausalLM
     from mindformers.pet import LoraConfig, get_pet_model
 
-    hf_cfg = json.loads((hf_untied / "config.json").read_text())
-    cfg = LlamaConfig(batch_size=1, seq_length=8, hidden_size=hf_cfg["hidden_size"],
-                      num_layers=hf_cfg["num_hidden_layers"], num_heads=hf_cfg["num_attention_heads"],
-                      n_kv_heads=hf_cfg["num_key_value_heads"], vocab_size=hf_cfg["vocab_size"],
-                      intermediate_size=hf_cfg["intermediate_size"], qkv_has_bias=True, use_flash_attention=False,
-                      compute_dtype="float32", layernorm_compute_type="float32", softmax_compute_type="float32",
-                      rotary_dtype="float32", param_init_type="float32", use_past=False, pad_token_id=151643,
-                      use_rope_slice=True, input_sliced_sig=True, theta=hf_cfg["rope_theta"],
-                      rms_norm_eps=hf_cfg["rms_norm_eps"])
+    cfg = _mf_llama_config(hf_untied, seq_length=8)
     base = LlamaForCausalLM(cfg)
     mf = hf_to_mf(load_safetensors_np(hf_untied), tie_word_embeddings=False)
     ms.load_param_into_net(base, {k: ms.Parameter(ms.Tensor(v), name=k) for k, v in mf.items()})
@@ -239,7 +223,7 @@ def test_merge_lora_equals_mindformers_lora_forward(hf_untied, tmp_path):
     model = get_pet_model(base, pet)
     trainable = [p.name for p in model.trainable_params()]
     assert trainable and all(n.endswith(("mindpet_delta_lora_a", "mindpet_delta_lora_b")) for n in trainable)
-    assert len(trainable) == 2 * 4 * hf_cfg["num_hidden_layers"]
+    assert len(trainable) == 2 * 4 * cfg.num_layers
     rng = np.random.RandomState(0)
     for p in model.trainable_params():  # B starts at 0: give both matrices real values
         p.set_data(ms.Tensor(rng.normal(0, 0.05, p.shape).astype(np.float32)))
@@ -273,3 +257,18 @@ def test_merge_lora_equals_mindformers_lora_forward(hf_untied, tmp_path):
     a, b = load_safetensors_np(out), load_safetensors_np(tmp_path / "merged2")
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert main(["convert", "merge-lora", str(hf_untied), str(tmp_path / "m3"), "--config", str(yml)]) == 2
+
+
+def _mf_llama_config(hf_dir, seq_length: int):
+    """MindFormers' legacy LlamaConfig for the tiny HF Qwen2 in ``hf_dir`` (float32, CPU settings)."""
+    from mindformers import LlamaConfig
+
+    hf_cfg = json.loads((hf_dir / "config.json").read_text())
+    return LlamaConfig(batch_size=1, seq_length=seq_length, hidden_size=hf_cfg["hidden_size"],
+                       num_layers=hf_cfg["num_hidden_layers"], num_heads=hf_cfg["num_attention_heads"],
+                       n_kv_heads=hf_cfg["num_key_value_heads"], vocab_size=hf_cfg["vocab_size"],
+                       intermediate_size=hf_cfg["intermediate_size"], qkv_has_bias=True, use_flash_attention=False,
+                       compute_dtype="float32", layernorm_compute_type="float32", softmax_compute_type="float32",
+                       rotary_dtype="float32", param_init_type="float32", use_past=False, pad_token_id=151643,
+                       use_rope_slice=True, input_sliced_sig=True, theta=hf_cfg["rope_theta"],
+                       rms_norm_eps=hf_cfg["rms_norm_eps"])
