@@ -25,6 +25,8 @@ What it does and why:
   docs/generate.md). ``max_tokens`` cuts the output after that many words (``finish_reason:
   length``). ``--max-tokens-cap`` makes a request asking for more answer 400, as vLLM does when
   ``max_tokens`` exceeds the model's context.
+- ``--strict-fields`` answers 422 "Unexpected fields in the request: {...}" to any field outside the
+  OpenAI API, as ``transformers serve`` does, so tests catch vLLM-only extensions.
 
 For tests: :func:`start_in_thread` starts it on a free port in a background thread and returns a
 handle with ``.addr``, ``.base_url``, ``.stats()``, ``.config`` (mutable at run time) and ``.stop()``.
@@ -54,6 +56,24 @@ from distilled.problems import latex_number, parse_problem, solve
 FAULT_KINDS = ("429", "500", "reset", "slow", "truncated_json", "length")
 DEFAULT_MODEL = "stand-in-teacher"
 
+# The request fields of the OpenAI API (the openai package's ``CompletionCreateParams`` TypedDicts),
+# which is what ``transformers serve`` validates against; it adds ``generation_config``. With
+# ``--strict-fields`` anything else (vLLM's ``include_stop_str_in_output``, ``min_tokens``, ...) is
+# answered 422 as ``transformers serve`` does, so tests catch a client that only works on vLLM.
+OPENAI_CHAT_FIELDS = frozenset({
+    "messages", "model", "audio", "frequency_penalty", "function_call", "functions", "logit_bias",
+    "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities", "n",
+    "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key", "prompt_cache_retention",
+    "reasoning_effort", "response_format", "safety_identifier", "seed", "service_tier", "stop", "store",
+    "stream", "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user",
+    "verbosity", "web_search_options", "generation_config",
+})
+OPENAI_COMPLETION_FIELDS = frozenset({
+    "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
+    "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p", "user",
+    "generation_config",
+})
+
 
 @dataclass
 class TeacherConfig:
@@ -73,6 +93,7 @@ class TeacherConfig:
     max_tokens_cap: int | None = None
     api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
     model: str = DEFAULT_MODEL
+    strict_fields: bool = False  # 422 on fields outside the OpenAI API, like `transformers serve`
 
     def __post_init__(self) -> None:
         bad = [f for f in self.faults if f not in FAULT_KINDS]
@@ -173,6 +194,7 @@ class _Stats:
     status: dict = field(default_factory=dict)
     faults: dict = field(default_factory=dict)
     paths: dict = field(default_factory=dict)
+    rejected_fields: dict = field(default_factory=dict)  # "a,b" -> times refused by --strict-fields
     completion_tokens: int = 0
     latency_sum: float = 0.0  # sampled service latencies (s), so benches know the realised mean
     latency_count: int = 0
@@ -279,6 +301,19 @@ class TeacherServer:
                 raise ValueError("body is not a JSON object")
         except ValueError as exc:
             return self._error(400, f"invalid JSON body: {exc}", "invalid_request_error")
+        if c.strict_fields:
+            unexpected = set(body) - (OPENAI_CHAT_FIELDS if chat else OPENAI_COMPLETION_FIELDS)
+            if unexpected:
+                key = ",".join(sorted(unexpected))
+                self.stats.rejected_fields[key] = self.stats.rejected_fields.get(key, 0) + 1
+                msg = f"Unexpected fields in the request: {unexpected}"
+                self._count(422)
+                from aiohttp import web
+
+                # transformers serve answers FastAPI-style {"detail": ...}; "error" too for OpenAI clients
+                return web.Response(body=json.dumps({"detail": msg, "error": {
+                    "message": msg, "type": "invalid_request_error", "code": 422}}).encode(),
+                    status=422, content_type="application/json")
         model = body.get("model")
         if model not in (c.model, None, "default"):
             return self._error(404, f"The model `{model}` does not exist.", "NotFoundError")
@@ -537,7 +572,8 @@ def config_from_args(args: argparse.Namespace) -> TeacherConfig:
                          latency_dist=args.latency_dist, latency_sigma=args.latency_sigma, capacity=args.capacity,
                          fault_rate=args.fault_rate, faults=faults, retry_after=args.retry_after,
                          slow_ms=args.slow_ms, reasoning_content=args.reasoning_content,
-                         max_tokens_cap=args.max_tokens_cap, api_key=api_key, model=args.model)
+                         max_tokens_cap=args.max_tokens_cap, api_key=api_key, model=args.model,
+                         strict_fields=args.strict_fields)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -585,4 +621,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-cap", type=int, default=None,
                    help="answer 400 when a request asks for more max_tokens than this")
     p.add_argument("--api-key-env", default=None, help="require the key held in this environment variable")
+    p.add_argument("--strict-fields", action="store_true",
+                   help="answer 422 to request fields outside the OpenAI API, as `transformers serve` does "
+                        "(catches vLLM-only fields such as include_stop_str_in_output)")
     p.set_defaults(func=cmd_serve)

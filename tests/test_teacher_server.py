@@ -189,3 +189,27 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path):
         out, _ = proc.communicate(timeout=15)
     assert proc.returncode == 0
     assert "NOT a real model" in out
+
+
+def test_strict_fields_rejects_non_openai_fields_like_transformers_serve():
+    """--strict-fields: a vLLM-only field is a 422 naming it; standard fields still work; off by default."""
+    with start_in_thread(TeacherConfig(strict_fields=True)) as srv:
+        for path, body in (("/chat/completions", {"messages": [{"role": "user", "content": "1+1?"}]}),
+                           ("/completions", {"prompt": "1+1?"})):
+            st, _h, raw = post(srv, path, {"model": "stand-in-teacher", **body, "max_tokens": 20,
+                                           "include_stop_str_in_output": True})
+            assert st == 422, raw
+            err = json.loads(raw)
+            assert err["detail"] == "Unexpected fields in the request: {'include_stop_str_in_output'}"
+            assert "include_stop_str_in_output" in err["error"]["message"]
+            st, _h, raw = post(srv, path, {"model": "stand-in-teacher", **body, "max_tokens": 20, "seed": 3,
+                                           "temperature": 0.6, "top_p": 0.95, "stop": ["</think>"],
+                                           "stream": False})
+            assert st == 200, raw
+        # "messages" is a chat field, not a completions one
+        st, _h, raw = post(srv, "/completions", {"prompt": "x", "messages": []})
+        assert st == 422 and "messages" in json.loads(raw)["detail"]
+        assert srv.stats()["rejected_fields"] == {"include_stop_str_in_output": 2, "messages": 1}
+    with start_in_thread(TeacherConfig()) as srv:  # default: lenient like vLLM
+        st, _h, raw = post(srv, "/completions", {"prompt": "x", "include_stop_str_in_output": True})
+        assert st == 200, raw
