@@ -2,36 +2,53 @@
 
 Why this module exists: MindFormers 1.9 (the newest release that installs from PyPI beside
 MindSpore 2.9) runs the Qwen2.5 training path, the legacy ``LlamaForCausalLM``, on Ascend only,
-and even there it trains packed rows wrongly. Rather than scattering monkey-patches over scripts,
-each fix is one small function here with a docstring saying *why*, and ``tests/
-test_mindformers_compat.py`` proves each one changes what it claims to change.
+and even there it trains packed rows wrongly on the non-flash path. Rather than scattering
+monkey-patches over scripts, each fix is one small function here with a docstring saying *why*,
+and ``tests/test_mindformers_compat.py`` proves each one changes what it claims to change.
 
-Two entry points (a contract with ``distilled/backends`` and ``run_mindformer.py``):
+Three entry points (a contract with ``distilled/backends`` and ``run_mindformer.py``):
 
-* :func:`apply_cpu_shims` -- what the legacy model and MindFormers' Trainer need to run on a CPU
-  (FACTS section 2): composed RMSNorm, a real isfinite overflow check, an AllReduce barrier, and
-  complete checkpoints loaded on every data-parallel rank. ``run_mindformer.py`` (and the
-  ``mindspore`` backend) call it only when ``device_target`` is CPU. It returns the shim names.
-* :func:`apply_packed_rope_shim` -- packed-sequence correctness for every device. MindFormers 1.9's
-  ``LlamaModel.construct`` (a) ignores ``position_ids`` in training, so RoPE positions keep counting
-  across document boundaries inside a packed row, and (b) without flash attention, *adds* the
-  packed ``attention_mask`` (uint8, 1 = masked) to the attention scores instead of masking with a
-  large negative number, so every token sees the future and the other documents. The shim gathers
-  the RoPE cos/sin tables by ``position_ids`` and turns the 0/1 mask into an additive ``-1e4``
-  mask on the non-flash path; with flash attention the 0/1 mask (or the compressed EOD mask with
-  ``actual_seq_len``) is already what the kernel wants, so only the RoPE positions change.
+* :func:`apply_cpu_shims` -- what the legacy model and MindFormers' Trainer need to run on a CPU:
+  composed RMSNorm, a real isfinite overflow check, an AllReduce barrier, and complete checkpoints
+  loaded on every data-parallel rank. ``run_mindformer.py`` (and the ``mindspore`` backend) call
+  it only when ``device_target`` is CPU. It returns the shim names.
+* :func:`apply_packed_mask_shim` -- packed rows on the **non-flash** attention path (every
+  device). There MindFormers 1.9's ``LlamaModel.construct`` passes the loader's packed 0/1 mask
+  (1 = masked) straight to the attention, which *adds* it to the scores (it expects MindFormers'
+  own ``-10000`` adder): masked scores get +1, so every token sees the future and the other
+  documents of its row. The shim turns the 0/1 mask into ``mask x -10000``. It changes nothing
+  else: with flash attention (a uint8 mask, or the compressed EOD mask with ``actual_seq_len``)
+  MindFormers already masks per document, so ``run_mindformer.py`` does not install it there.
+  RoPE positions do not restart inside a packed row (the legacy model ignores ``position_ids``
+  in training), and that is harmless: with a correct block-diagonal mask a RoPE score depends
+  only on the distance between two tokens of the same document, so a packed row's loss equals
+  its documents' token-weighted loss run one by one (tested, to 1e-5 in fp32).
+* :func:`shim_global_token_mean_data_parallel` -- per-token loss over the whole data-parallel
+  batch. With ``calculate_per_token_loss`` MindFormers 1.9 divides each rank's gradient by that
+  rank's own trained-token count and then *averages* the ranks (``DistributedGradReducer``), a
+  mean of per-rank means; the shim all-reduces the token count first, so the step is
+  sum(token losses over all ranks and micro-batches) / (trained tokens in the global batch).
 
-Nothing here imports MindSpore or MindFormers at module import time (``distill --help`` stays fast).
+MindSpore is imported at module level because the graph compiler rejects ``import`` statements
+inside anything it compiles (``RuntimeError: Unsupported statement 'ImportFrom'``). Only MindSpore
+code paths import this module (``distilled.mf_run.run`` and the ``mindspore`` backend, both
+lazily), so ``distill --help`` does not pay for it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import mindspore.common.dtype as mstype
+from mindspore import ops
+
 __all__ = [
     "apply_cpu_shims",
+    "apply_packed_mask_shim",
     "apply_packed_rope_shim",
+    "packed_mask_shim_enabled",
     "packed_rope_shim_enabled",
+    "shim_global_token_mean_data_parallel",
     "shim_disable_fused_rmsnorm",
     "shim_finite_overflow_check",
     "shim_barrier_via_allreduce",
@@ -75,9 +92,6 @@ def _finite_get_overflow_status(self, status, compute_output):  # noqa: ANN001 -
     check after the backward pass on Ascend and is unused here. Every rank sees the same reduced
     gradients, so every rank reaches the same verdict without another collective.
     """
-    from mindspore import ops
-    import mindspore.common.dtype as mstype
-
     flags = ()
     for grad in compute_output:
         flags += (ops.cast(ops.logical_not(ops.isfinite(grad).all()), mstype.float32),)
@@ -190,63 +204,42 @@ def apply_cpu_shims() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Packed-sequence shim (every device)
+# Packed-row mask shim (non-flash attention, every device)
 # --------------------------------------------------------------------------------------------
 
 def _packed_llama_model_construct(self, tokens, input_embeds=None, batch_valid_length=None, batch_index=None,
                                   zactivate_len=None, block_tables=None, slot_mapping=None,
                                   prefix_keys_values=None, attention_mask=None, position_ids=None,
                                   q_seq_lens=None, seq_range=None, actual_seq_len=None):  # noqa: ANN001
-    """``LlamaModel.construct`` that honours packed ``position_ids`` and ``attention_mask``.
+    """``LlamaModel.construct`` that applies a packed 0/1 ``attention_mask`` as a mask, not as +1.
 
-    Only the no-KV-cache forward with ``position_ids`` and either an ``attention_mask`` or the
-    compressed EOD mask (``use_eod_attn_mask_compression``) changes; every other call goes to
-    MindFormers' own construct unchanged.
+    Only the training forward of the non-flash path with a dense ``attention_mask`` changes (the
+    same branch of MindFormers' construct, with ``mask x -10000`` instead of the raw uint8 mask);
+    every other call (flash attention, the compressed EOD mask, KV cache, no mask) goes to
+    MindFormers' own construct unchanged. RoPE stays MindFormers' own ``freqs_mgr(seq_len)``.
+    Compiled by MindSpore in graph mode: no imports or unsupported statements in here.
     """
-    from mindspore import ops
-    import mindspore.common.dtype as mstype
-
     original = _ORIGINALS["LlamaModel.construct"]
-    # Flash attention with a compressed EOD mask (TND layout, actual_seq_len): MindFormers' own
-    # causal mask is right there, only the RoPE positions need fixing.
-    eod_compressed = self.use_eod_attn_mask_compression and not self.use_ring_attention
-    if (position_ids is None or (attention_mask is None and not eod_compressed) or self.use_past
-            or self.chunk_prefill or self.parallel_decoding or self.seq_pipe or prefix_keys_values is not None):
+    if (attention_mask is None or self.use_flash_attention or self.use_past or self.chunk_prefill
+            or self.parallel_decoding or self.seq_pipe or prefix_keys_values is not None
+            or (self.use_eod_attn_mask_compression and not self.use_ring_attention)):
         return original(self, tokens, input_embeds, batch_valid_length, batch_index, zactivate_len,
                         block_tables, slot_mapping, prefix_keys_values, attention_mask, position_ids,
                         q_seq_lens, seq_range, actual_seq_len)
 
     bs, seq_len = self.shape(tokens)
-    if position_ids.shape[-1] != seq_len:
-        raise ValueError(
-            f"packed data: position_ids has length {position_ids.shape[-1]} but the model sees {seq_len} "
-            "tokens; set model.model_config.input_sliced_sig: True (packed labels are already shifted)")
+    if attention_mask.shape[-1] != seq_len:
+        raise ValueError("packed data: attention_mask is longer than the tokens the model sees; set "
+                         "model.model_config.input_sliced_sig: True (packed labels are already shifted)")
     if actual_seq_len is not None:
         actual_seq_len = self.reshape(actual_seq_len, (-1,))
-
-    # RoPE by position: gather the precomputed cos/sin rows for each token's own position, so
-    # positions restart at 0 for every document of the row (as HF's Qwen2 does with position_ids).
-    pos = ops.reshape(ops.cast(position_ids, mstype.int32), (-1,))
-    head_dim = self.freqs_mgr.head_dim
-    freqs_cos = ops.reshape(ops.gather(self.freqs_mgr.freqs_cos, pos, 0), (bs, 1, seq_len, head_dim))
-    freqs_sin = ops.reshape(ops.gather(self.freqs_mgr.freqs_sin, pos, 0), (bs, 1, seq_len, head_dim))
-    freqs_cis = (freqs_cos, freqs_sin, self.freqs_mgr.swap_mask)
-
-    # Mask. Compressed EOD (flash attention, TND): MindFormers' own compressed causal mask, the
-    # document boundaries travel in actual_seq_len. Otherwise the data gives 1 = masked
-    # (block-diagonal causal), shape (bs, S, S) or (bs, 1, S, S).
-    if eod_compressed:
-        mask = self.casual_mask()
-    else:
-        mask = attention_mask
-        if mask.ndim == 3:
-            mask = ops.expand_dims(mask, 1)
-        if self.use_flash_attention:
-            mask = self.cast(mask, mstype.uint8)  # FlashAttentionScore: 1 = masked, as given
-        else:
-            # The non-flash path *adds* the mask to the scores (MindFormers' own causal mask is
-            # (1 - allowed) * -10000); a raw 0/1 mask would only add 1 to masked scores.
-            mask = ops.mul(self.cast(mask, self.dtype), ops.cast(-10000.0, self.dtype))
+    freqs_cis = self.freqs_mgr(seq_len)
+    # The data gives 1 = masked (block-diagonal causal), shape (bs, S, S) or (bs, 1, S, S); the
+    # non-flash attention adds its mask to the scores, as MindFormers' own (1 - allowed) * -10000.
+    mask = attention_mask
+    if mask.ndim == 3:
+        mask = ops.expand_dims(mask, 1)
+    mask = ops.mul(self.cast(mask, self.dtype), ops.cast(-10000.0, self.dtype))
 
     if input_embeds is not None:
         h = self.cast(input_embeds, self.dtype)
@@ -264,14 +257,15 @@ def _packed_llama_model_construct(self, tokens, input_embeds=None, batch_valid_l
     return self.norm_out(h)
 
 
-def apply_packed_rope_shim(enabled: bool = True) -> bool:
-    """Install (``enabled=True``) or remove the packed-sequence shim on ``LlamaModel.construct``.
+def apply_packed_mask_shim(enabled: bool = True) -> bool:
+    """Install (``enabled=True``) or remove the packed-mask shim on ``LlamaModel.construct``.
 
-    Why: MindFormers 1.9's legacy Llama (the Qwen2.5 path) builds RoPE from ``freqs_mgr(seq_len)``
-    and never reads ``position_ids`` in training, and on the non-flash path it adds the packed 0/1
-    mask to the scores. A packed row then trains each document with the wrong positions and lets
-    it attend to the documents before it (and to future tokens on CPU). With the shim a packed
-    row's loss equals the token-weighted loss of its documents run one by one (tested).
+    Why: on the non-flash path MindFormers 1.9 adds the packed 0/1 mask to the attention scores,
+    so a packed row lets every token attend to the future and to the other documents of its row
+    (tested: document 1's loss changes when document 2's tokens change). With the shim a packed
+    row's loss equals the token-weighted loss of its documents run one by one. Install it only
+    where ``use_flash_attention`` is False; the replacement hands flash-attention calls back to
+    MindFormers unchanged anyway.
 
     Returns whether the shim is installed after the call.
     """
@@ -280,15 +274,77 @@ def apply_packed_rope_shim(enabled: bool = True) -> bool:
     _ORIGINALS.setdefault("LlamaModel.construct", LlamaModel.construct)
     if enabled:
         LlamaModel.construct = _packed_llama_model_construct
-        _APPLIED.add("packed_rope")
+        _APPLIED.add("packed_mask")
     else:
         LlamaModel.construct = _ORIGINALS["LlamaModel.construct"]
-        _APPLIED.discard("packed_rope")
+        _APPLIED.discard("packed_mask")
     return enabled
 
 
-def packed_rope_shim_enabled() -> bool:
-    """Whether ``LlamaModel.construct`` is currently the packed-aware replacement."""
+def packed_mask_shim_enabled() -> bool:
+    """Whether ``LlamaModel.construct`` is currently the packed-mask replacement."""
     from mindformers.models.llama.llama import LlamaModel
 
     return LlamaModel.construct is _packed_llama_model_construct
+
+
+# Old names, kept for callers written before the shim stopped touching RoPE.
+apply_packed_rope_shim = apply_packed_mask_shim
+packed_rope_shim_enabled = packed_mask_shim_enabled
+
+
+# --------------------------------------------------------------------------------------------
+# Per-token loss over data-parallel ranks (every device, data-parallel mode)
+# --------------------------------------------------------------------------------------------
+
+def _per_token_train_cell_init(self, *args: Any, **kwargs: Any) -> None:
+    """``MFTrainOneStepCell.__init__`` plus what the global token mean needs (an AllReduce and the
+    reducer's averaging factor), decided once here so the compiled step sees constants."""
+    _ORIGINALS["MFTrainOneStepCell.__init__"](self, *args, **kwargs)
+    self.global_token_mean = bool(self.calculate_per_token_loss and self.reducer_flag and self.degree > 1)
+    if self.global_token_mean:
+        self.token_allreduce = ops.AllReduce()
+        # DistributedGradReducer divides by the rank count when gradients_mean is True: undo that
+        self.token_count_scale = 1.0 / self.degree if self.mean else 1.0
+
+
+def _global_token_grads_for_legacy(self, scaling_sens, *inputs):  # noqa: ANN001 - MindFormers signature
+    """``MFTrainOneStepCell.grads_for_legacy`` whose per-token denominator is the global token count.
+
+    MindFormers scales the gradients by ``1 / (scaling_sens * grad_scale_factor)`` and then
+    all-reduces them. Returning the all-reduced token count (times the reducer's own ``1/degree``
+    when it averages) makes the reduced gradient sum_ranks(grad of summed token losses) / total
+    tokens; the returned loss is the global token mean, the same number on every rank.
+    Compiled in graph mode: no imports in here.
+    """
+    if not self.global_token_mean:
+        return _ORIGINALS["MFTrainOneStepCell.grads_for_legacy"](self, scaling_sens, *inputs)
+    numerator, denominator = self.network(*inputs)
+    scaling_sens_filled = ops.ones_like(numerator) * ops.cast(scaling_sens, ops.dtype(numerator))
+    scaling_sens_filled2 = self.zero_t * ops.cast(scaling_sens, ops.dtype(denominator))
+    grads = self.grad(self.network, self.weights)(*inputs, (self.cast(scaling_sens_filled, mstype.float32),
+                                                            self.cast(scaling_sens_filled2, mstype.float32)))
+    total = self.token_allreduce(denominator)
+    loss = self.token_allreduce(numerator) / total
+    return loss, grads, total * self.token_count_scale
+
+
+def shim_global_token_mean_data_parallel() -> None:
+    """Make ``calculate_per_token_loss`` a global token mean under data parallel (``parallel_mode: 0``).
+
+    Why: MindFormers 1.9's legacy path (``MFTrainOneStepCell.grads_for_legacy``) divides each
+    rank's gradient by that rank's own trained-token count, then ``DistributedGradReducer``
+    averages the ranks. A rank whose rows hold 10 trained tokens then weighs as much as one with
+    400: per-rank averaging, the multi-rank form of the gradient-accumulation loss bug. This shim
+    all-reduces the token count (and the summed loss) so every rank applies
+    sum(token-loss gradients of all ranks) / (trained tokens of all ranks). It is inert without
+    ``calculate_per_token_loss``, on one rank, and in semi/auto parallel (no grad reducer there:
+    the compiler inserts the reductions; not verified here, see docs/scaling.md).
+    """
+    from mindformers.wrapper.wrapper import MFTrainOneStepCell
+
+    _ORIGINALS.setdefault("MFTrainOneStepCell.__init__", MFTrainOneStepCell.__init__)
+    _ORIGINALS.setdefault("MFTrainOneStepCell.grads_for_legacy", MFTrainOneStepCell.grads_for_legacy)
+    MFTrainOneStepCell.__init__ = _per_token_train_cell_init
+    MFTrainOneStepCell.grads_for_legacy = _global_token_grads_for_legacy
+    _APPLIED.add("global_token_mean_data_parallel")

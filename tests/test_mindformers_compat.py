@@ -1,7 +1,8 @@
 """MindFormers 1.9 shims: each one changes what its docstring claims, on the real legacy Llama.
 
-The packed-row test is the contract of the packed shim: a packed row's loss equals the
-token-weighted loss of its documents run one by one (with the shim), and differs without it.
+The packed-row test is the contract of the packed-mask shim: a packed row's loss equals the
+token-weighted loss of its documents run one by one (with the shim; RoPE positions do not restart
+and need not), and differs without it. The graph-mode tests compile every construct we replace.
 """
 
 from __future__ import annotations
@@ -128,12 +129,12 @@ def test_packed_row_equals_documents_one_by_one_only_with_shim(tiny_llama):
 
     docs = _docs()
     cols = _packed_row(docs)
-    assert cols[3].tolist()[:12] == list(range(10)) + [0, 1]  # restarting positions from MF
+    assert cols[3].tolist()[:12] == list(range(10)) + [0, 1]  # restarting positions from MF (unused)
     mc.apply_packed_rope_shim(False)
     reference = _one_by_one_loss(tiny_llama, docs)
     unshimmed = _packed_loss(tiny_llama, cols)
     assert abs(unshimmed - reference) > 1e-3, "MF 1.9 should get packed rows wrong without the shim"
-    assert mc.apply_packed_rope_shim(True) and mc.packed_rope_shim_enabled()
+    assert mc.apply_packed_mask_shim(True) and mc.packed_mask_shim_enabled()
     shimmed = _packed_loss(tiny_llama, cols)
     assert abs(shimmed - reference) < 1e-5
     # the unpacked path is untouched by the shim
@@ -179,8 +180,98 @@ def test_packed_shim_rejects_unsliced_inputs(tiny_llama):
     tiny_llama.input_sliced_sig = False
     try:
         mc.apply_packed_rope_shim(True)
-        with pytest.raises(ValueError, match="input_sliced_sig"):
+        with pytest.raises((ValueError, RuntimeError), match="input_sliced_sig"):
             tiny_llama(t[0], labels=None, loss_mask=t[2], position_ids=t[3], attention_mask=t[4])
     finally:
         tiny_llama.input_sliced_sig = True
         mc.apply_packed_rope_shim(False)
+
+
+def test_shim_leaves_flash_attention_path_to_mindformers():
+    """On flash attention (and the compressed EOD mask) the replacement calls MindFormers' own
+    construct: run_mindformer.py does not even install it there (see test_finetune_cpu)."""
+    import inspect
+
+    from distilled import mindformers_compat as mc
+
+    src = inspect.getsource(mc._packed_llama_model_construct)
+    assert "self.use_flash_attention" in src and "self.use_eod_attn_mask_compression" in src
+    assert "import " not in src.split('"""')[2]  # graph mode rejects imports in compiled code
+
+
+def _graph_mode():
+    import mindspore as ms
+
+    class GraphMode:
+        def __enter__(self):
+            ms.set_context(mode=ms.GRAPH_MODE)
+
+        def __exit__(self, *exc):
+            ms.set_context(mode=ms.PYNATIVE_MODE)
+
+    return GraphMode()
+
+
+def _fresh_llama(ms):
+    from mindformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(batch_size=1, seq_length=S, hidden_size=64, num_layers=2, num_heads=4, n_kv_heads=2,
+                      vocab_size=VOCAB, intermediate_size=128, qkv_has_bias=True, use_flash_attention=False,
+                      compute_dtype="float32", layernorm_compute_type="float32", softmax_compute_type="float32",
+                      rotary_dtype="float32", param_init_type="float32", use_past=False, pad_token_id=0,
+                      use_rope_slice=True, input_sliced_sig=True, theta=10000.0)
+    ms.set_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.set_train(True)
+    return model
+
+
+def test_graph_mode_compiles_shimmed_forward_and_grad(ms_cpu):
+    """GRAPH_MODE (what every YAML runs): the packed-mask construct compiles, gives the
+    one-by-one loss, and value_and_grad through it compiles and gives finite, non-zero grads."""
+    ms = ms_cpu
+    from distilled import mindformers_compat as mc
+
+    docs = _docs()
+    cols = _packed_row(docs)
+    t = [ms.Tensor(c[None]) for c in cols]
+    try:
+        mc.apply_packed_mask_shim(True)
+        with _graph_mode():
+            model = _fresh_llama(ms)  # fresh: graph caches are per cell, built after the shim
+            packed = _packed_loss(model, cols)
+            reference = _one_by_one_loss(model, docs)
+            assert abs(packed - reference) < 1e-5, (packed, reference)
+
+            params = model.trainable_params()
+
+            def loss_fn(ids, labels, loss_mask, position_ids, attention_mask):
+                return model(ids, labels=labels, loss_mask=loss_mask, position_ids=position_ids,
+                             attention_mask=attention_mask)
+
+            grad_fn = ms.value_and_grad(loss_fn, None, params)
+            loss, grads = ms.jit(grad_fn)(*t)
+            assert abs(float(loss) - packed) < 1e-5
+            norms = [float(np.linalg.norm(g.asnumpy())) for g in grads]
+            assert all(np.isfinite(norms)) and sum(norms) > 0
+    finally:
+        mc.apply_packed_mask_shim(False)
+
+
+def test_graph_mode_compiles_finite_overflow_check_in_train_step(ms_cpu):
+    """The CPU overflow check runs inside a compiled TrainOneStepWithLossScaleCell: a step with an
+    inf gradient is skipped, a finite one is applied."""
+    ms = ms_cpu
+    from mindspore import nn
+
+    with _graph_mode():
+        net = nn.Dense(3, 1)
+        cell = nn.TrainOneStepWithLossScaleCell(nn.WithLossCell(net, nn.MSELoss()),
+                                                nn.SGD(net.trainable_params(), 0.1),
+                                                scale_sense=ms.Tensor(1.0, ms.float32))
+        x = ms.Tensor(np.ones((2, 3), np.float32))
+        w0 = net.weight.asnumpy().copy()
+        _, overflow, _ = cell(x, ms.Tensor(np.full((2, 1), np.inf, np.float32)))
+        assert bool(overflow) and np.array_equal(net.weight.asnumpy(), w0)
+        _, overflow, _ = cell(x, ms.Tensor(np.zeros((2, 1), np.float32)))
+        assert not bool(overflow) and not np.array_equal(net.weight.asnumpy(), w0)
