@@ -1,0 +1,72 @@
+"""distilled.settings: a dataclass declares each option once; the CLI flags follow from it."""
+
+from __future__ import annotations
+
+import argparse
+import doctest
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from distilled import settings
+from distilled.settings import add_arguments, from_args, option
+
+
+@dataclass
+class Example:
+    src: Path = option(help="input file")
+    dst: str | None = option(None, help="output file")
+    workers: int = option(2, help="worker processes")
+    timeout: float = option(5.0, help="seconds")
+    kind: str = option("math", help="verifier", choices=("math", "choice"))
+    tasks: list[str] = option(["math_500"], help="task names")
+    strict: bool = option(False, help="stop at the first bad line")
+    progress: bool = option(True, help="no progress bar", flag="--no-progress")
+    resume: bool = option(True, help="resume a partial run")
+    internal: int = field(default=7)  # no option(): not a flag
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(p, Example)
+    return p
+
+
+def test_defaults_types_and_required():
+    cfg = from_args(Example, parser().parse_args(["--src", "in.jsonl"]))
+    assert cfg == Example(src=Path("in.jsonl"))
+    assert cfg.tasks == ["math_500"] and cfg.tasks is not Example(src=Path("x")).tasks
+    with pytest.raises(SystemExit):
+        parser().parse_args([])  # --src is required
+
+
+def test_every_kind_of_flag():
+    cfg = from_args(Example, parser().parse_args(
+        ["--src", "a", "--dst", "b", "--workers", "4", "--timeout", "0.5", "--kind", "choice",
+         "--tasks", "aime24", "aime25", "--strict", "--no-progress", "--no-resume"]))
+    assert (cfg.dst, cfg.workers, cfg.timeout, cfg.kind, cfg.tasks) == ("b", 4, 0.5, "choice", ["aime24", "aime25"])
+    assert cfg.strict is True and cfg.progress is False and cfg.resume is False and cfg.internal == 7
+
+
+def test_bad_values_are_refused_by_argparse():
+    with pytest.raises(argparse.ArgumentError):
+        parser().parse_args(["--src", "a", "--kind", "nope"])
+    with pytest.raises(argparse.ArgumentError):
+        parser().parse_args(["--src", "a", "--workers", "two"])
+
+
+def test_help_text_comes_from_the_field():
+    text = parser().format_help()
+    for words in ("worker processes", "--no-progress", "--tasks", "stop at the first bad line"):
+        assert words in text
+    assert "--internal" not in text
+
+
+def test_overrides_win():
+    cfg = from_args(Example, parser().parse_args(["--src", "a"]), workers=9)
+    assert cfg.workers == 9
+
+
+def test_module_doctest():
+    assert doctest.testmod(settings).failed == 0
