@@ -10,7 +10,10 @@ trained), tokenised in batches with the fast tokenizer; bad rows are skipped and
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,7 @@ class FormatDataHandler(BaseInstructDataHandler):
         self.num_proc = num_proc
         self.skips = SkipCounter()
         self.rows_in = 0
+        self._stats_dir: str | None = None  # set during __call__ (see process_batch)
 
     def build_tokenizer(self, config):
         """Load a fast tokenizer from a folder. MindFormers' legacy path would build its slow
@@ -92,12 +96,42 @@ class FormatDataHandler(BaseInstructDataHandler):
         return super().build_tokenizer(config)
 
     def process_batch(self, batch: dict[str, list], indices: list[int]):
-        """``datasets.map(batched=True, with_indices=True)`` function -> ``pyarrow.Table``."""
+        """``datasets.map(batched=True, with_indices=True)`` function -> ``pyarrow.Table``.
+
+        With ``num_proc > 1`` this runs in worker processes, whose ``self.skips`` is a copy that
+        dies with the worker. So each batch also writes its counts to ``<stats dir>/<first
+        index>.json`` (keyed by the first row, so a re-run batch overwrites rather than adds), and
+        ``__call__`` sums those files after the map: the counts come back from every worker.
+        """
         rows = iter_batch_rows(batch)
-        self.rows_in += len(rows)
         locs = [f"row {i + 1}" for i in indices]
-        enc = encode_rows(rows, self.config, self.encoder, self.skips, locs, self.strict)
+        local = SkipCounter()
+        enc = encode_rows(rows, self.config, self.encoder, local, locs, self.strict)
+        self.rows_in += len(rows)
+        self.skips.merge(local)
+        stats_dir = getattr(self, "_stats_dir", None)
+        if stats_dir and indices:
+            rec = {"rows_in": len(rows), "first_index": int(indices[0]), "counts": dict(local.counts),
+                   "first": dict(local.first)}
+            final = os.path.join(stats_dir, f"{int(indices[0]):012d}.json")
+            tmp = f"{final}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(rec, f)
+            os.replace(tmp, final)
         return enc.to_arrow()
+
+    def _collect_stats(self, stats_dir: str, base: SkipCounter, base_rows: int) -> None:
+        """Sum the per-batch count files (in row order, so ``first_seen`` is the first bad row)."""
+        skips, rows_in = base, base_rows
+        for name in sorted(os.listdir(stats_dir)):
+            if not name.endswith(".json"):
+                continue
+            with open(os.path.join(stats_dir, name), encoding="utf-8") as f:
+                rec = json.load(f)
+            rows_in += int(rec["rows_in"])
+            for reason, n in rec["counts"].items():
+                skips.add(reason, rec["first"].get(reason, ""), int(n))
+        self.skips, self.rows_in = skips, rows_in
 
     def __call__(self, dataset):
         """Tokenise and mask ``dataset``; returns ``input_ids``/``labels`` only."""
@@ -107,12 +141,23 @@ class FormatDataHandler(BaseInstructDataHandler):
             return datasets.DatasetDict({k: self(v) for k, v in dataset.items()})
         columns = dataset.column_names or list(next(iter(dataset)).keys())
         kw = dict(batched=True, with_indices=True, batch_size=self.batch_size, remove_columns=columns)
-        if isinstance(dataset, datasets.Dataset):
-            kw.update(num_proc=self.num_proc, desc=f"{type(self).__name__}")
-        out = dataset.map(self.process_batch, **kw)
-        if isinstance(dataset, datasets.Dataset):
-            logger.info(f"{type(self).__name__}: {len(out)} samples from {len(dataset)} rows; "
-                        f"skipped {self.skips.total}: {dict(self.skips.counts)}")
+        if not isinstance(dataset, datasets.Dataset):  # lazy: counted in-process as it is iterated
+            return dataset.map(self.process_batch, **kw)
+        # A cached map would run no batch and so count nothing: always recompute.
+        kw.update(num_proc=self.num_proc, desc=f"{type(self).__name__}", load_from_cache_file=False)
+        stats_dir = tempfile.mkdtemp(prefix="distilled-skips-")
+        self._stats_dir = stats_dir
+        base = SkipCounter()
+        base.merge(self.skips)  # earlier calls (e.g. other splits of a DatasetDict)
+        base_rows = self.rows_in
+        try:
+            out = dataset.map(self.process_batch, **kw)
+            self._collect_stats(stats_dir, base, base_rows)
+        finally:
+            self._stats_dir = None
+            shutil.rmtree(stats_dir, ignore_errors=True)
+        logger.info(f"{type(self).__name__}: {len(out)} samples from {len(dataset)} rows; "
+                    f"skipped {self.skips.total}: {dict(self.skips.counts)}")
         return out
 
 

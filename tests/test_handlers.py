@@ -206,3 +206,50 @@ def test_stratos_magpie_handlers_and_num_proc(qwen_tokenizer_dir, qwen_tokenizer
     assert len(out) == 1 and mg.skips.counts == {"missing_column": 1}
     labels = np.asarray(out[0]["labels"])
     assert qwen_tokenizer.decode(np.asarray(out[0]["input_ids"])[labels != -100]) == "<think>1+2+3</think>6<|im_end|>"
+
+
+def test_skip_counts_exact_with_num_proc_and_agree_with_distill_preprocess(tmp_path, qwen_tokenizer_dir):
+    """Issue 13 item 2: counters mutated inside ``datasets.map`` workers used to be lost (report
+    said 0 skipped with num_proc 8). 16 rows, 8 bad, num_proc 2, batch_size 3 (so batches land on
+    both workers): the toolkit's report.json and ``distill preprocess`` count the same skips."""
+    from distilled import preprocess as pp
+    from toolkit.data_preprocess.huggingface.datasets_preprocess import main
+
+    good = _openr1_rows(8)
+    um = lambda c: {"role": "user", "content": c}  # noqa: E731
+    am = lambda c: {"role": "assistant", "content": c}  # noqa: E731
+    bad = [
+        {"problem": "no messages 1"},
+        {"problem": "no messages 2"},
+        {"problem": "x", "messages": [um("only user")]},
+        {"problem": "x", "messages": [um("q"), am(" ")]},
+        {"problem": "x", "messages": [um("q"), am("")]},
+        {"problem": "x", "messages": [um("q"), am("a <|im_end|> b")]},
+        {"problem": "x", "messages": [um("q"), {"role": "bot", "content": "a"}]},
+        {"problem": "x", "messages": []},
+    ]
+    rows = [r for pair in zip(good, bad) for r in pair]  # bad rows spread over every batch
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+    shipped = yaml.safe_load((REPO / "configs" / "data_process_handling.yaml").read_text())["train_dataset"]["data_loader"]
+    shipped.update(data_files=str(path), path="json")
+    h = shipped["handler"][0]
+    h["tokenizer"]["pretrained_model_dir"] = str(qwen_tokenizer_dir)
+    h.update(num_proc=2, batch_size=3)
+    handled = tmp_path / "handled"
+    assert main(["--config", str(_write_yaml(tmp_path / "h.yaml", shipped)), "--save_path", str(handled)]) == 0
+    rep = json.loads((handled / "report.json").read_text())
+    (entry,) = rep["handlers"]
+    want = {"missing_column": 2, "no_assistant_turn": 2, "empty_content": 2, "special_token_in_content": 1,
+            "bad_role": 1}
+    assert entry["rows_in"] == 16 and rep["rows_out"] == 8
+    assert entry["skips"]["by_reason"] == want and entry["skips"]["total"] == 8
+    assert entry["skips"]["first_seen"]["missing_column"].startswith("row 2:")  # first bad row, in row order
+
+    pp_rep = pp.preprocess(pp.PreprocessConfig(inputs=[str(path)], tokenizer=str(qwen_tokenizer_dir), seq_length=8192,
+                                               output=str(tmp_path / "pp"), format=FormatConfig("openr1"),
+                                               num_proc=2, batch_size=3, progress=False))
+    assert pp_rep["rows_in"] == entry["rows_in"]
+    assert pp_rep["samples"] == rep["rows_out"]
+    assert pp_rep["skips"]["by_reason"] == entry["skips"]["by_reason"]
