@@ -18,9 +18,16 @@ What it does and why:
 - ``--capacity K`` serves at most K requests at a time and queues the rest, like a GPU server's
   batch slots. Latency is fixed or log-normal (heavy tail: sigma 1.0 gives p99 ~ 10x median).
 - Faults on request, for client tests: ``429`` with ``Retry-After``, ``500``, connection
-  ``reset``, ``slow`` responses, ``truncated_json`` bodies and ``length`` (text cut short with
-  ``finish_reason: length``). ``--fault-rate F`` picks a fault for that share of requests, from
-  ``--faults`` (default: all kinds).
+  ``reset``, ``slow`` responses, ``truncated_json`` bodies, ``length`` (text cut short with
+  ``finish_reason: length``) and ``stream_cut`` (the connection dropped half-way through the
+  answer). ``--fault-rate F`` picks a fault for that share of requests, from ``--faults``
+  (default: all kinds). On a streamed answer ``slow`` pauses half-way (no bytes for
+  ``--slow-ms``, to exercise idle timeouts) and ``truncated_json`` sends half a chunk then ends.
+- Streaming (``"stream": true``): server-sent events like vLLM's, one whitespace token per
+  chunk, a final chunk with ``finish_reason``, a ``usage`` chunk when ``stream_options.
+  include_usage`` is set (``--no-stream-usage`` withholds it) and ``data: [DONE]``
+  (``--no-stream-done`` leaves it out, as ``transformers serve`` does). ``--token-ms`` adds a
+  delay per generated token, streamed or not, so a long generation takes long.
 - Tokens are counted as whitespace-separated words (no tokenizer is needed; documented in
   docs/generate.md). ``max_tokens`` cuts the output after that many words (``finish_reason:
   length``). ``--max-tokens-cap`` makes a request asking for more answer 400, as vLLM does when
@@ -53,7 +60,7 @@ from typing import Any
 
 from distilled.problems import latex_number, parse_problem, solve
 
-FAULT_KINDS = ("429", "500", "reset", "slow", "truncated_json", "length")
+FAULT_KINDS = ("429", "500", "reset", "slow", "truncated_json", "length", "stream_cut")
 DEFAULT_MODEL = "stand-in-teacher"
 
 # The request fields of the OpenAI API (the openai package's ``CompletionCreateParams`` TypedDicts),
@@ -94,6 +101,9 @@ class TeacherConfig:
     api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
     model: str = DEFAULT_MODEL
     strict_fields: bool = False  # 422 on fields outside the OpenAI API, like `transformers serve`
+    token_ms: float = 0.0  # delay per generated token (streamed: between chunks; else in total)
+    stream_usage: bool = True  # send the usage chunk when the request asks for it
+    stream_done: bool = True  # end a stream with "data: [DONE]" (transformers serve does not)
 
     def __post_init__(self) -> None:
         bad = [f for f in self.faults if f not in FAULT_KINDS]
@@ -358,6 +368,7 @@ class TeacherServer:
             self._count(0)
             return web.Response(status=500)  # never sent: the transport is gone
 
+        stream = bool(body.get("stream"))
         sem = self._semaphore()
         if sem is not None:
             await sem.acquire()
@@ -368,7 +379,7 @@ class TeacherServer:
             delay = self._latency()
             st.latency_sum += delay
             st.latency_count += 1
-            delay += c.slow_ms / 1000.0 if fault == "slow" else 0.0
+            delay += c.slow_ms / 1000.0 if fault == "slow" and not stream else 0.0
             if delay > 0:
                 await asyncio.sleep(delay)
             choices, comp_tokens = [], 0
@@ -376,28 +387,92 @@ class TeacherServer:
                 choice, toks = self._choice(prompt, body.get("seed"), i, max_tokens, chat, fault == "length")
                 choices.append(choice)
                 comp_tokens += toks
+            usage = {"prompt_tokens": count_tokens(prompt_all), "completion_tokens": comp_tokens,
+                     "total_tokens": count_tokens(prompt_all) + comp_tokens}
+            head = {"id": f"cmpl-{st.requests}", "created": int(time.time()), "model": c.model}
+            if stream:
+                opts = body.get("stream_options")
+                want_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+                resp, whole = await self._stream(request, chat, choices, usage if want_usage else None, fault, head)
+                if whole:
+                    st.completion_tokens += comp_tokens
+                    st.completed += 1
+                return resp
+            if c.token_ms > 0:
+                await asyncio.sleep(comp_tokens * c.token_ms / 1000.0)
         finally:
             st.serving -= 1
             if sem is not None:
                 sem.release()
         st.completion_tokens += comp_tokens
         st.completed += 1
-        resp = {
-            "id": f"cmpl-{st.requests}",
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": c.model,
-            "choices": choices,
-            "usage": {"prompt_tokens": count_tokens(prompt_all), "completion_tokens": comp_tokens,
-                      "total_tokens": count_tokens(prompt_all) + comp_tokens},
-        }
-        if fault == "truncated_json":
+        resp = {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+                "usage": usage}
+        if fault in ("truncated_json", "stream_cut"):
             from aiohttp import web
 
             raw = json.dumps(resp).encode()
             self._count(200)
-            return web.Response(body=raw[: max(1, len(raw) // 2)], content_type="application/json")
+            if fault == "truncated_json":
+                return web.Response(body=raw[: max(1, len(raw) // 2)], content_type="application/json")
+            # stream_cut on a plain answer: headers promise the whole body, half arrives, then RST
+            out = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
+                                                          "Content-Length": str(len(raw))})
+            await out.prepare(request)
+            await out.write(raw[: len(raw) // 2])
+            self._reset(request)
+            return out
         return self._json(resp)
+
+    async def _stream(self, request, chat: bool, choices: list[dict], usage: dict | None, fault: str | None,
+                      head: dict) -> tuple[Any, bool]:
+        """Send ``choices`` as server-sent events, one whitespace token per chunk (vLLM's shape);
+        returns ``(response, whole)``, ``whole`` False when a fault cut the stream."""
+        from aiohttp import web
+
+        c = self.config
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        events: list[dict] = []  # the choices payloads, one per chunk; content chunks are marked
+        for ch in choices:
+            i = ch["index"]
+            if chat:
+                msg = ch["message"]
+                events.append({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+                for key in ("reasoning_content", "content"):
+                    for piece in _pieces(msg.get(key) or ""):
+                        events.append({"index": i, "delta": {key: piece}, "finish_reason": None, "_tok": 1})
+                events.append({"index": i, "delta": {}, "finish_reason": ch["finish_reason"]})
+            else:
+                for piece in _pieces(ch["text"]):
+                    events.append({"index": i, "text": piece, "finish_reason": None, "logprobs": None, "_tok": 1})
+                events.append({"index": i, "text": "", "finish_reason": ch["finish_reason"], "logprobs": None})
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
+                                                       "Cache-Control": "no-cache"})
+        self._count(200)
+        await resp.prepare(request)
+        half = len(events) // 2
+        for k, ev in enumerate(events):
+            if k == half and fault == "stream_cut":
+                self._reset(request)
+                return resp, False
+            if k == half and fault == "slow":
+                await asyncio.sleep(c.slow_ms / 1000.0)
+            tok = ev.pop("_tok", 0)
+            if tok and c.token_ms > 0:
+                await asyncio.sleep(c.token_ms / 1000.0)
+            line = b"data: " + json.dumps({**head, "object": obj, "choices": [ev]}).encode() + b"\n\n"
+            if k == half and fault == "truncated_json":
+                await resp.write(line[: len(line) // 2] + b"\n\n")
+                await resp.write_eof()
+                return resp, False
+            await resp.write(line)
+        if usage is not None and c.stream_usage:
+            await resp.write(b"data: " + json.dumps({**head, "object": obj, "choices": [], "usage": usage}).encode()
+                             + b"\n\n")
+        if c.stream_done:
+            await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp, True
 
     def _choice(self, prompt: str, seed: Any, index: int, max_tokens: int, chat: bool,
                 force_length: bool) -> tuple[dict, int]:
@@ -448,6 +523,15 @@ class TeacherServer:
         app.router.add_get("/stats", self.stats_view)
         app.router.add_post("/stats/reset", self.stats_reset)
         return app
+
+
+def _pieces(text: str) -> list[str]:
+    """Split ``text`` into streamed chunks, one whitespace token each, joining back exactly."""
+    pieces = re.findall(r"\s*\S+", text)
+    tail = text[sum(map(len, pieces)):]
+    if tail:
+        pieces.append(tail)
+    return pieces
 
 
 def _continuation(prompt: str, full: str) -> str:
@@ -573,7 +657,8 @@ def config_from_args(args: argparse.Namespace) -> TeacherConfig:
                          fault_rate=args.fault_rate, faults=faults, retry_after=args.retry_after,
                          slow_ms=args.slow_ms, reasoning_content=args.reasoning_content,
                          max_tokens_cap=args.max_tokens_cap, api_key=api_key, model=args.model,
-                         strict_fields=args.strict_fields)
+                         strict_fields=args.strict_fields, token_ms=args.token_ms,
+                         stream_usage=not args.no_stream_usage, stream_done=not args.no_stream_done)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -624,4 +709,10 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strict-fields", action="store_true",
                    help="answer 422 to request fields outside the OpenAI API, as `transformers serve` does "
                         "(catches vLLM-only fields such as include_stop_str_in_output)")
+    p.add_argument("--token-ms", type=float, default=0.0,
+                   help="delay per generated token in ms (streamed: between chunks), so long answers take long")
+    p.add_argument("--no-stream-usage", action="store_true",
+                   help="never send the usage chunk of a stream (clients must count)")
+    p.add_argument("--no-stream-done", action="store_true",
+                   help="end streams without 'data: [DONE]' (as transformers serve does)")
     p.set_defaults(func=cmd_serve)

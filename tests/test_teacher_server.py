@@ -213,3 +213,94 @@ def test_strict_fields_rejects_non_openai_fields_like_transformers_serve():
     with start_in_thread(TeacherConfig()) as srv:  # default: lenient like vLLM
         st, _h, raw = post(srv, "/completions", {"prompt": "x", "include_stop_str_in_output": True})
         assert st == 200, raw
+
+
+def sse(srv, path, body, timeout=10):
+    """POST with stream: true; return (data payloads in order, saw [DONE], error or None)."""
+    req = urllib.request.Request(srv.base_url + path, data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    events, done, err = [], False, None
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            for line in r:
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    done = True
+                    continue
+                events.append(json.loads(data))
+    except (OSError, ValueError) as exc:  # reset / IncompleteRead / a torn chunk
+        err = exc
+    return events, done, err
+
+
+def test_streamed_chat_matches_the_plain_answer_token_by_token(server):
+    q = {"model": "stand-in-teacher", "messages": [{"role": "user", "content": "What is 10% of 50?"}],
+         "seed": 5, "max_tokens": 4000}
+    plain = chat(server, q["messages"][0]["content"], seed=5, max_tokens=4000)
+    events, done, err = sse(server, "/chat/completions", {**q, "stream_options": {"include_usage": True}})
+    assert err is None and done
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert text == plain["choices"][0]["message"]["content"]
+    finals = [e["choices"][0]["finish_reason"] for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert finals == ["stop"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == plain["usage"]
+    content_chunks = [e for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert len(content_chunks) == plain["usage"]["completion_tokens"]  # one whitespace token per chunk
+    # without include_usage: no usage chunk
+    events, done, _ = sse(server, "/chat/completions", q)
+    assert done and all("usage" not in e for e in events)
+
+
+def test_streamed_completions_and_reasoning_content(server):
+    events, done, err = sse(server, "/completions", {"prompt": "What is 10% of 50?", "seed": 1, "max_tokens": 5})
+    assert err is None and done
+    assert len([e for e in events if e["choices"][0]["text"]]) == 5
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    server.config.reasoning_content = True
+    events, done, _ = sse(server, "/chat/completions", {"messages": [{"role": "user", "content": "What is 10% of 50?"}],
+                                                        "seed": 2})
+    r = "".join(e["choices"][0]["delta"].get("reasoning_content") or "" for e in events)
+    c = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+    assert "</think>" not in r and r and "\\boxed{5}" in c
+
+
+def test_stream_faults_cut_stall_and_torn_chunk(server):
+    q = {"model": "stand-in-teacher", "messages": [{"role": "user", "content": "What is 10% of 50?"}], "seed": 3}
+    whole, _, _ = sse(server, "/chat/completions", q)
+    server.config.fault_rate, server.config.faults = 1.0, ("stream_cut",)
+    events, done, err = sse(server, "/chat/completions", q)
+    assert not done and 0 < len(events) < len(whole)
+    assert not any(e["choices"][0]["finish_reason"] for e in events)
+    # a plain (non-streamed) answer cut half-way: the body never completes
+    st = None
+    with pytest.raises((OSError, ValueError)):
+        st, _h, raw = post(server, "/chat/completions", q)
+        json.loads(raw)
+    server.config.faults, server.config.slow_ms = ("slow",), 600
+    t0 = time.perf_counter()
+    events, done, err = sse(server, "/chat/completions", q)
+    assert done and err is None and time.perf_counter() - t0 >= 0.55
+    server.config.faults = ("truncated_json",)
+    events, done, err = sse(server, "/chat/completions", q)
+    assert isinstance(err, ValueError) and not done
+    assert server.stats()["faults"] == {"stream_cut": 2, "slow": 1, "truncated_json": 1}
+
+
+def test_token_ms_no_usage_no_done_like_transformers_serve():
+    with start_in_thread(TeacherConfig(token_ms=20, stream_usage=False, stream_done=False,
+                                       strict_fields=True)) as srv:
+        q = {"model": "stand-in-teacher", "prompt": "What is 10% of 50?", "max_tokens": 20,
+             "stream_options": {"include_usage": True}}
+        t0 = time.perf_counter()
+        events, done, err = sse(srv, "/completions", q)
+        dt = time.perf_counter() - t0
+        assert err is None and not done and all("usage" not in e for e in events)
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert dt >= 20 * 0.02 * 0.9  # 20 tokens, 20 ms apart
+        t0 = time.perf_counter()
+        st, _h, raw = post(srv, "/completions", {k: v for k, v in q.items() if k != "stream_options"})
+        assert st == 200 and time.perf_counter() - t0 >= 0.36  # the same delay, all at once
