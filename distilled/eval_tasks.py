@@ -41,6 +41,27 @@ GPQA_TEMPLATE = "{Instruction}\n\n{Question}\n\nA) {A}\nB) {B}\nC) {C}\nD) {D}"
 GPQA_COLUMNS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
 
 
+SCORING_RULE = ("evaluation: the text after the last </think> is judged whatever the finish_reason; an unclosed "
+                "<think> (or no answer text) scores 0")
+"""The one scoring rule of ``distill eval`` and ``distilled/lighteval_tasks.py`` (recorded in
+results.json). It is lighteval's and open-r1's: a sample cut by the token limit *after* its
+reasoning closed is scored on the answer it wrote. ``distill reject`` is stricter on purpose (a
+truncated generation is never training data); evaluation is not filtering."""
+
+
+def answer_to_score(text: str) -> str | None:
+    """The answer text :data:`SCORING_RULE` judges, or None when the sample scores 0 unjudged.
+
+    Why one function: ``distill eval`` (main env, math-verify) and the lighteval task file
+    (.venv-eval, lighteval's math-verify port) must pick the same text, or "the same scoring under
+    lighteval" is false. ``finish_reason`` is deliberately not an argument.
+    """
+    from distilled.verify import split_reasoning
+
+    _, answer, complete = split_reasoning(text)
+    return answer if complete else None
+
+
 class TaskError(ValueError):
     """Bad task name or task data; the message names the file, row and field."""
 

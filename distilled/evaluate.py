@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from distilled.eval_engines import BudgetConfig, EngineError, GenOutput, GenRequest, stable_seed
-from distilled.eval_tasks import PROMPT_VERSION, Problem, Task, TaskError, load_task, parse_task_names
+from distilled.eval_tasks import (PROMPT_VERSION, SCORING_RULE, Problem, Task, TaskError, load_task,
+                                  parse_task_names)
 
 OPEN_R1_N = {"aime24": 64, "aime25": 64, "math_500": 4, "gpqa_diamond": 8}
 """Samples per problem in open-r1's published evaluations (``--n auto``)."""
@@ -216,6 +217,23 @@ def _record(cfg: EvalConfig, p: Problem, req: GenRequest, out: GenOutput, verdic
     return rec
 
 
+def score_samples(pool: Any, items: Sequence[tuple[str, str, str | None, str]]) -> list[Any]:
+    """Verdicts for ``(output, gold, finish_reason, kind)`` under :data:`eval_tasks.SCORING_RULE`.
+
+    :func:`eval_tasks.answer_to_score` (the function the lighteval task file calls too) picks the
+    text judged, so a sample truncated after ``</think>`` is scored on its answer, as lighteval and
+    open-r1 score it; the verifier is then asked with ``finish_reason=None``. ``finish_reason``
+    stays in samples.jsonl (the truncated share).
+    """
+    from distilled.eval_tasks import answer_to_score
+    from distilled.verify import Verdict
+
+    answers = [answer_to_score(text) for text, _gold, _finish, _kind in items]
+    judged = iter(list(pool.judge_many((a, gold, None, kind) for a, (_t, gold, _f, kind) in zip(answers, items)
+                                       if a is not None)))
+    return [Verdict(False, "unfinished", None, False) if a is None else next(judged) for a in answers]
+
+
 class _Judge:
     """Judges (problem, request, output) triples with the shared verifier pool and appends records."""
 
@@ -228,7 +246,7 @@ class _Judge:
         if not items:
             return
         probs = [self.problems[(r.key[0], r.key[1])] for r, _ in items]
-        verdicts = self.pool.judge_many((o.text, p.gold, o.finish_reason, p.kind) for p, (_, o) in zip(probs, items))
+        verdicts = score_samples(self.pool, [(o.text, p.gold, o.finish_reason, p.kind) for p, (_, o) in zip(probs, items)])
         with self.lock:
             for p, (r, o), v in zip(probs, items, verdicts):
                 self.appender.write(_record(self.cfg, p, r, o, v))
@@ -397,6 +415,7 @@ def summarize(cfg: EvalConfig, tasks: list[Task], records: dict, pool: Any) -> d
 
     res: dict[str, Any] = {
         "model": cfg.model_name, "engine": cfg.engine, "prompt_version": cfg.prompt_version,
+        "scoring": SCORING_RULE,
         "settings": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
                      "system_prompt": cfg.system_prompt, "seed": cfg.seed, "n": cfg.n, "limit": cfg.limit,
                      "model": cfg.model, "api_addr": cfg.api_addr},

@@ -27,8 +27,9 @@ lighteval 0.13 imports all its built-in tasks first, and two of them need the ne
 time; run this file as the launcher (``.venv-eval/bin/python distilled/lighteval_tasks.py
 accelerate ...`` with the same arguments as ``lighteval``) to skip those offline.
 
-Scoring, identical in rules to :mod:`distilled.verify`: only the text after the last
-``</think>`` is judged, an unclosed ``<think>`` scores 0, math answers prefer the last
+Scoring, the rule ``distill eval`` uses (``eval_tasks.SCORING_RULE`` / ``answer_to_score``): only
+the text after the last ``</think>`` is judged (also when generation stopped at the token limit
+after it), an unclosed ``<think>`` scores 0, math answers prefer the last
 ``\\boxed{}`` then other LaTeX/expressions (lighteval's own math-verify port does the parsing and
 comparison: math-verify itself cannot be installed beside lighteval's latex2sympy2_extended pin),
 and GPQA letters are read by ``distilled.verify.extract_choice``.
@@ -45,9 +46,9 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:  # lighteval loads this file by path; make ``distilled`` importable
     sys.path.insert(0, str(_REPO))
 
-from distilled.eval_tasks import (GPQA_COLUMNS, PROMPT_VERSION, TASKS, gpqa_prompt, gpqa_shuffle,  # noqa: E402
-                                  math_prompt, row_id)
-from distilled.verify import _gold_text, extract_choice, split_reasoning  # noqa: E402
+from distilled.eval_tasks import (GPQA_COLUMNS, PROMPT_VERSION, TASKS, answer_to_score, gpqa_prompt,  # noqa: E402
+                                  gpqa_shuffle, math_prompt, row_id)
+from distilled.verify import _gold_text, extract_choice  # noqa: E402
 
 from lighteval.metrics.metrics_sample import SampleLevelComputation, SamplingMetric  # noqa: E402
 from lighteval.metrics.utils.metric_utils import SampleLevelMetric  # noqa: E402
@@ -86,8 +87,8 @@ def score_output(text: str, gold: str, kind: str) -> float:
     global _MATH
     from lighteval.models.model_output import ModelResponse
 
-    _, answer, complete = split_reasoning(text)
-    if not complete:
+    answer = answer_to_score(text)  # the rule distill eval uses too (eval_tasks.SCORING_RULE)
+    if answer is None:
         return 0.0
     if kind == "choice":
         try:

@@ -101,8 +101,10 @@ def test_transformers_engine_eval_and_determinism(tiny_qwen2_dir, problems_file,
     recs = read_lines(tmp_path / "a" / "samples.jsonl")
     assert len(recs) == 6
     for r in recs:
-        # a random model never stops by itself within 8 tokens: every sample is truncated
-        assert r["finish_reason"] == "length" and r["completion_tokens"] == 8 and r["reason"] == "length"
+        # a random model never stops by itself within 8 tokens: every sample is truncated; with no
+        # think tags the whole text is the answer (eval_tasks.SCORING_RULE), and it is no answer
+        assert r["finish_reason"] == "length" and r["completion_tokens"] == 8
+        assert r["reason"] in ("no_answer", "wrong_answer", "unfinished")
         assert r["prompt_tokens"] > 20
     m = res["tasks"]["synth"]
     assert m["pass@1"] == 0 and m["truncated_pct"] == 100 and m["unanswered_pct"] == 0

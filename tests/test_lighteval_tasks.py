@@ -146,3 +146,42 @@ def test_accelerate_backend_scores_tiny_model(tiny_qwen2_dir, tmp_path):
         assert metric["distilled_pass@1"] == ours
         total += ours
     assert results["results"]["distilled_math_500|0"]["distilled_pass@1"] == pytest.approx(total / 3)
+
+
+# Planted samples (output, gold, finish_reason, kind) for the one scoring rule of issue 13 item 3.
+PLANTED = [
+    ("<think>2+2 is 4</think>\nThe answer is $\\boxed{4}$ and to double-check we", "4", "length", "math"),  # cut after
+    ("<think>2+2 is 4, so \\boxed{4} is", "4", "length", "math"),  # cut inside the reasoning
+    ("<think>2+2 is 5</think>\nThe answer is $\\boxed{5}$.", "4", "stop", "math"),  # closed, wrong
+    ("<think>2+2</think>\nI cannot tell.", "4", "stop", "math"),  # closed, no answer
+    ("<think>2+2 is 4</think>\nThe answer is $\\boxed{4}$.", "4", "stop", "math"),  # closed, right
+    ("<think>it is B</think>\nAnswer: B and also", "B", "length", "choice"),  # choice, cut after </think>
+    ("<think>Answer: B", "B", "length", "choice"),  # choice, cut inside
+]
+PLANTED_WANT = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+
+
+def _eval_verdicts() -> list[float]:
+    from distilled.evaluate import score_samples
+    from distilled.verify import VerifierPool
+
+    with VerifierPool(workers=1) as pool:
+        return [1.0 if v.correct else 0.0 for v in score_samples(pool, PLANTED)]
+
+
+def test_distill_eval_scores_answers_after_closed_reasoning_even_when_truncated():
+    """`distill eval`'s rule (shared with the task file): truncation after </think> is scored on
+    the answer; truncation inside the reasoning is 0. Runs without .venv-eval."""
+    assert _eval_verdicts() == PLANTED_WANT
+
+
+@needs_eval_env
+@pytest.mark.slow  # importing lighteval in .venv-eval takes ~30 s on 2 busy cores
+def test_distill_eval_and_lighteval_task_file_give_identical_verdicts_on_planted_samples():
+    ours = _eval_verdicts()
+    code = LOAD_TASK_FILE + """
+data = json.load(sys.stdin)
+print(json.dumps([lt.score_output(g, gold, kind) for g, gold, _finish, kind in data]))
+"""
+    theirs = eval_env_run(code, PLANTED)  # lighteval has no finish_reason: it scores the text
+    assert ours == theirs == PLANTED_WANT, list(zip(PLANTED, ours, theirs))
