@@ -4,9 +4,20 @@ Why not the ``openai`` package or open-r1's loop: a multi-day generation run nee
 bounded by in-flight *requests* so a server is kept exactly as busy as asked and a slow request
 never blocks a batch, (2) several endpoints balanced by least-in-flight, with a failing endpoint
 taken out for a while and re-probed, (3) retries with exponential backoff and jitter that honour
-``Retry-After`` on 429/5xx/timeouts/connection errors/malformed JSON, and (4) fail-fast, clear
-errors on 400/401/403/404 instead of retrying a request that can never succeed. open-r1 instead
-sleeps a fixed 10 s on any error and reads ``choices`` without checking the HTTP status.
+``Retry-After`` (capped, so a server answering ``Retry-After: 86400`` cannot park a request for a
+day) on 429/5xx/timeouts/connection errors/malformed JSON, and (4) fail-fast, clear errors on
+400/401/403/404 instead of retrying a request that can never succeed. open-r1 instead sleeps a
+fixed 10 s on any error and reads ``choices`` without checking the HTTP status.
+
+Streaming (``stream=True``): the request carries ``"stream": true`` and
+``stream_options.include_usage``; the answer is read as server-sent events with an *idle* timeout
+(no bytes for ``idle_timeout`` seconds) instead of a total one, so a 32k-token generation is never
+cut at a fixed wall time. A stream that ends without a ``finish_reason`` for every choice (the
+connection dropped mid-way) is a retryable failure like any other; the generation restarts from
+scratch (OpenAI-compatible servers cannot resume one). ``data: [DONE]`` is optional
+(``transformers serve`` 5.x never sends it). When the server sends no ``usage`` chunk,
+``usage`` is ``{"completion_tokens": <content chunks received>, "usage_source": "counted_chunks"}``
+(vLLM sends one token per chunk, so the count is close but not exact).
 
 Usage::
 
@@ -45,6 +56,12 @@ except ImportError:  # pragma: no cover - depends on the environment
     _loads = json.loads
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529})
+# Per-attempt limits. Without streaming the whole generation must arrive within one timeout:
+# 32,768 tokens at 10 tokens/s per sequence (a busy server batching hundreds of requests) is
+# ~3,300 s, so one hour. With streaming only silence counts.
+DEFAULT_REQUEST_TIMEOUT = 3600.0
+DEFAULT_IDLE_TIMEOUT = 600.0
+DEFAULT_RETRY_AFTER_MAX = 60.0
 
 
 class APIError(Exception):
@@ -179,8 +196,13 @@ class ChatClient:
         api_key_env: name of the environment variable holding the API key (sent as a Bearer
             token). The key itself is never printed, logged or written.
         max_concurrent: the most requests in flight at once, over all endpoints.
-        max_retries: retries after the first attempt before :class:`RetriesExhausted`.
-        request_timeout: seconds for one attempt (connect + generate + read).
+        max_retries: retries after the first attempt before :class:`RetriesExhausted`. Connection
+            failures count too, also while every endpoint is taken out (a dead server fails the
+            request after ``max_retries + 1`` attempts instead of parking it).
+        request_timeout: seconds for one non-streaming attempt (connect + generate + read).
+        stream: request server-sent events and read them with ``idle_timeout``.
+        idle_timeout: streaming only: seconds without a byte before the attempt is abandoned.
+        retry_after_max: the most seconds a ``Retry-After`` header may make a request wait.
         backoff_base, backoff_max: exponential backoff ``min(max, base * 2**k)`` with 50-100% jitter.
         failure_threshold: consecutive faults (connection, timeout, 5xx, bad JSON) that take an
             endpoint out; it is re-probed by a single request after ``cooldown`` seconds,
@@ -190,10 +212,11 @@ class ChatClient:
     """
 
     def __init__(self, endpoints: Sequence[str] | str, model: str, api_key_env: str | None = None,
-                 max_concurrent: int = 64, max_retries: int = 8, request_timeout: float = 600.0,
+                 max_concurrent: int = 64, max_retries: int = 8, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
                  connect_timeout: float = 10.0, backoff_base: float = 1.0, backoff_max: float = 60.0,
                  failure_threshold: int = 5, cooldown: float = 2.0, cooldown_max: float = 60.0,
-                 on_event: Callable[[str, dict], None] | None = None):
+                 on_event: Callable[[str, dict], None] | None = None, stream: bool = False,
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT, retry_after_max: float = DEFAULT_RETRY_AFTER_MAX):
         if isinstance(endpoints, str):
             endpoints = [endpoints]
         if not endpoints:
@@ -213,7 +236,13 @@ class ChatClient:
         self.cooldown = cooldown
         self.cooldown_max = cooldown_max
         self.on_event = on_event
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        self.stream = stream
+        self.idle_timeout = idle_timeout
+        self.retry_after_max = retry_after_max
+        self._stream_options_ok = True  # cleared when a server refuses stream_options
+        self.usage_counted = 0  # streamed answers whose usage was counted because the server sent none
+        self._headers = {"Content-Type": "application/json",
+                         "Accept": "text/event-stream" if stream else "application/json"}
         if api_key_env:
             key = os.environ.get(api_key_env)
             if not key:
@@ -285,7 +314,45 @@ class ChatClient:
             payload["n"] = n
         if extra:
             payload.update(extra)
+        if self.stream:
+            payload["stream"] = True
+            if self._stream_options_ok:
+                payload["stream_options"] = {"include_usage": True}
         return payload
+
+    async def probe(self, timeout: float = 5.0) -> dict[str, str | None]:
+        """``GET /models`` on every endpoint: ``{url: None}`` when it answered (any HTTP status:
+        a server is listening), ``{url: reason}`` when it could not be reached in ``timeout`` s."""
+        import aiohttp
+
+        if self._session is None:
+            await self.open()
+        assert self._session is not None
+
+        async def one(ep: _Endpoint) -> str | None:
+            try:
+                async with self._session.get(ep.url + "/models", headers=self._headers,
+                                             timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                    await resp.read()
+                return None
+            except asyncio.TimeoutError:
+                return f"no answer within {timeout:g}s"
+            except (aiohttp.ClientError, OSError) as exc:
+                return f"{type(exc).__name__}: {exc}"[:300]
+
+        reasons = await asyncio.gather(*(one(ep) for ep in self.endpoints))
+        return {ep.url: r for ep, r in zip(self.endpoints, reasons)}
+
+    def mark_down(self, url: str, reason: str) -> None:
+        """Take an endpoint out as if it had failed ``failure_threshold`` times (start-up probe)."""
+        for ep in self.endpoints:
+            if ep.url == url:
+                ep.failures = self.failure_threshold - 1
+                self._fault(ep, reason)
+
+    def all_down(self) -> bool:
+        """Every endpoint is taken out (used to stop a run whose servers all went away)."""
+        return all(ep.failures >= self.failure_threshold for ep in self.endpoints)
 
     # --- machinery ------------------------------------------------------------------------------
     def _emit(self, kind: str, **info: Any) -> None:
@@ -316,7 +383,13 @@ class ChatClient:
             return probe
         if best is not None:
             return best
-        wait = min(ep.down_until for ep in eps) - now
+        # Every endpoint is out: once the soonest cooldown ends, every waiting request tries it
+        # itself, so each wait ends in an attempt that counts against max_retries (waiting for a
+        # single probe parked requests forever against a dead port).
+        due = min(eps, key=lambda e: e.down_until)
+        wait = due.down_until - now
+        if wait <= 0:
+            return due
         return max(0.01, min(wait, 0.25))
 
     def _ok(self, ep: _Endpoint) -> None:
@@ -329,8 +402,11 @@ class ChatClient:
         ep.errors += 1
         ep.failures += 1
         if ep.failures >= self.failure_threshold:
+            now = time.monotonic()
+            if ep.down_until > now:  # already out (a request sent before it went down): say it once
+                return
             ep.cooldown = min(self.cooldown_max, ep.cooldown * 2 if ep.cooldown else self.cooldown)
-            ep.down_until = time.monotonic() + ep.cooldown
+            ep.down_until = now + ep.cooldown
             self._emit("endpoint_down", endpoint=ep.url, cooldown=ep.cooldown, reason=reason)
 
     async def _call(self, path: str, payload: dict, chat: bool) -> ChatResult:
@@ -352,6 +428,12 @@ class ChatClient:
                         return await self._attempt(picked, path, body, chat, attempt)
                     except _Retryable as exc:
                         last = exc.reason
+                        if "stream_options" in payload and not self._stream_options_ok:
+                            del payload["stream_options"]  # refused by this server: not a real attempt
+                            body = _dumps(payload)
+                            if "without stream_options" in last:
+                                attempt -= 1
+                                continue
                         if attempt > self.max_retries:
                             self.failures += 1
                             raise RetriesExhausted(f"gave up after {attempt} attempts; last error: {last}", last,
@@ -359,7 +441,7 @@ class ChatClient:
                         delay = (min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
                                  * self._rng.uniform(0.5, 1.0))
                         if exc.retry_after is not None:
-                            delay = exc.retry_after * self._rng.uniform(1.0, 1.1)
+                            delay = min(exc.retry_after, self.retry_after_max) * self._rng.uniform(1.0, 1.1)
                         self.retries += 1
                         self._emit("retry", reason=last, attempt=attempt, delay=delay, endpoint=picked.url)
             finally:
@@ -374,13 +456,24 @@ class ChatClient:
         ep.requests += 1
         self.in_flight += 1
         self.requests += 1
+        streamed: ChatResult | None = None
+        kw: dict[str, Any] = {}  # (timeout=None would mean *no* timeout to aiohttp: pass it only to stream)
+        if self.stream:
+            kw["timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout,
+                                                  sock_read=self.idle_timeout)
         try:
-            async with self._session.post(ep.url + path, data=body, headers=self._headers) as resp:
+            async with self._session.post(ep.url + path, data=body, headers=self._headers, **kw) as resp:
                 status = resp.status
-                raw = await resp.read()
+                if status == 200 and self.stream:
+                    streamed = await self._read_stream(resp, ep, attempt, chat)
+                    raw = b""
+                else:
+                    raw = await resp.read()
                 retry_after = resp.headers.get("Retry-After") if status != 200 else None
         except asyncio.TimeoutError:
             self._fault(ep, "timeout")
+            if self.stream:
+                raise _Retryable(f"stream idle for {self.idle_timeout:g}s from {ep.url}") from None
             raise _Retryable(f"timeout after {self.request_timeout:g}s from {ep.url}") from None
         except (aiohttp.ClientError, OSError) as exc:
             reason = f"{type(exc).__name__} from {ep.url}: {exc}"[:300]
@@ -389,6 +482,8 @@ class ChatClient:
         finally:
             ep.in_flight -= 1
             self.in_flight -= 1
+        if streamed is not None:
+            return streamed
         if status == 200:
             try:
                 data = _loads(raw)
@@ -398,6 +493,13 @@ class ChatClient:
                 raise _Retryable(f"malformed response from {ep.url}: {type(exc).__name__}: {str(exc)[:120]}") \
                     from None
         msg = _server_message(raw)
+        if self.stream and self._stream_options_ok and status in (400, 422) and "stream_options" in msg:
+            # a server that refuses stream_options: drop it for good and retry now (usage is
+            # then counted from the chunks; see the module docstring)
+            self._stream_options_ok = False
+            self._ok(ep)
+            raise _Retryable(f"HTTP {status} from {ep.url}: {msg} (retrying without stream_options)",
+                             retry_after=0.0, endpoint_fault=False)
         if status in RETRYABLE_STATUS or status >= 500:
             ra = _parse_retry_after(retry_after)
             if status >= 500:
@@ -416,6 +518,73 @@ class ChatClient:
             raise FatalAPIError(f"HTTP 404 from {ep.url}{path}: wrong --model {self.model!r} or base URL? ({msg})",
                                 status, ep.url)
         raise FatalAPIError(f"HTTP {status} from {ep.url}{path}: {msg}", status, ep.url)
+
+    async def _read_stream(self, resp: Any, ep: _Endpoint, attempt: int, chat: bool) -> ChatResult:
+        """Read an SSE answer (``data: {...}`` lines) into one :class:`ChatResult`.
+
+        Raises :class:`_Retryable` when the stream ends before every choice has a
+        ``finish_reason`` or carries an ``error`` event (vLLM reports mid-stream failures so)."""
+        texts: dict[int, list[str]] = {}
+        reasons: dict[int, list[str]] = {}
+        finish: dict[int, str | None] = {}
+        chunks = 0
+        content_chunks = 0
+        usage: dict | None = None
+        model = None
+        async for line in resp.content:
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue  # blank separators, ": keep-alive" comments, "event:" lines
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            try:
+                obj = _loads(data)
+            except ValueError:
+                self._fault(ep, "malformed stream")
+                raise _Retryable(f"malformed stream chunk from {ep.url}: {data[:120]!r}") from None
+            if not isinstance(obj, dict):
+                continue
+            if obj.get("error"):
+                self._fault(ep, "stream error")
+                raise _Retryable(f"error event in the stream from {ep.url}: {_server_message(data)}")
+            chunks += 1
+            model = obj.get("model") or model
+            if obj.get("usage"):
+                usage = obj["usage"]
+            for ch in obj.get("choices") or []:
+                i = int(ch.get("index") or 0)
+                texts.setdefault(i, [])
+                if chat:
+                    delta = ch.get("delta") or {}
+                    piece = delta.get("content")
+                    rpiece = delta.get("reasoning_content") or delta.get("reasoning")
+                    if rpiece:
+                        reasons.setdefault(i, []).append(rpiece)
+                        content_chunks += 1
+                else:
+                    piece = ch.get("text")
+                if piece:
+                    texts[i].append(piece)
+                    content_chunks += 1
+                if ch.get("finish_reason") is not None:
+                    finish[i] = ch["finish_reason"]
+        if not texts or any(i not in finish for i in texts):
+            got = f"{chunks} chunks" if chunks else "no data"
+            self._fault(ep, "stream cut")
+            raise _Retryable(f"stream from {ep.url} ended after {got} without a finish_reason (connection lost?)")
+        out = []
+        for i in sorted(texts):
+            reasoning = "".join(reasons[i]) if i in reasons else None
+            content = "".join(texts[i])
+            out.append((merge_reasoning(content, reasoning) if chat else content, finish[i], reasoning))
+        if usage is None:
+            usage = {"completion_tokens": content_chunks, "usage_source": "counted_chunks"}
+            self.usage_counted += 1
+        self._ok(ep)
+        text, fin, reasoning = out[0]
+        return ChatResult(text=text, finish_reason=fin, usage=usage, reasoning_content=reasoning, endpoint=ep.url,
+                          attempts=attempt, choices=out, model=model)
 
     def _result(self, data: dict, ep: _Endpoint, attempt: int, chat: bool) -> ChatResult:
         choices = data["choices"]

@@ -215,3 +215,106 @@ def test_dead_endpoint_is_taken_out_and_the_run_completes():
         assert good.stats()["completed"] == 300
     finally:
         good.stop()
+
+
+# --- streaming, Retry-After cap, dead endpoints, probe --------------------------------------------
+def test_streamed_answer_equals_the_plain_one_with_usage(srv):
+    async def go():
+        async with ChatClient([srv.addr], "stand-in-teacher") as c:
+            plain = await c.chat(MSG, max_tokens=500, seed=4)
+            plain_c = await c.complete("What is 20% of 45?", max_tokens=7, seed=4)
+        async with ChatClient([srv.addr], "stand-in-teacher", stream=True, idle_timeout=5) as c:
+            return plain, plain_c, await c.chat(MSG, max_tokens=500, seed=4), \
+                await c.complete("What is 20% of 45?", max_tokens=7, seed=4), c.usage_counted
+    plain, plain_c, st, st_c, counted = run(go())
+    assert st.text == plain.text and st.finish_reason == plain.finish_reason == "stop"
+    assert st.usage == plain.usage and counted == 0  # the server's usage chunk, not a count
+    assert st_c.text == plain_c.text and st_c.finish_reason == "length" and st_c.usage["completion_tokens"] == 7
+    srv.config.reasoning_content = True
+    r = run(_one(srv, stream=True))
+    assert r.reasoning_content and r.text.startswith("<think>\n" + r.reasoning_content + "\n</think>\n\n")
+
+
+def test_stream_without_usage_or_done_counts_chunks_and_says_so():
+    with start_in_thread(TeacherConfig(stream_usage=False, stream_done=False, strict_fields=True)) as s:
+        async def go():
+            async with ChatClient([s.addr], "stand-in-teacher", stream=True) as c:
+                return await c.chat(MSG, max_tokens=500, seed=1), c.usage_counted
+        r, counted = run(go())
+
+        async def plain_one():
+            async with ChatClient([s.addr], "stand-in-teacher") as c:
+                return await c.chat(MSG, max_tokens=500, seed=1)
+        plain = run(plain_one())
+    assert counted == 1 and r.usage == {"completion_tokens": len(r.text.split()), "usage_source": "counted_chunks"}
+    assert r.text == plain.text and r.finish_reason == "stop"
+    assert s.stats()["rejected_fields"] == {}  # stream and stream_options are standard fields
+
+
+def test_a_long_stream_outlives_the_idle_timeout_a_plain_request_does_not():
+    """~48 tokens x 50 ms = ~2.4 s: streaming with a 1 s idle timeout succeeds at the first attempt;
+    the same answer without streaming and a 1 s per-attempt timeout never arrives."""
+    with start_in_thread(TeacherConfig(token_ms=50)) as s:
+        async def go(**kw):
+            async with ChatClient([s.addr], "stand-in-teacher", max_retries=1, backoff_base=0.01, **kw) as c:
+                return await c.complete("What is 20% of 45?", max_tokens=1000)
+        t0 = time.perf_counter()
+        r = run(go(stream=True, idle_timeout=1.0))
+        dt = time.perf_counter() - t0
+        toks = r.usage["completion_tokens"]
+        assert r.attempts == 1 and r.finish_reason == "stop" and toks >= 40 and dt >= toks * 0.05 * 0.9 >= 1.8
+        with pytest.raises(RetriesExhausted) as ei:
+            run(go(request_timeout=1.0))
+        assert "timeout after 1s" in ei.value.reason
+
+
+def test_a_cut_or_stalled_stream_is_retried(srv):
+    for fault, want in (("stream_cut", ""), ("slow", "idle"), ("truncated_json", "malformed")):
+        srv.config.fault_rate, srv.config.faults, srv.config.slow_ms = 1.0, (fault,), 1500
+        reasons = []
+
+        def on_event(kind, info):
+            reasons.append(info["reason"])
+            srv.config.fault_rate = 0.0  # the retry succeeds
+        r = run(_one(srv, stream=True, idle_timeout=0.5, backoff_base=0.01, on_event=on_event))
+        assert r.attempts == 2 and r.finish_reason == "stop" and r.text.startswith("<think>\n"), fault
+        assert want in reasons[0], (fault, reasons)
+    srv.config.fault_rate, srv.config.faults = 1.0, ("stream_cut",)
+    with pytest.raises(RetriesExhausted) as ei:
+        run(_one(srv, stream=True, max_retries=2, backoff_base=0.01))
+    assert ei.value.attempts == 3
+
+
+def test_retry_after_is_capped(srv):
+    srv.config.fault_rate, srv.config.faults, srv.config.retry_after = 1.0, ("429",), 86400
+    delays = []
+
+    def on_event(kind, info):
+        delays.append(info["delay"])
+        srv.config.fault_rate = 0.0
+    t0 = time.perf_counter()
+    r = run(_one(srv, retry_after_max=0.3, on_event=on_event))
+    assert r.attempts == 2 and 0.3 <= delays[0] <= 0.33 and time.perf_counter() - t0 < 5
+
+
+def test_a_dead_port_fails_within_max_retries_and_the_probe_names_it():
+    """Before: with every endpoint out, requests waited for a single re-probe and never used up
+    their retries (a dead port sat at 0/10 for minutes). Now each wait ends in a counted attempt."""
+    dead = f"127.0.0.1:{free_port()}"
+    with start_in_thread(TeacherConfig()) as good:
+        async def go():
+            async with ChatClient([dead], "m", max_retries=1, backoff_base=0.01, cooldown=0.05,
+                                  failure_threshold=2) as c:
+                res = await asyncio.gather(*(c.chat(MSG, max_tokens=5) for _ in range(40)), return_exceptions=True)
+                return res, c.all_down(), c.retries
+        t0 = time.perf_counter()
+        res, down, retries = run(go())
+        assert time.perf_counter() - t0 < 10
+        assert all(isinstance(x, RetriesExhausted) and x.attempts == 2 for x in res)
+        assert down and retries == 40 and "Connect" in res[0].reason
+
+        async def probe():
+            async with ChatClient([dead, good.addr], "m") as c:
+                return await c.probe(timeout=2)
+        p = run(probe())
+    assert p[good.base_url] is None and "ClientConnectorError" in p[normalize_endpoint(dead)]
