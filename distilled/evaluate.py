@@ -87,6 +87,10 @@ class EvalConfig:
     tensor_parallel_size: int = 1
     prompt_version: str = PROMPT_VERSION
     prompt_template: str | None = None
+    skip_incomplete: bool = False
+    """Old behaviour: leave a problem with a failed (missing) sample out of pass@1. Default: that
+    sample counts as wrong, because failures are the long, hard generations and dropping their
+    problems biases pass@1 upwards."""
 
     def __post_init__(self) -> None:
         if self.prompt_template is not None:
@@ -427,22 +431,30 @@ def summarize(cfg: EvalConfig, tasks: list[Task], records: dict, pool: Any) -> d
     for t in tasks:
         n = cfg.n_for(t.name)
         ks = default_ks(n)
-        scores, incomplete = [], 0
+        scores, incomplete, missing = [], 0, 0
         think, comp = [], []
         waits = forced = 0
         for p in t.problems:
             recs = [records.get((t.name, p.id, s)) for s in range(n)]
-            if any(r is None for r in recs):
+            gaps = sum(r is None for r in recs)
+            missing += gaps
+            if gaps:
                 incomplete += 1
-                continue
-            answered = [r["extracted"] is not None for r in recs]
-            truncated = [r["finish_reason"] == "length" for r in recs]
-            correct = [bool(r["correct"]) for r in recs]
-            cons = cons_correct(correct, [r["extracted"] for r in recs], _equivalence(pool, t.kind))
+                if cfg.skip_incomplete:
+                    continue
+            # a missing sample (failed after retries, or not generated yet) scores wrong; it is
+            # counted in failed_samples, not as truncated or unanswered
+            answered = [r is None or r["extracted"] is not None for r in recs]
+            truncated = [r is not None and r["finish_reason"] == "length" for r in recs]
+            correct = [r is not None and bool(r["correct"]) for r in recs]
+            cons = cons_correct(correct, [None if r is None else r["extracted"] for r in recs],
+                                _equivalence(pool, t.kind))
             scores.append(score_problem(p.id, correct, truncated, [a or tr for a, tr in zip(answered, truncated)],
                                         None, ks, cons=cons))
             # unanswered counts finished samples with no answer; truncated ones are counted apart
             for r in recs:
+                if r is None:
+                    continue
                 if r.get("think_tokens") is not None:
                     think.append(r["think_tokens"])
                 if r.get("completion_tokens") is not None:
@@ -452,6 +464,8 @@ def summarize(cfg: EvalConfig, tasks: list[Task], records: dict, pool: Any) -> d
                 forced += int(bool(b.get("forced_close")))
         m = aggregate(scores, ks)
         m.update({"source": t.source, "kind": t.kind, "n_requested": n, "incomplete_problems": incomplete,
+                  "failed_samples": missing,
+                  "incomplete_policy": "skipped" if cfg.skip_incomplete else "scored_wrong",
                   "mean_completion_tokens": (sum(comp) / len(comp)) if comp else None,
                   "mean_think_tokens": (sum(think) / len(think)) if think else None})
         if cfg.budget().active:
@@ -470,10 +484,23 @@ def summarize(cfg: EvalConfig, tasks: list[Task], records: dict, pool: Any) -> d
 # ------------------------------------------------------------------------------------------------
 
 
+def _failure_note(m: dict) -> str:
+    """What the headline number leaves out or scores as wrong: '' when every sample is there."""
+    failed = int(m.get("failed_samples", 0) or 0)
+    if m.get("incomplete_policy") == "skipped" and m.get("incomplete_problems"):
+        return f"{m['incomplete_problems']} problems with {failed} failed samples skipped (--skip-incomplete)"
+    if failed:
+        return f"{failed} failed samples scored wrong"
+    return ""
+
+
 def _cell(m: dict | None) -> str:
     if not m or "pass@1" not in m:
+        if m and m.get("failed_samples"):
+            return f"- ({_failure_note(m)})"
         return "-"
-    return f"{m['pass@1']:.1f} ± {m.get('pass@1_stderr', 0):.1f}"
+    note = _failure_note(m)
+    return f"{m['pass@1']:.1f} ± {m.get('pass@1_stderr', 0):.1f}" + (f" ({note})" if note else "")
 
 
 def render_report(results: dict) -> str:
@@ -482,7 +509,10 @@ def render_report(results: dict) -> str:
 
     tasks = list(results["tasks"])
     lines = [f"# Evaluation: {results['model']}", "",
-             "pass@1 (%) averaged over n samples per problem, ± standard error over problems.", ""]
+             "pass@1 (%) averaged over n samples per problem, ± standard error over problems. "
+             + ("Problems with a failed sample are left out (--skip-incomplete)."
+                if any(results["tasks"][t].get("incomplete_policy") == "skipped" for t in tasks)
+                else "A failed sample (no output after retries) counts as wrong."), ""]
     lines.append(md_table(["model"] + tasks, [[results["model"]] + [_cell(results["tasks"][t]) for t in tasks]]))
     rows = []
     for t in tasks:
@@ -493,9 +523,10 @@ def render_report(results: dict) -> str:
         rows.append([t, m.get("problems", 0), m.get("n", "-"), passk, cons,
                      f"{m.get('truncated_pct', 0):.1f}", f"{m.get('unanswered_pct', 0):.1f}",
                      "-" if m.get("mean_completion_tokens") is None else f"{m['mean_completion_tokens']:.0f}",
-                     m.get("incomplete_problems", 0)])
+                     m.get("incomplete_problems", 0), m.get("failed_samples", 0)])
     lines += ["## Details", "", md_table(["task", "problems", "n", "pass@k (%)", "cons@n (%)", "truncated (%)",
-                                         "unanswered (%)", "mean output tokens", "incomplete problems"], rows)]
+                                         "unanswered (%)", "mean output tokens", "incomplete problems",
+                                         "failed samples"], rows)]
     s = results["settings"]
     lines += ["## Settings", "",
               f"- engine: {results['engine']}; model: {s.get('model') or results['model']}",
@@ -606,7 +637,8 @@ def _cfg_from_args(a: argparse.Namespace) -> EvalConfig:
         batch_size=a.batch_size, max_concurrent=a.max_concurrent, max_retries=a.max_retries,
         request_timeout=a.request_timeout, api_key_env=a.api_key_env, tokenizer=a.tokenizer,
         verify_workers=a.verify_workers, verify_timeout=a.verify_timeout, min_think_tokens=a.min_think_tokens,
-        max_think_tokens=a.max_think_tokens, tensor_parallel_size=a.tensor_parallel_size)
+        max_think_tokens=a.max_think_tokens, tensor_parallel_size=a.tensor_parallel_size,
+        skip_incomplete=a.skip_incomplete)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -620,8 +652,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
         return 2
     summary = ", ".join(f"{t} {m['pass@1']:.1f}±{m['pass@1_stderr']:.1f}" if "pass@1" in m else f"{t} -"
                         for t, m in res["tasks"].items())
-    print(f"eval {res['model']}: pass@1 {summary} ({res['new_samples']} new samples in {res['elapsed_s']:.1f}s) "
-          f"-> {a.output}/report.md")
+    missing = sum(int(m.get("failed_samples", 0) or 0) for m in res["tasks"].values())
+    policy = ("skipped with their problems (--skip-incomplete)" if a.skip_incomplete else "scored wrong")
+    print(f"eval {res['model']}: pass@1 {summary} ({res['new_samples']} new samples in {res['elapsed_s']:.1f}s; "
+          f"{missing} failed samples {policy}) -> {a.output}/report.md")
     return 1 if res["failed_samples"] else 0
 
 
@@ -669,6 +703,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-think-tokens", type=int, help="budget forcing: replace an earlier </think> with 'Wait'")
     p.add_argument("--max-think-tokens", type=int, help="budget forcing: cut thinking and force </think>")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm engine")
+    p.add_argument("--skip-incomplete", action="store_true",
+                   help="leave problems with a failed sample out of pass@1 (the old behaviour; labelled in the "
+                        "report). Default: a failed sample counts as wrong")
     p.set_defaults(func=cmd_eval)
     esub = p.add_subparsers(dest="eval_command", metavar="{compare}")
     c = esub.add_parser("compare", help="one table across eval runs (base vs distilled)")

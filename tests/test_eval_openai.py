@@ -251,3 +251,52 @@ def test_fatal_server_error_stops_the_run(problems_file, tmp_path):
         assert srv.stats()["requests"] <= 16  # stopped at once, not after all 24 samples failed
     finally:
         srv.stop()
+
+
+def test_failed_samples_count_as_wrong_and_are_reported(problems_file, tmp_path):
+    """Issue 13 item 4: a problem with a failed sample is no longer dropped from pass@1 (that
+    biased it upwards); the sample counts as wrong and the table, compare and CLI line say so.
+    ``--skip-incomplete`` restores the old rule, labelled."""
+    from distilled.evaluate import render_report
+
+    srv = start_in_thread(TeacherConfig(latency_ms=1, latency_dist="fixed", wrong_rate=0.3, seed=4,
+                                        fault_rate=0.25, faults=("500",)))
+    try:
+        res = run_eval(cfg_for(srv, problems_file, tmp_path / "f", max_retries=0))
+        recs = read_lines(tmp_path / "f" / "samples.jsonl")
+        m = res["tasks"]["synth"]
+        failed = 6 * 4 - len(recs)
+        assert failed > 0 and res["failed_samples"] == failed == m["failed_samples"]
+        assert m["problems"] == 6 and m["incomplete_policy"] == "scored_wrong"  # no problem dropped
+        by_problem: dict = {}
+        for r in recs:
+            by_problem[r["problem_id"]] = by_problem.get(r["problem_id"], 0) + int(r["correct"])
+        want = 100 * sum(by_problem.values()) / (6 * 4)  # every problem over its 4 requested samples
+        assert m["pass@1"] == pytest.approx(want)
+        note = f"{failed} failed samples scored wrong"
+        headline = next(line for line in render_report(res).splitlines() if line.startswith("| stand-in-teacher |"))
+        assert note in headline
+        assert note in compare([str(tmp_path / "f")])
+
+        # resume against a server that fails every request: the same samples, scored the old way
+        down = start_in_thread(TeacherConfig(latency_ms=1, fault_rate=1.0, faults=("500",)))
+        try:
+            skipped = run_eval(cfg_for(down, problems_file, tmp_path / "f", max_retries=0, skip_incomplete=True))
+        finally:
+            down.stop()
+        assert skipped["new_samples"] == 0
+        ms = skipped["tasks"]["synth"]
+        assert ms["incomplete_policy"] == "skipped" and ms["problems"] == 6 - ms["incomplete_problems"] < 6
+        assert "skipped (--skip-incomplete)" in render_report(skipped)
+
+        env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "distilled", "eval", "--tasks", "synth", "--task-file", str(problems_file),
+               "--engine", "openai", "--api-addr", srv.addr, "--model-name", "stand-in-teacher", "--n", "4",
+               "--max-tokens", "4000", "--output", str(tmp_path / "cli"), "--verify-workers", "1",
+               "--max-retries", "0"]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=240)
+        missing = 6 * 4 - len(read_lines(tmp_path / "cli" / "samples.jsonl"))
+        assert p.returncode == (1 if missing else 0), p.stderr[-2000:]
+        assert f"{missing} failed samples scored wrong" in p.stdout
+    finally:
+        srv.stop()
