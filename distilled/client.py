@@ -81,20 +81,24 @@ class FatalAPIError(APIError):
 
 
 class RetriesExhausted(APIError):
-    """Every attempt failed with a retryable error; ``reason`` is the last one."""
+    """Every attempt failed with a retryable error; ``reason`` is the last one; ``unreachable``
+    says the last attempt could not even connect (nothing listening, DNS, refused)."""
 
-    def __init__(self, message: str, reason: str, attempts: int):
+    def __init__(self, message: str, reason: str, attempts: int, unreachable: bool = False):
         super().__init__(message)
         self.reason = reason
         self.attempts = attempts
+        self.unreachable = unreachable
 
 
 class _Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None, endpoint_fault: bool = True):
+    def __init__(self, reason: str, retry_after: float | None = None, endpoint_fault: bool = True,
+                 unreachable: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
         self.endpoint_fault = endpoint_fault
+        self.unreachable = unreachable
 
 
 def merge_reasoning(content: str | None, reasoning: str | None) -> str:
@@ -437,7 +441,7 @@ class ChatClient:
                         if attempt > self.max_retries:
                             self.failures += 1
                             raise RetriesExhausted(f"gave up after {attempt} attempts; last error: {last}", last,
-                                                   attempt) from None
+                                                   attempt, exc.unreachable) from None
                         delay = (min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
                                  * self._rng.uniform(0.5, 1.0))
                         if exc.retry_after is not None:
@@ -478,7 +482,7 @@ class ChatClient:
         except (aiohttp.ClientError, OSError) as exc:
             reason = f"{type(exc).__name__} from {ep.url}: {exc}"[:300]
             self._fault(ep, reason)
-            raise _Retryable(reason) from None
+            raise _Retryable(reason, unreachable=isinstance(exc, aiohttp.ClientConnectorError)) from None
         finally:
             ep.in_flight -= 1
             self.in_flight -= 1

@@ -11,17 +11,31 @@ their commands keep working, without its flaws (../shared/FACTS.md §4):
   a rerun retries it;
 - a problem's line is written once all N generations succeeded, in one ``write`` + flush, with
   fsync at least every second; a torn last line (kill -9 mid-write) is cut on resume without
-  touching complete lines; done uuids are skipped; duplicate uuids are reported, generated once;
-- SIGINT/SIGTERM stop sending, abandon in-flight requests, flush, and exit 130.
+  touching complete lines; duplicate uuids are reported, generated once;
+- the input row's columns are never overwritten: the output *adds* :data:`OUTPUT_COLUMNS`
+  (``problem_key`` is the resume key, the uuid column's value as a string) and ``prompt`` only when
+  the input has no ``prompt`` column. An input column with a reserved name is refused (or dropped
+  with ``--drop-columns``). Resume skips rows whose ``problem_key`` is already in the output;
+- the settings that shape a generation (:data:`CHECKED_SETTINGS`) are recorded in
+  ``OUT.settings.json`` (atomically, before the first request); a resume with different settings
+  stops and names each difference unless ``--allow-settings-change`` is passed (then the change is
+  recorded there with the number of rows made before it);
+- a start-up probe (``GET /models``) names each endpoint that does not answer; when none does the
+  run stops at once (``--wait-for-server S`` waits up to S seconds for a starting server);
+- SIGINT/SIGTERM stop sending, abandon in-flight requests, flush, and exit 130 with one line that
+  says what is saved and how to resume.
 
 ``OUT.failed.jsonl`` is the output path with ``.jsonl`` replaced by ``.failed.jsonl``
 (``gens.jsonl`` -> ``gens.failed.jsonl``); it lists the failures of the latest run only.
+``OUT.settings.json`` likewise (``gens.jsonl`` -> ``gens.settings.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import json
 import os
 import signal
 import sys
@@ -30,12 +44,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from distilled.client import DEFAULT_IDLE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_AFTER_MAX
 from distilled.io_utils import BadLine, JsonlAppender, atomic_write, iter_jsonl
 
 # open-r1's default template (written for str.format, hence the doubled braces).
 DEFAULT_PROMPT_TEMPLATE = ("You will be given a problem. Please reason step by step, and put your final answer "
                            "within \\boxed{{}}:\n{prompt}")
 EXIT_OK, EXIT_SOME_FAILED, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# Columns every output row adds. An input column of the same name would be overwritten, so it is
+# refused (or dropped with --drop-columns). New per-generation data (e.g. top logprobs) belongs
+# here and in :func:`output_row`. ``prompt`` (the message sent) is added only when the input has
+# no ``prompt`` column of its own; ``sent_prompt`` always holds it.
+OUTPUT_COLUMNS = ("problem_key", "sent_prompt", "generations", "finish_reasons", "api_metadata")
+# Settings that change what a generation is: a resume under different values would mix rows made
+# two ways in one file, so it stops unless --allow-settings-change. Extend with new request options.
+CHECKED_SETTINGS = ("model", "num_generations", "prompt_template", "system_prompt", "max_tokens", "temperature",
+                    "top_p", "seed", "prompt_column", "uuid_column")
+# Recorded too, never checked (they do not change a generation, or may legitimately move).
+RECORDED_SETTINGS = ("dataset_name", "dataset_config", "split", "stream")
 
 
 @dataclass
@@ -58,13 +85,20 @@ class GenerateConfig:
     top_p: float | None = 0.95
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     system_prompt: str | None = None
-    request_timeout: float = 600.0
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # per non-streamed attempt
     max_retries: int = 8
     backoff_base: float = 1.0
     seed: int | None = None
     limit: int | None = None
     progress: bool = True
     fsync_every: float = 1.0
+    stream: bool = False
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # streamed: seconds without a byte
+    retry_after_max: float = DEFAULT_RETRY_AFTER_MAX
+    wait_for_server: float = 0.0  # seconds the start-up probe may wait for a server to answer
+    probe_timeout: float = 10.0
+    allow_settings_change: bool = False
+    drop_columns: tuple[str, ...] = ()
 
 
 @dataclass
@@ -86,6 +120,8 @@ class GenerateSummary:
     interrupted: bool = False
     fatal: str | None = None
     failed_file: str | None = None
+    usage_counted: int = 0
+    signal: str | None = None
 
     @property
     def done(self) -> int:
@@ -105,11 +141,20 @@ class GenerateSummary:
             s += f"; {self.skipped_rows} unusable input rows skipped"
         if self.repaired_bytes:
             s += f"; repaired a torn last line ({self.repaired_bytes} bytes cut)"
+        if self.usage_counted:
+            s += (f"; {self.usage_counted} streamed generations without server usage "
+                  "(completion_tokens counted from chunks, marked usage_source)")
         if self.interrupted:
             s += "; INTERRUPTED (rerun to resume)"
         if self.fatal:
             s += f"; STOPPED: {self.fatal}"
         return s
+
+    def interrupted_line(self, output_file: str) -> str:
+        """The one line printed on SIGINT/SIGTERM: what is saved, and how to resume."""
+        return (f"generate: INTERRUPTED by {self.signal or 'a signal'}: {self.done}/{self.total} problems saved in "
+                f"{output_file} ({self.written} this run, {self.already_done} before); in-flight generations were "
+                "abandoned; rerun the same command to resume")
 
 
 def failed_path(output_file: str | os.PathLike) -> Path:
@@ -118,6 +163,65 @@ def failed_path(output_file: str | os.PathLike) -> Path:
     if p.suffix == ".jsonl":
         return p.with_suffix(".failed.jsonl")
     return p.with_name(p.name + ".failed.jsonl")
+
+
+def settings_path(output_file: str | os.PathLike) -> Path:
+    """``gens.jsonl`` -> ``gens.settings.json`` (any other name gets ``.settings.json`` appended)."""
+    p = Path(output_file)
+    if p.suffix == ".jsonl":
+        return p.with_suffix(".settings.json")
+    return p.with_name(p.name + ".settings.json")
+
+
+def generation_settings(cfg: GenerateConfig) -> dict[str, Any]:
+    """The settings recorded beside the output (checked ones first; the uuid column resolved)."""
+    d = {k: getattr(cfg, k) for k in CHECKED_SETTINGS + RECORDED_SETTINGS}
+    d["uuid_column"] = cfg.uuid_column or cfg.prompt_column
+    return d
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def check_settings(cfg: GenerateConfig, rows_done: int, warn) -> dict:
+    """Compare the run's settings with ``OUT.settings.json``; return the record to write.
+
+    Raises ``SystemExit`` naming every differing setting when the output already holds rows made
+    under other settings, unless ``cfg.allow_settings_change`` (then the change is recorded)."""
+    path = settings_path(cfg.output_file)
+    now = generation_settings(cfg)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    fresh = {"format": 1, "settings": now, "runs": [{"started": stamp, "rows_before": rows_done, "settings": now}]}
+    if rows_done == 0:
+        return fresh
+    if not path.exists():
+        warn(f"warning: {cfg.output_file} has {rows_done} rows but no {path.name} (written by an older version "
+             "or deleted): their settings cannot be checked; recording this run's")
+        return fresh
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        old = rec["settings"]
+        if not isinstance(old, dict) or not isinstance(rec.get("runs"), list):
+            raise TypeError("'settings' must be an object and 'runs' a list")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"error: {path}: unreadable settings record ({type(exc).__name__}: {exc}); fix or delete "
+                         "it (its settings are then not checked)") from None
+    diff = [k for k in CHECKED_SETTINGS if k in old and old[k] != now[k]]
+    diff += [k for k in CHECKED_SETTINGS if k not in old]
+    if not diff:
+        rec["runs"].append({"started": stamp, "rows_before": rows_done})
+        return rec
+    what = "; ".join(f"{_flag(k)} was {old.get(k, '(not recorded)')!r}, now {now[k]!r}" for k in diff)
+    if not cfg.allow_settings_change:
+        raise SystemExit(f"error: {cfg.output_file} already holds {rows_done} rows made with other settings "
+                         f"({path.name}): {what}. Rerun with the recorded settings, write to another --output-file, "
+                         "or pass --allow-settings-change to append rows made under the new settings")
+    warn(f"warning: --allow-settings-change: {rows_done} rows were made with other settings ({what}); "
+         f"the remaining problems use the new ones (recorded in {path.name})")
+    rec["settings"] = now
+    rec["runs"].append({"started": stamp, "rows_before": rows_done, "settings": now, "changed": diff})
+    return rec
 
 
 def render_prompt(template: str, prompt: str) -> str:
@@ -161,6 +265,19 @@ class _Problem:
     failed: bool = False
 
 
+def output_row(p: _Problem, results: list) -> dict:
+    """One output line: the input row untouched plus :data:`OUTPUT_COLUMNS` (``prompt`` too when the
+    input has none, for readers such as ``distill reject`` that look for it)."""
+    row = dict(p.row)
+    row["problem_key"] = p.key
+    row["sent_prompt"] = p.prompt
+    row.setdefault("prompt", p.prompt)
+    row["generations"] = [x.text for x in results]
+    row["finish_reasons"] = [x.finish_reason for x in results]
+    row["api_metadata"] = [x.usage for x in results]
+    return row
+
+
 def load_problems(cfg: GenerateConfig, warn=print) -> tuple[list[_Problem], int, int]:
     """Read the input; return ``(unique problems, duplicate count, skipped-row count)``.
 
@@ -168,6 +285,13 @@ def load_problems(cfg: GenerateConfig, warn=print) -> tuple[list[_Problem], int,
     named (first five). A column missing from *every* row is a fatal error.
     """
     uuid_col = cfg.uuid_column or cfg.prompt_column
+    if uuid_col in OUTPUT_COLUMNS:
+        raise SystemExit(f"error: --uuid-column {uuid_col!r} is a column that distill generate writes "
+                         f"({', '.join(OUTPUT_COLUMNS)}); the key would be overwritten. Pick another column "
+                         "(e.g. --uuid-column id)")
+    for c in (cfg.prompt_column, uuid_col):
+        if c in cfg.drop_columns:
+            raise SystemExit(f"error: --drop-columns {c!r}: it is the prompt or uuid column")
     seen: dict[str, str] = {}
     probs: list[_Problem] = []
     dups = skipped = 0
@@ -187,6 +311,12 @@ def load_problems(cfg: GenerateConfig, warn=print) -> tuple[list[_Problem], int,
             continue
         if first_cols is None:
             first_cols = list(row)
+        if cfg.drop_columns:
+            row = {k: v for k, v in row.items() if k not in cfg.drop_columns}
+        clash = [c for c in OUTPUT_COLUMNS if c in row]
+        if clash:
+            raise SystemExit(f"error: {where}: input column(s) {clash} would be overwritten by distill generate's "
+                             f"own; drop them with --drop-columns {','.join(clash)} (or rename them)")
         if cfg.prompt_column not in row or uuid_col not in row:
             miss = cfg.prompt_column if cfg.prompt_column not in row else uuid_col
             skip(f"{where}: no field {miss!r}")
@@ -242,7 +372,8 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
     summ.total = len(problems)
     client = ChatClient(cfg.endpoints, cfg.model, api_key_env=cfg.api_key_env, max_concurrent=cfg.max_concurrent,
                         max_retries=cfg.max_retries, request_timeout=cfg.request_timeout,
-                        backoff_base=cfg.backoff_base,
+                        backoff_base=cfg.backoff_base, stream=cfg.stream, idle_timeout=cfg.idle_timeout,
+                        retry_after_max=cfg.retry_after_max,
                         on_event=lambda k, i: say(f"endpoint {i['endpoint']} taken out for {i['cooldown']:.1f}s "
                                                    f"({i['reason']})") if k == "endpoint_down" else None)
     out_path = Path(cfg.output_file)
@@ -255,14 +386,26 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
         warn(f"warning: {out_path}: cut a torn last line ({summ.repaired_bytes} bytes) left by an interrupted run")
     done: set[str] = set()
     bad_mid = 0
+    rows_done = 0
     for _n, obj in iter_jsonl(out_path):
         if isinstance(obj, BadLine):
             bad_mid += 1
             continue
-        if uuid_col in obj:
+        rows_done += 1
+        if "problem_key" in obj:
+            done.add(str(obj["problem_key"]))
+        elif uuid_col in obj:  # a file written before problem_key existed
             done.add(str(obj[uuid_col]))
     if bad_mid:
         warn(f"warning: {out_path}: {bad_mid} unreadable lines in the middle of the file (left as they are)")
+    try:
+        record = check_settings(cfg, rows_done, warn)
+    except SystemExit:
+        appender.close()
+        raise
+    with atomic_write(settings_path(out_path)) as f:
+        json.dump(record, f, indent=1, ensure_ascii=False)
+        f.write("\n")
     prev_failed = sum(1 for _ in iter_jsonl(fpath)) if fpath.exists() else 0
     with atomic_write(fpath) as f:  # this run's failures only; earlier ones are retried below
         f.write("")
@@ -325,6 +468,12 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
                                       top_p=cfg.top_p, seed=seed)
             except RetriesExhausted as exc:
                 fail(p, g, exc.reason, exc.attempts)
+                if exc.unreachable and client.all_down():  # every server went away: stop, don't fail them all
+                    if not fatal:
+                        fatal.append(f"no endpoint answers any more (last error: {exc.reason}); completed "
+                                     "problems are saved; rerun once the server is back")
+                    stop.set()
+                    return
                 continue
             except FatalAPIError as exc:
                 if exc.status in (401, 403, 404) or exc.status is None:
@@ -341,12 +490,7 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
             p.results[g] = r
             p.remaining -= 1
             if p.remaining == 0:
-                row = dict(p.row)
-                row["prompt"] = p.prompt
-                row["generations"] = [x.text for x in p.results]
-                row["finish_reasons"] = [x.finish_reason for x in p.results]
-                row["api_metadata"] = [x.usage for x in p.results]
-                appender.write(row)
+                appender.write(output_row(p, p.results))
                 p.results = []
                 summ.written += 1
                 if pbar is not None:
@@ -365,10 +509,10 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
     loop = asyncio.get_running_loop()
     installed = []
     if install_signals:
-        def on_signal(signame: str) -> None:
-            if not stop.is_set():
-                warn(f"\n{signame}: stopping; completed problems are saved, in-flight requests are abandoned")
+        def on_signal(signame: str) -> None:  # silent: the caller prints one line at the end
+            if not summ.interrupted:
                 summ.interrupted = True
+                summ.signal = signame
                 stop.set()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -378,16 +522,22 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
                 pass
 
     await client.open()
-    workers = [asyncio.ensure_future(worker()) for _ in range(max(1, min(2 * cfg.max_concurrent, len(todo) * n_gen)))]
+    workers: list[asyncio.Future] = []
     tick = asyncio.ensure_future(ticker())
     stopper = asyncio.ensure_future(stop.wait())
     try:
-        all_done = asyncio.gather(*workers)
-        await asyncio.wait([all_done, stopper], return_when=asyncio.FIRST_COMPLETED)
-        if stop.is_set():
-            for w in workers:
-                w.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        if todo and not await _probe(cfg, client, stop, say, fatal):
+            stop.set()
+        if not stop.is_set():
+            workers = [asyncio.ensure_future(worker())
+                       for _ in range(max(1, min(2 * cfg.max_concurrent, len(todo) * n_gen)))]
+            all_done = asyncio.ensure_future(asyncio.wait(workers))
+            await asyncio.wait([all_done, stopper], return_when=asyncio.FIRST_COMPLETED)
+            all_done.cancel()
+            if stop.is_set():
+                for w in workers:
+                    w.cancel()
+            await asyncio.gather(all_done, *workers, return_exceptions=True)
     finally:
         for t in (tick, stopper):
             t.cancel()
@@ -401,11 +551,47 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
             pbar.close()
     summ.seconds = time.perf_counter() - t0
     summ.retries = client.retries
+    summ.usage_counted = client.usage_counted
     if fatal:
         summ.fatal = fatal[0]
     if summ.failed_generations == 0 and fpath.exists() and fpath.stat().st_size == 0:
         fpath.unlink()
     return summ
+
+
+async def _probe(cfg: GenerateConfig, client: Any, stop: asyncio.Event, say, fatal: list[str]) -> bool:
+    """Start-up probe: True when at least one endpoint answers ``GET /models`` (any HTTP status).
+
+    Endpoints that do not answer are named and taken out (the client re-probes them later); with
+    ``--wait-for-server S`` the probe repeats every second for up to S seconds while none answers."""
+    deadline = time.monotonic() + max(0.0, cfg.wait_for_server)
+    waited = False
+    while True:
+        res = await client.probe(timeout=cfg.probe_timeout)
+        dead = {u: r for u, r in res.items() if r is not None}
+        if len(dead) < len(res):
+            for u, r in dead.items():
+                say(f"warning: endpoint {u} does not answer ({r}); taken out, re-probed later")
+                client.mark_down(u, r)
+            if waited:
+                say(f"server answered after waiting {cfg.wait_for_server - (deadline - time.monotonic()):.0f}s")
+            return True
+        if time.monotonic() >= deadline or stop.is_set():
+            break
+        if not waited:
+            say(f"waiting up to {cfg.wait_for_server:g}s for a server to answer at {', '.join(res)}")
+            waited = True
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except asyncio.TimeoutError:
+            pass
+    if stop.is_set():
+        return False
+    names = "; ".join(f"{u} ({r})" for u, r in dead.items())
+    hint = "" if cfg.wait_for_server else "; --wait-for-server SECONDS waits for a server that is still starting"
+    fatal.append(f"no endpoint answers: {names}. Is the server running, and are --api-addr/--base-url right?"
+                 + (f" (waited {cfg.wait_for_server:g}s)" if cfg.wait_for_server else hint))
+    return False
 
 
 def config_from_args(args: argparse.Namespace) -> GenerateConfig:
@@ -423,7 +609,10 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
                           temperature=args.temperature, top_p=args.top_p, prompt_template=args.prompt_template,
                           system_prompt=args.system_prompt, request_timeout=args.request_timeout,
                           max_retries=args.max_retries, backoff_base=args.backoff_base, seed=args.seed,
-                          limit=args.limit, progress=not args.no_progress)
+                          limit=args.limit, progress=not args.no_progress, stream=args.stream,
+                          idle_timeout=args.idle_timeout, retry_after_max=args.retry_after_max,
+                          wait_for_server=args.wait_for_server, allow_settings_change=args.allow_settings_change,
+                          drop_columns=tuple(c.strip() for c in (args.drop_columns or "").split(",") if c.strip()))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -446,9 +635,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(exc.code, file=sys.stderr)
             return EXIT_FATAL
         raise
-    print(summ.line(), flush=True)
-    if summ.interrupted:
+    except KeyboardInterrupt:  # Ctrl-C before the handlers were installed (reading the input)
+        print(f"generate: INTERRUPTED while reading the input; nothing new written to {cfg.output_file}; rerun "
+              "the same command to resume", flush=True)
         return EXIT_INTERRUPTED
+    if summ.interrupted:
+        print(summ.interrupted_line(cfg.output_file), flush=True)
+        return EXIT_INTERRUPTED
+    print(summ.line(), flush=True)
     if summ.fatal:
         print(f"error: {summ.fatal}", file=sys.stderr)
         return EXIT_FATAL
@@ -481,7 +675,21 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE,
                    help="user message template with {prompt} (default: open-r1's)")
     p.add_argument("--system-prompt", default=None)
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per attempt")
+    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
+                   help="seconds per non-streamed attempt (default 3600: 32k tokens at 10 tok/s per sequence)")
+    p.add_argument("--stream", action="store_true",
+                   help="stream answers (SSE) and time out only on silence (--idle-timeout), not on total time")
+    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+                   help="with --stream: seconds without a byte before an attempt is abandoned and retried")
+    p.add_argument("--retry-after-max", type=float, default=DEFAULT_RETRY_AFTER_MAX,
+                   help="cap on the seconds a server's Retry-After may make a request wait")
+    p.add_argument("--wait-for-server", type=float, default=0.0, metavar="SECONDS",
+                   help="let the start-up probe wait this long for a server that is still starting")
+    p.add_argument("--allow-settings-change", action="store_true",
+                   help="resume into an output made with other settings (the change is recorded in "
+                        "OUT.settings.json); without it such a resume stops and names the differences")
+    p.add_argument("--drop-columns", default=None, metavar="COL,...",
+                   help="input columns to leave out of the output (e.g. an input's own 'generations')")
     p.add_argument("--max-retries", type=int, default=8, help="retries per generation after the first attempt")
     p.add_argument("--backoff-base", type=float, default=1.0, help="first retry delay in seconds (doubles)")
     p.add_argument("--seed", type=int, default=None, help="send seed = SEED*100003 + generation index")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distilled.generate import GenerateConfig, failed_path, render_prompt, run_generate
+from distilled.generate import GenerateConfig, failed_path, render_prompt, run_generate, settings_path
 from distilled.io_utils import JsonlAppender
 from distilled.problems import synth
 from distilled.teacher_server import TeacherConfig, start_in_thread
@@ -182,3 +182,151 @@ def test_appender_lines_are_whole(tmp_path):
         for i in range(3):
             a.write({"i": i})
     assert rows_of(tmp_path / "a.jsonl") == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+# --- resume keys, input columns, recorded settings (issue: a `prompt` column doubled the output) ---
+def prompt_rows(n: int) -> list[dict]:
+    """Problems in the common HF layout: the question in a column named `prompt`."""
+    return [{"prompt": r["problem"], "answer": r["answer"], "source": "synth"} for r in synth(n, seed=11)]
+
+
+def test_a_prompt_column_resumes_without_duplicates_and_input_columns_intact(tmp_path, srv):
+    """Before: the output overwrote row["prompt"] with the rendered template, so a rerun matched no
+    key and 5 problems became 10 lines, the input's own prompt lost. Now: still 5 x N."""
+    probs = prompt_rows(5)
+    write_problems(tmp_path / "p.jsonl", probs)
+    c = cfg(tmp_path, srv, prompt_column="prompt", uuid_column=None, num_generations=2)
+    s1 = gen(GenerateConfig(**{**c.__dict__, "limit": 2}))  # an interrupted first run
+    s2 = gen(c)
+    s3 = gen(c)
+    assert (s1.written, s2.already_done, s2.written, s3.already_done, s3.written) == (2, 2, 3, 5, 0)
+    rows = rows_of(tmp_path / "out.jsonl")
+    assert len(rows) == 5 and sum(len(r["generations"]) for r in rows) == 10
+    by_prompt = {p["prompt"]: p for p in probs}
+    assert sorted(r["prompt"] for r in rows) == sorted(by_prompt)
+    for r in rows:
+        src = by_prompt[r["prompt"]]
+        assert {k: r[k] for k in src} == src  # every input column exactly as it was
+        assert r["problem_key"] == src["prompt"]
+        assert r["sent_prompt"] == render_prompt(c.prompt_template, src["prompt"]) != src["prompt"]
+
+
+def test_output_columns_never_overwrite_input_columns(tmp_path, srv):
+    probs = synth(3, seed=12)
+    write_problems(tmp_path / "p.jsonl", [{**p, "generations": ["old"]} for p in probs])
+    with pytest.raises(SystemExit) as ei:
+        gen(cfg(tmp_path, srv))
+    assert "p.jsonl:1" in str(ei.value) and "'generations'" in str(ei.value) and "--drop-columns" in str(ei.value)
+    with pytest.raises(SystemExit) as ei:
+        gen(cfg(tmp_path, srv, uuid_column="problem_key"))
+    assert "--uuid-column 'problem_key'" in str(ei.value)
+    s = gen(cfg(tmp_path, srv, drop_columns=("generations",), num_generations=1))
+    assert s.written == 3
+    assert all(r["generations"] != ["old"] and r["generations"][0].startswith("<think>")
+               for r in rows_of(tmp_path / "out.jsonl"))
+
+
+def test_settings_are_recorded_and_a_resume_with_other_settings_stops(tmp_path, srv):
+    write_problems(tmp_path / "p.jsonl", synth(6, seed=13))
+    gen(cfg(tmp_path, srv, limit=3))
+    sp = settings_path(tmp_path / "out.jsonl")
+    assert sp.name == "out.settings.json"
+    rec = json.loads(sp.read_text())
+    assert rec["settings"]["num_generations"] == 3 and rec["settings"]["temperature"] == 0.6
+    assert rec["settings"]["uuid_column"] == "id" and rec["settings"]["model"] == "stand-in-teacher"
+    before = (tmp_path / "out.jsonl").read_bytes()
+    with pytest.raises(SystemExit) as ei:
+        gen(cfg(tmp_path, srv, num_generations=2, temperature=1.0))
+    msg = str(ei.value)
+    assert "--num-generations was 3, now 2" in msg and "--temperature was 0.6, now 1.0" in msg
+    assert "--allow-settings-change" in msg and "--max-tokens" not in msg
+    assert (tmp_path / "out.jsonl").read_bytes() == before  # nothing written
+    with pytest.raises(SystemExit) as ei:
+        gen(cfg(tmp_path, srv, prompt_template="Solve: {prompt}"))
+    assert "--prompt-template" in str(ei.value)
+    s = gen(cfg(tmp_path, srv))  # same settings: resumes
+    assert (s.already_done, s.written) == (3, 3)
+    write_problems(tmp_path / "p.jsonl", synth(8, seed=13))
+    warnings = []
+    s = asyncio.run(run_generate(cfg(tmp_path, srv, num_generations=2, allow_settings_change=True),
+                                 warn=warnings.append))
+    assert (s.already_done, s.written) == (6, 2) and any("--num-generations was 3" in w for w in warnings)
+    rec = json.loads(sp.read_text())
+    assert rec["settings"]["num_generations"] == 2
+    assert rec["runs"][-1]["rows_before"] == 6 and rec["runs"][-1]["changed"] == ["num_generations"]
+    assert [len(r["generations"]) for r in rows_of(tmp_path / "out.jsonl")] == [3] * 6 + [2] * 2
+
+
+# --- streaming, unreachable endpoints -----------------------------------------------------------
+def test_streamed_generation_survives_cut_streams_and_records_usage(tmp_path, srv):
+    srv.config.fault_rate, srv.config.faults = 0.2, ("stream_cut", "slow")
+    srv.config.slow_ms = 1500
+    probs = synth(15, seed=14)
+    write_problems(tmp_path / "p.jsonl", probs)
+    s = gen(cfg(tmp_path, srv, stream=True, idle_timeout=0.5, max_retries=10, num_generations=2))
+    assert s.written == 15 and s.failed_generations == 0 and s.retries > 0 and s.usage_counted == 0
+    st = srv.stats()
+    assert st["faults"].get("stream_cut", 0) > 0
+    rows = rows_of(tmp_path / "out.jsonl")
+    assert all(fr == "stop" for r in rows for fr in r["finish_reasons"])
+    assert all(m["completion_tokens"] == len(g.split()) and "usage_source" not in m
+               for r in rows for g, m in zip(r["generations"], r["api_metadata"]))
+    # the same problems without streaming give the same text (seeded): streaming changes nothing
+    srv.config.fault_rate = 0.0
+    gen(cfg(tmp_path, srv, output_file=str(tmp_path / "plain.jsonl"), num_generations=2))
+    plain = {r["id"]: r["generations"] for r in rows_of(tmp_path / "plain.jsonl")}
+    assert {r["id"]: r["generations"] for r in rows} == plain
+
+
+def test_streamed_generation_without_server_usage_counts_and_says_so(tmp_path):
+    with start_in_thread(TeacherConfig(stream_usage=False, stream_done=False)) as s:
+        write_problems(tmp_path / "p.jsonl", synth(4, seed=15))
+        summ = gen(cfg(tmp_path, s, stream=True, num_generations=1))
+    assert summ.usage_counted == 4 and "completion_tokens counted from chunks" in summ.line()
+    assert all(r["api_metadata"][0]["usage_source"] == "counted_chunks" for r in rows_of(tmp_path / "out.jsonl"))
+
+
+def test_no_endpoint_answers_stops_at_once_naming_each(tmp_path):
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as so:
+            so.bind(("127.0.0.1", 0))
+            ports.append(so.getsockname()[1])
+    write_problems(tmp_path / "p.jsonl", synth(10, seed=16))
+    c = GenerateConfig(dataset_name=str(tmp_path / "p.jsonl"), output_file=str(tmp_path / "out.jsonl"),
+                       endpoints=[f"127.0.0.1:{p}" for p in ports], max_retries=1, progress=False)
+    import time as _t
+
+    t0 = _t.perf_counter()
+    s = gen(c)
+    assert _t.perf_counter() - t0 < 10 and s.written == 0 and s.generations == 0
+    assert s.fatal.startswith("no endpoint answers") and all(f"127.0.0.1:{p}" in s.fatal for p in ports)
+    assert "--wait-for-server" in s.fatal
+
+
+def test_one_dead_endpoint_is_named_and_the_other_does_the_work(tmp_path, srv):
+    import socket
+
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{so.getsockname()[1]}"
+    write_problems(tmp_path / "p.jsonl", synth(10, seed=17))
+    warnings = []
+    s = asyncio.run(run_generate(cfg(tmp_path, srv, endpoints=[dead, srv.addr]), warn=warnings.append))
+    assert s.written == 10 and not s.fatal
+    assert any(f"endpoint http://{dead}/v1 does not answer" in w for w in warnings)
+
+
+def test_a_server_that_dies_mid_run_stops_the_run_instead_of_failing_every_problem(tmp_path):
+    s = start_in_thread(TeacherConfig(latency_ms=30, latency_dist="fixed"))
+    write_problems(tmp_path / "p.jsonl", synth(300, seed=18))
+    c = cfg(tmp_path, s, num_generations=1, max_concurrent=4, max_retries=1)
+    import threading
+
+    threading.Timer(0.8, s.stop).start()
+    summ = gen(c)
+    assert summ.fatal and "no endpoint answers any more" in summ.fatal
+    assert 0 < summ.written < 300 and summ.failed_problems < 20
+    assert len(rows_of(tmp_path / "out.jsonl")) == summ.written
