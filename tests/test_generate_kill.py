@@ -122,3 +122,72 @@ def test_cli_401_fails_fast_with_exit_2(tmp_path):
         assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
     finally:
         s.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        return so.getsockname()[1]
+
+
+def test_cli_dead_port_stops_at_once_naming_it(tmp_path):
+    """Before: `--api-addr` where nothing listens sat at 0/10 for minutes ("40 retries"), never
+    naming the endpoint. Now the start-up probe names it and exits 2 within seconds."""
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in synth(10, seed=4)))
+    dead = f"127.0.0.1:{free_port()}"
+    t0 = time.time()
+    r = subprocess.run(cmd(tmp_path, dead, "--max-retries", "1"), cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and time.time() - t0 < 20, r.stdout + r.stderr
+    assert f"no endpoint answers: http://{dead}/v1" in r.stderr and "--wait-for-server" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out.jsonl").read_text()
+
+
+def test_cli_wait_for_server_waits_for_a_starting_server(tmp_path):
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in synth(6, seed=5)))
+    port = free_port()
+    proc = subprocess.Popen(cmd(tmp_path, f"127.0.0.1:{port}", "--wait-for-server", "30"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    srv = None
+    try:
+        time.sleep(3)  # the client is probing a port where nothing listens yet
+        assert proc.poll() is None
+        srv = start_in_thread(TeacherConfig(), port=port)
+        so, se = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if srv is not None:
+            srv.stop()
+    assert proc.returncode == 0, so + se
+    assert "waiting up to 30s" in se and "6/6 problems done" in so
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_ends_with_one_line_and_no_traceback(tmp_path, sig):
+    """Before: Ctrl-C while requests were backing off printed an asyncio CancelledError traceback.
+    Now: exit 130 and exactly one line saying what is saved and how to resume."""
+    s = start_in_thread(TeacherConfig(latency_ms=20, latency_dist="fixed", fault_rate=0.5, faults=("500",)))
+    try:
+        (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in synth(400, seed=6)))
+        proc = subprocess.Popen(cmd(tmp_path, s.addr, "--backoff-base", "0.5"), cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out = tmp_path / "out.jsonl"
+        deadline = time.time() + 30
+        while not (out.exists() and out.stat().st_size > 0):  # some rows written, others backing off
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(sig)
+        so, se = proc.communicate(timeout=30)
+    finally:
+        s.stop()
+    assert proc.returncode == 130, so + se
+    assert "Traceback" not in se and "CancelledError" not in se, se
+    lines = so.strip().splitlines()
+    assert len(lines) == 1, so
+    n = len(out.read_bytes().splitlines())
+    assert lines[0].startswith(f"generate: INTERRUPTED by {sig.name}: {n}/400 problems saved in {out} ")
+    assert "rerun the same command to resume" in lines[0]
