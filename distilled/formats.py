@@ -7,8 +7,12 @@ starts with whitespace that BPE merges with the template's ``\\n``. Here the tem
 rendered once per *role layout* with sentinel contents, split into literal pieces, and rows are
 rendered by string concatenation; one batched fast-tokenizer call encodes the whole batch and
 the trained spans are found from special-token positions with numpy (no per-token Python loop).
-The ids equal ``tokenizer.apply_chat_template(messages)`` exactly (checked at run time on the
-first row of every layout, and by the tests on many rows).
+The ids equal ``tokenizer.apply_chat_template(messages)`` exactly. That is checked at run time on
+the first rows of every layout and on the first row of every *row class* (per message: contains
+``</think>``, contains ``<think>``, leading whitespace, trailing whitespace): a template whose
+output depends on the content (DeepSeek-R1-Distill's drops the reasoning before ``</think>`` in
+assistant turns) renders a harmless first row exactly and diverges later, so every class that
+could render differently is checked; a diverging row raises :class:`TemplateError` naming it.
 
 Labels are **unshifted** (``labels[i] == input_ids[i]`` where trained, ``-100`` elsewhere): the
 assistant content plus its closing ``<|im_end|>`` are trained, so the model learns to stop
@@ -74,8 +78,13 @@ class FormatConfig:
     generation_policy: str | None = None
     think_style: str = "keep"
     messages_column: str = "messages"
+    # Mixture-of-Thoughts-style domain column: keep only rows whose ``domain_column`` value is a key
+    # of ``domains``, each kept with its fraction (1.0 = all). ``None`` keeps every row.
+    domain_column: str = "source"
+    domains: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
+        self.domains = parse_domains(self.domains)
         if self.name not in FORMATS:
             raise ValueError(f"unknown format {self.name!r}; choose one of {', '.join(FORMATS)}")
         if self.generation_policy in ("", "messages", "none"):
@@ -85,6 +94,57 @@ class FormatConfig:
                              f"{', '.join(GENERATION_POLICIES)}")
         if self.think_style not in THINK_STYLES:
             raise ValueError(f"unknown think_style {self.think_style!r}; choose one of {', '.join(THINK_STYLES)}")
+
+
+def parse_domains(spec: Any) -> dict[str, float] | None:
+    """``"math,code=0.5"`` / ``["math", "code"]`` / ``{"math": 1.0}`` -> ``{value: fraction}``.
+
+    Why fractions: mixing domains (e.g. half of Mixture-of-Thoughts' code rows with all of its math)
+    must be reproducible across shards and reruns, so a row is kept when a hash of its content falls
+    below its domain's fraction (:func:`domain_keeps`), never by a random draw.
+    """
+    if spec is None or spec == "" or spec == {}:
+        return None
+    if isinstance(spec, str):
+        spec = [p for p in spec.split(",") if p.strip()]
+    if isinstance(spec, (list, tuple)):
+        out: dict[str, float] = {}
+        for part in spec:
+            name, _, frac = str(part).partition("=")
+            out[name.strip()] = float(frac) if frac.strip() else 1.0
+        spec = out
+    if not isinstance(spec, dict):
+        raise ValueError(f"domains: expected 'a,b=0.5', a list or a mapping, got {_type_name(spec)}")
+    out = {str(k): float(v) for k, v in spec.items()}
+    bad = {k: v for k, v in out.items() if not 0.0 < v <= 1.0}
+    if bad:
+        raise ValueError(f"domains: fractions must be in (0, 1], got {bad}")
+    return out
+
+
+def domain_keeps(row: dict, cfg: "FormatConfig") -> None:
+    """Raise :class:`RowError` (``domain_filtered``/``domain_subsampled``) for a row the domain
+    selection drops; a no-op without ``cfg.domains``."""
+    if not cfg.domains:
+        return
+    value = row.get(cfg.domain_column)
+    if value not in cfg.domains:
+        raise RowError("domain_filtered", cfg.domain_column,
+                       f"{value!r} is not one of the selected domains {sorted(cfg.domains)}")
+    frac = cfg.domains[value]
+    if frac < 1.0:
+        import hashlib
+        import json
+
+        key = json.dumps(row.get(cfg.messages_column) if cfg.messages_column in row else row, sort_keys=True,
+                         default=str, ensure_ascii=False)
+        u = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+        if u >= frac:
+            raise RowError("domain_subsampled", cfg.domain_column, f"{value!r} kept at fraction {frac:g}")
+
+
+FILTER_REASONS = frozenset({"domain_filtered", "domain_subsampled"})
+"""Skip reasons that are a selection, not bad data: ``strict`` never stops on them."""
 
 
 # ----------------------------------------------------------------------------- row -> messages
@@ -226,6 +286,7 @@ def row_to_conversations(row: dict, cfg: FormatConfig) -> list[list[dict[str, st
     """
     if not isinstance(row, dict):
         raise RowError("bad_type", "row", f"expected an object, got {_type_name(row)}")
+    domain_keeps(row, cfg)
     name = cfg.name
     if name == "openr1" and cfg.generation_policy:
         convs = _openr1_from_generations(row, cfg.generation_policy)
@@ -292,7 +353,7 @@ def rows_to_conversations(rows: Sequence[dict], cfg: FormatConfig, skips: SkipCo
                             raise RowError("special_token_in_content", f"turn {j} ({m['role']}) content",
                                            f"contains the special token {hit.group(0)}")
         except RowError as e:
-            if strict:
+            if strict and e.reason not in FILTER_REASONS:
                 raise DataError(f"{where}: field {e.field!r}: {e.detail} [{e.reason}]") from None
             skips.add(e.reason, f"{where}: {e.field}: {e.detail}")
             continue
@@ -311,7 +372,20 @@ class _Layout:
     pieces: list[str]  # len(roles) + 1 literal strings around the contents
     trained: list[tuple[int, int, int, list[int]]]  # per assistant turn: (marker_id, occurrence, closing_id, header_ids)
     fast: bool  # False when the template does not put special tokens around assistant turns
-    checked: bool = False
+    checked_classes: set = field(default_factory=set)  # row classes compared with apply_chat_template
+    checked_rows: int = 0  # rows of this layout compared so far
+
+
+CHECK_ROWS_PER_LAYOUT = 8
+"""Rows of each layout compared with ``apply_chat_template`` whatever their class (a cheap
+deterministic sample on top of the per-class check, for content dependence no class names)."""
+
+
+def _row_class(conv: Sequence[dict[str, str]]) -> tuple:
+    """What about a row's contents could make a template render it differently from the layout's
+    segments: per message, (has ``</think>``, has ``<think>``, leading space, trailing space)."""
+    return tuple((m["role"], "</think>" in m["content"], "<think>" in m["content"],
+                  m["content"][:1].isspace(), m["content"][-1:].isspace()) for m in conv)
 
 
 @dataclass
@@ -608,23 +682,42 @@ class ChatEncoder:
         parts.append(lay.pieces[-1])
         return "".join(parts), starts
 
+    def _check_row(self, lay: _Layout, conv: Sequence[dict[str, str]], text: str, where: str) -> None:
+        """Compare the segment rendering of ``conv`` with ``apply_chat_template``; see the module
+        docstring for which rows are compared and why."""
+        cls = _row_class(conv)
+        if cls in lay.checked_classes and lay.checked_rows >= CHECK_ROWS_PER_LAYOUT:
+            return
+        ref = self._render_template(list(conv))
+        if ref != text:
+            n_ours = len(self.backend.encode(text, add_special_tokens=False).ids)
+            n_ref = len(self.backend.encode(ref, add_special_tokens=False).ids)
+            what = ", ".join(k for k, on in zip(("</think>", "<think>", "leading whitespace", "trailing whitespace"),
+                                                 map(any, zip(*(c[1:] for c in cls)))) if on) or "no marker"
+            raise TemplateError(
+                f"{where}: the chat template renders this row differently from its segments ({n_ours} tokens "
+                f"against apply_chat_template's {n_ref}; the row has {what}): the template rewrites message "
+                "contents (e.g. drops the reasoning before </think> or strips whitespace), so exact "
+                "segment rendering is impossible. Use a template that renders contents verbatim "
+                "(chat_template / --chat-template), or remove the reasoning from the data first")
+        lay.checked_classes.add(cls)
+        lay.checked_rows += 1
+
     # -- encode
-    def encode(self, conversations: Sequence[Sequence[dict[str, str]]]) -> EncodedBatch:
-        """Encode a batch (messages must be validated; see :func:`rows_to_conversations`)."""
+    def encode(self, conversations: Sequence[Sequence[dict[str, str]]],
+               locations: Sequence[str] | None = None) -> EncodedBatch:
+        """Encode a batch (messages must be validated; see :func:`rows_to_conversations`).
+
+        ``locations[i]`` names conversation ``i`` in a :class:`TemplateError`."""
         if not conversations:
             return EncodedBatch.empty()
         texts, layouts, metas = [], [], []
-        for conv in conversations:
+        for ci, conv in enumerate(conversations):
             roles = tuple(m["role"] for m in conv)
             lay = self._layout(roles)
             contents = [m["content"] for m in conv]
             text, starts = self._join(lay, contents)
-            if not lay.checked:
-                ref = self._render_template(list(conv))
-                if ref != text:
-                    raise TemplateError("the chat template changes message contents (e.g. strips or rewrites "
-                                        "them); segment rendering would not match apply_chat_template")
-                lay.checked = True
+            self._check_row(lay, conv, text, locations[ci] if locations is not None else f"conversation {ci + 1}")
             texts.append(text)
             layouts.append(lay)
             metas.append((roles, contents, starts))
@@ -719,8 +812,10 @@ def encode_rows(rows: Sequence[dict], cfg: FormatConfig, encoder: ChatEncoder, s
                 locations: Sequence[str] | None = None, strict: bool = False,
                 owners: list[int] | None = None) -> EncodedBatch:
     """Rows -> validated conversations -> :class:`EncodedBatch` (bad rows counted in ``skips``)."""
-    convs = rows_to_conversations(rows, cfg, skips, locations, strict, encoder.specials_re, owners)
-    return encoder.encode(convs)
+    own: list[int] = owners if owners is not None else []
+    convs = rows_to_conversations(rows, cfg, skips, locations, strict, encoder.specials_re, own)
+    locs = [locations[i] if locations is not None else f"row {i + 1}" for i in own]
+    return encoder.encode(convs, locs)
 
 
 def iter_batch_rows(batch: dict[str, list]) -> list[dict]:

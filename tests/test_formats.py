@@ -237,6 +237,63 @@ def test_template_that_rewrites_content_is_refused(qwen_tokenizer):
                                                                      {"role": "assistant", "content": "a"}]])
 
 
+# DeepSeek-R1-Distill's rule, in Qwen's chat markup (the Qwen tokenizer has no DeepSeek specials):
+# an assistant turn keeps only the text after </think>.
+R1_DISTILL_TPL = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}{% set content = m['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def _conv(answer: str, q: str = "What is 2+2?") -> list[dict]:
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
+
+
+def test_content_dependent_template_refused_naming_first_diverging_row(qwen_tokenizer):
+    """Issue 13 item 5: the check used to run on the first row of each layout only, so a
+    DeepSeek-R1-Distill-style template passed on a harmless first row and later rows diverged."""
+    rows = [{"messages": _conv(a)} for a in ("The answer is 4.", "It is 4.", "So 4.",
+                                              "<think>\n2+2 is 4, I am sure of it.\n</think>\n\n\\boxed{4}",
+                                              "<think>x</think> 5")]
+    enc = ChatEncoder(qwen_tokenizer, chat_template=R1_DISTILL_TPL, engine="hf")
+    enc.encode([r["messages"] for r in rows[:3]])  # the harmless rows do render exactly
+    cfg = FormatConfig("cot", system_prompt=None)
+    locs = [f"data.jsonl:{i + 1}" for i in range(len(rows))]
+    with pytest.raises(TemplateError, match=r"^data\.jsonl:4: .*\d+ tokens against apply_chat_template's \d+; "
+                                            r"the row has </think>, <think>"):
+        encode_rows(rows, cfg, ChatEncoder(qwen_tokenizer, chat_template=R1_DISTILL_TPL, engine="hf"),
+                    SkipCounter(), locs)
+    # a row past CHECK_ROWS_PER_LAYOUT rows is still checked when its class is new
+    from distilled.formats import CHECK_ROWS_PER_LAYOUT
+
+    many = [{"messages": _conv(f"Plain answer {i}.")} for i in range(CHECK_ROWS_PER_LAYOUT + 5)] + rows[3:4]
+    with pytest.raises(TemplateError, match=rf"^row {len(many)}: "):
+        encode_rows(many, cfg, ChatEncoder(qwen_tokenizer, chat_template=R1_DISTILL_TPL, engine="hf"), SkipCounter())
+
+
+def test_whitespace_stripping_template_refused_on_a_later_row(qwen_tokenizer):
+    trim_tpl = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}"
+    rows = [{"messages": _conv(f"Answer {i}.")} for i in range(12)]  # more than CHECK_ROWS_PER_LAYOUT
+    rows.append({"messages": _conv("Answer with a trailing newline.\n")})
+    with pytest.raises(TemplateError, match=rf"^row {len(rows)}: .*trailing whitespace"):
+        encode_rows(rows, FormatConfig("cot", system_prompt=None),
+                    ChatEncoder(qwen_tokenizer, chat_template=trim_tpl, engine="hf"), SkipCounter())
+
+
+def test_every_row_class_checked_and_exact_with_the_real_template(qwen_tokenizer, encoder):
+    """The Qwen2.5 template renders contents verbatim: every class passes, ids are exact."""
+    answers = ["4", " 4", "4 ", "\n4\n", "<think>a</think> 4", "<think>a", "a</think>4", " <think>\nb\n</think>\n\n4 "]
+    convs = [_conv(a, q) for a in answers for q in ("q", " q", "q\n")]
+    batch = encoder.encode(convs)
+    for i, conv in enumerate(convs):
+        ids, _ = batch.row(i)
+        assert ids.tolist() == qwen_tokenizer.apply_chat_template(conv, tokenize=True)
+
+
 def test_to_arrow_types(encoder):
     import pyarrow as pa
 
