@@ -10,7 +10,8 @@ spent the thinking is cut and ``</think>`` is forced. ``min_think`` A makes the 
 longer: an early ``</think>`` (or end of sequence) is replaced with ``Wait`` and generation
 continues. The per-sequence logic is one state machine (:func:`budget_machine`) driven by each
 engine's batched "continue these token sequences" step; token accounting is exact for the
-transformers and vllm engines (ids are kept, never re-tokenised).
+transformers and vllm engines (ids are kept, never re-tokenised); the openai engine counts the
+text it keeps with the served model's tokenizer (``--tokenizer``), not the server's words.
 """
 
 from __future__ import annotations
@@ -540,16 +541,42 @@ async def probe_server(endpoints: Sequence[str], timeout: float = 10.0, api_key_
     return [m for m in models if m]
 
 
+SERVER_KINDS = ("openai", "vllm", "transformers")
+"""``--server-kind``: what the server does with ``stop`` in budget forcing (see :class:`OpenAIEngine`)."""
+
+
 class OpenAIEngine:
     """Any OpenAI-compatible server through :class:`distilled.client.ChatClient` (concurrency,
     retries, several endpoints). Budget forcing uses ``/v1/completions`` continuation with a
-    chat template rendered locally (``--tokenizer``), and asks the server to keep the stop string
-    (vLLM's ``include_stop_str_in_output``) so an early ``</think>`` can be recognised."""
+    chat template rendered locally (``--tokenizer``).
+
+    Only standard OpenAI fields are sent (``stop: ["</think>"]``, ``seed`` ...), unless
+    ``server_kind`` is ``vllm``: then vLLM's ``include_stop_str_in_output`` is added. Servers that
+    reject unknown fields (``transformers serve`` answers 422) then work. How a continuation that
+    stopped is read in the thinking phase:
+
+    - its text holds ``</think>`` (vLLM with the extension, ``transformers serve``'s stop strings,
+      or a server that ignores ``stop``): an early close, cut there;
+    - ``finish_reason`` ``length``: the step's token limit;
+    - ``stop`` without ``</think>`` in the text: for ``server_kind`` ``openai`` (the API's rule: the
+      stop string is not returned) the ``</think>`` stop, since the standard response cannot tell it
+      from an end of sequence (an end of sequence inside the reasoning is then read as a close);
+      for ``vllm`` and ``transformers`` (they return the stop string) an end of sequence.
+
+    Tokens are counted with ``--tokenizer`` exactly as the transformers and vLLM engines count
+    generated ids: the kept text of a cut continuation, and every inserted ``Wait`` / ``</think>``,
+    are encoded; a ``length`` continuation counts the step's limit (what the server generated).
+    ``</think>`` is counted once, when it is inserted.
+    """
 
     name = "openai"
 
     def __init__(self, endpoints: Sequence[str], model: str, max_concurrent: int = 64, max_retries: int = 8,
-                 request_timeout: float = 600.0, api_key_env: str | None = None, tokenizer_dir: str | None = None):
+                 request_timeout: float = 600.0, api_key_env: str | None = None, tokenizer_dir: str | None = None,
+                 server_kind: str = "openai"):
+        if server_kind not in SERVER_KINDS:
+            raise EngineError(f"--server-kind {server_kind!r}: choose one of {', '.join(SERVER_KINDS)}")
+        self.server_kind = server_kind
         self.endpoints = list(endpoints)
         self.model = model
         self.client_kw = dict(api_key_env=api_key_env, max_concurrent=max_concurrent, max_retries=max_retries,
@@ -571,7 +598,9 @@ class OpenAIEngine:
                              usage.get("prompt_tokens"), usage.get("completion_tokens"), None)
         assert self.tok is not None
         prompt = self.tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
-        machine = budget_machine(None, prompt, max_tokens, budget, None, req.seed)
+        machine = budget_machine(None, prompt, max_tokens, budget, self.encode, req.seed)
+        extra = {"include_stop_str_in_output": True} if self.server_kind == "vllm" else None
+        stop_returned = self.server_kind in ("vllm", "transformers")
         seg: Segment | None = None
         try:
             stp = next(machine)
@@ -579,14 +608,19 @@ class OpenAIEngine:
                 res = await client.complete(stp.text, max_tokens=stp.limit, temperature=temperature, top_p=top_p,
                                             seed=stp.seed,
                                             stop=[THINK_CLOSE] if stp.stop_at_close else None,
-                                            extra={"include_stop_str_in_output": True} if stp.stop_at_close else None)
+                                            extra=extra if stp.stop_at_close else None)
                 seg = _text_segment(res.text, res.finish_reason, (res.usage or {}).get("completion_tokens"),
-                                    stp.stop_at_close)
+                                    stp.stop_at_close, stp.limit, self.encode, stop_returned)
                 stp = machine.send(seg)
         except StopIteration as stop:
             r: BudgetResult = stop.value
-        return GenOutput(r.text, r.finish_reason, None, r.completion_tokens, r.think_tokens,
+        return GenOutput(r.text, r.finish_reason, len(self.encode(prompt)), r.completion_tokens, r.think_tokens,
                          {"waits": r.waits, "forced_close": r.forced_close})
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the served model's tokenizer (no special tokens added)."""
+        assert self.tok is not None
+        return self.tok.encode(text, add_special_tokens=False)
 
     async def agenerate(self, requests: list[GenRequest], max_tokens: int, temperature: float, top_p: float,
                         budget: BudgetConfig, on_done: Callable[[GenRequest, GenOutput | BaseException], Any]) -> None:
@@ -619,18 +653,40 @@ class OpenAIEngine:
             await asyncio.gather(*(worker() for _ in range(min(window, len(requests)) or 1)))
 
 
-def _text_segment(text: str, finish_reason: str | None, n_tokens: int | None, stop_at_close: bool) -> Segment:
-    """A server continuation as a :class:`Segment`. Token counts come from the server's ``usage``;
-    when the text must be cut at ``</think>`` the count is pro-rated by characters (exact only
-    when the server itself stopped there)."""
-    n = int(n_tokens) if n_tokens is not None else max(1, len(text.split()))
+def _text_segment(text: str, finish_reason: str | None, n_tokens: int | None, stop_at_close: bool,
+                  limit: int | None = None, encode: Callable[[str], list[int]] | None = None,
+                  stop_returned: bool = True) -> Segment:
+    """A server continuation as a :class:`Segment` (rules in :class:`OpenAIEngine`).
+
+    ``encode`` counts tokens with the model's tokenizer; without it (no tokenizer) the server's
+    ``usage`` is used, else whitespace words. ``stop_returned``: the server returns a matched stop
+    string in the text, so a ``stop`` without ``</think>`` is an end of sequence.
+    """
+
+    def count(t: str) -> int:
+        if encode is not None:
+            return len(encode(t))
+        return int(n_tokens) if n_tokens is not None else max(1, len(t.split()))
+
     if stop_at_close and THINK_CLOSE in text:
         # cut at </think>; a server that ignored ``stop`` wrote the answer too: it is dropped and
-        # asked for again after the (possibly replaced) </think>, so the rules apply the same way
-        cut = text.index(THINK_CLOSE)
-        kept = text[:cut]
-        rest = text[cut + len(THINK_CLOSE):]
-        n_kept = n if not rest.strip() else max(0, round(n * len(kept) / max(1, len(text))))
-        return Segment(None, kept, n_kept, "close")
-    end = "length" if finish_reason == "length" else "eos"
-    return Segment(None, text, n, end)
+        # asked for again after the (possibly replaced) </think>, so the rules apply the same way.
+        # The </think> itself is not counted here: the state machine counts it when it inserts it.
+        kept = text[: text.index(THINK_CLOSE)]
+        return Segment(None, kept, count(kept) if encode is not None else _prorate(text, kept, n_tokens), "close")
+    if finish_reason == "length":  # the server generated exactly the step's limit of tokens
+        n = int(limit) if limit is not None else (int(n_tokens) if n_tokens is not None else count(text))
+        return Segment(None, text, n, "length")
+    n = count(text)
+    if limit is not None:
+        n = min(n, int(limit))
+    if stop_at_close and finish_reason == "stop" and not stop_returned:
+        return Segment(None, text, n, "close")  # the API does not return the stop string it matched
+    return Segment(None, text, n, "eos")
+
+
+def _prorate(text: str, kept: str, n_tokens: int | None) -> int:
+    """Without a tokenizer: the server's count pro-rated by characters (words when it gave none)."""
+    if n_tokens is None:
+        return len(kept.split())
+    return max(0, round(int(n_tokens) * len(kept) / max(1, len(text))))

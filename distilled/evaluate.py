@@ -36,19 +36,43 @@ from distilled.eval_tasks import (PROMPT_VERSION, SCORING_RULE, Problem, Task, T
 OPEN_R1_N = {"aime24": 64, "aime25": 64, "math_500": 4, "gpqa_diamond": 8}
 """Samples per problem in open-r1's published evaluations (``--n auto``)."""
 
+PRESETS: dict[str, dict[str, Any]] = {
+    "open-r1": {"temperature": 0.6, "top_p": 0.95, "max_tokens": 32768, "n": "auto"},
+}
+"""``--preset``: named generation settings; explicit flags still win. ``open-r1``: open-r1's lighteval
+settings (T 0.6, top_p 0.95, 32768 new tokens, n = 64 AIME / 4 MATH-500 / 8 GPQA-D)."""
+
+_GEN_DEFAULTS: dict[str, Any] = {"n": "4", "temperature": 0.6, "top_p": 0.95, "max_tokens": 32768}
+
 # Published numbers (FACTS §5) for ``eval compare --reference``. Reported, not measured here.
 REFERENCE_ROWS: list[dict] = [
     {"model": "OpenR1-Qwen-7B (MindFormers, MindSpore docs)", "math_500": 90.0},
     {"model": "OpenR1-Qwen-7B (HF, MindSpore docs)", "math_500": 90.6},
     {"model": "DeepSeek-R1-Distill-Qwen-7B (MindSpore docs)", "math_500": 91.6},
     {"model": "OpenThinker-7B (MindSpore docs)", "math_500": 89.6},
-    {"model": "DeepSeek-R1-Distill-Qwen-1.5B (R1 paper)", "aime24": 28.9, "math_500": 83.9},
+    {"model": "DeepSeek-R1-Distill-Qwen-1.5B (R1 paper)", "aime24": 28.9, "math_500": 83.9, "gpqa_diamond": 33.8},
     {"model": "DeepSeek-R1-Distill-Qwen-7B (R1 paper)", "aime24": 55.5, "math_500": 92.8},
+    # recipe openr1-stratos-1.5b (docs/recipes.md): the open-r1 README's table, lighteval pass@1
+    {"model": "Qwen2.5-Math-1.5B base (open-r1 README)", "aime24": 3.33, "math_500": 23.6, "gpqa_diamond": 25.75},
+    {"model": "DeepSeek-R1-Distill-Qwen-1.5B (open-r1 README)", "aime24": 30.0, "math_500": 83.0,
+     "gpqa_diamond": 32.83},
+    {"model": "Qwen2.5-Math-1.5B SFT on Bespoke-Stratos-17k, 1 epoch (open-r1 README)", "aime24": 6.67,
+     "math_500": 45.4, "gpqa_diamond": 28.79},
+    # recipe openr1-distill-7b: open-r1 README (OpenR1-Distill-7B table)
+    {"model": "OpenR1-Distill-7B (open-r1 README)", "aime24": 52.7, "math_500": 89.0, "gpqa_diamond": 52.8},
+    {"model": "DeepSeek-R1-Distill-Qwen-7B (open-r1 README)", "aime24": 51.3, "math_500": 93.5,
+     "gpqa_diamond": 52.4},
 ]
+
+
+def _ref_cell(v: float) -> str:
+    """A published figure as published: 90.0 stays 90.0, 3.33 stays 3.33 (no silent rounding)."""
+    return f"{v:.1f}" if round(v, 1) == v else f"{v:.2f}"
+
 
 # Settings that change what is generated: a resume into a directory with other values is refused.
 _FINGERPRINT = ("engine", "model_name", "temperature", "top_p", "max_tokens", "system_prompt", "seed",
-                "min_think_tokens", "max_think_tokens", "prompt_version")
+                "min_think_tokens", "max_think_tokens", "prompt_version", "server_kind")
 
 
 class EvalError(RuntimeError):
@@ -87,10 +111,14 @@ class EvalConfig:
     tensor_parallel_size: int = 1
     prompt_version: str = PROMPT_VERSION
     prompt_template: str | None = None
+    preset: str | None = None  # recorded only: resolve_preset() already filled the flags it sets
     skip_incomplete: bool = False
     """Old behaviour: leave a problem with a failed (missing) sample out of pass@1. Default: that
     sample counts as wrong, because failures are the long, hard generations and dropping their
     problems biases pass@1 upwards."""
+    server_kind: str = "openai"
+    """openai engine + budget forcing: ``openai`` sends standard fields only; ``vllm`` adds
+    ``include_stop_str_in_output``; ``transformers`` (``transformers serve``) returns stop strings."""
 
     def __post_init__(self) -> None:
         if self.prompt_template is not None:
@@ -293,8 +321,11 @@ def _make_engine(cfg: EvalConfig, logits_processor: Any = None):
         if cfg.budget().active and not cfg.tokenizer:
             raise EvalError("budget forcing with --engine openai needs --tokenizer DIR (the served model's "
                             "tokenizer, to render its chat template for /v1/completions continuation)")
-        return E.OpenAIEngine(cfg.api_addr, cfg.model_name, cfg.max_concurrent, cfg.max_retries,
-                              cfg.request_timeout, cfg.api_key_env, cfg.tokenizer)
+        try:
+            return E.OpenAIEngine(cfg.api_addr, cfg.model_name, cfg.max_concurrent, cfg.max_retries,
+                                  cfg.request_timeout, cfg.api_key_env, cfg.tokenizer, cfg.server_kind)
+        except EngineError as exc:
+            raise EvalError(str(exc)) from None
     try:
         if cfg.engine == "transformers":
             return E.TransformersEngine(cfg.model, cfg.batch_size, logits_processor=logits_processor)
@@ -422,7 +453,7 @@ def summarize(cfg: EvalConfig, tasks: list[Task], records: dict, pool: Any) -> d
         "scoring": SCORING_RULE,
         "settings": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
                      "system_prompt": cfg.system_prompt, "seed": cfg.seed, "n": cfg.n, "limit": cfg.limit,
-                     "model": cfg.model, "api_addr": cfg.api_addr},
+                     "model": cfg.model, "api_addr": cfg.api_addr, "preset": cfg.preset},
         "budget": {"min_think_tokens": cfg.min_think_tokens, "max_think_tokens": cfg.max_think_tokens}
         if cfg.budget().active else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -600,7 +631,7 @@ def compare(runs: Sequence[str], reference: bool = False, output: str | None = N
                 for row in rows:
                     row.append("-")
         for ref in REFERENCE_ROWS:
-            rows.append([f"*{ref['model']}* (reported)"] + [f"{ref[t]:.1f}" if t in ref else "-" for t in tasks])
+            rows.append([f"*{ref['model']}* (reported)"] + [_ref_cell(ref[t]) if t in ref else "-" for t in tasks])
     text = ("pass@1 (%) averaged over n samples, ± standard error over problems"
             + ("; reported rows are published figures (FACTS §5), not measured here" if reference else "") + ".\n\n"
             + md_table(["model"] + tasks, rows))
@@ -628,7 +659,17 @@ def compare(runs: Sequence[str], reference: bool = False, output: str | None = N
 # ------------------------------------------------------------------------------------------------
 
 
+def resolve_preset(a: argparse.Namespace) -> None:
+    """Fill the generation flags left unset: from ``--preset`` if given, else the defaults.
+    Why not argparse defaults: an explicit ``--max-tokens`` must win over the preset."""
+    preset = PRESETS[a.preset] if getattr(a, "preset", None) else {}
+    for key, default in _GEN_DEFAULTS.items():
+        if getattr(a, key, None) is None:
+            setattr(a, key, preset.get(key, default))
+
+
 def _cfg_from_args(a: argparse.Namespace) -> EvalConfig:
+    resolve_preset(a)
     return EvalConfig(
         tasks=a.tasks, engine=a.engine, api_addr=a.api_addr or [], model=a.model, model_name=a.model_name,
         n=int(a.n) if str(a.n).isdigit() else a.n, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, system_prompt=a.system_prompt,
@@ -638,7 +679,7 @@ def _cfg_from_args(a: argparse.Namespace) -> EvalConfig:
         request_timeout=a.request_timeout, api_key_env=a.api_key_env, tokenizer=a.tokenizer,
         verify_workers=a.verify_workers, verify_timeout=a.verify_timeout, min_think_tokens=a.min_think_tokens,
         max_think_tokens=a.max_think_tokens, tensor_parallel_size=a.tensor_parallel_size,
-        skip_incomplete=a.skip_incomplete)
+        skip_incomplete=a.skip_incomplete, preset=getattr(a, "preset", None), server_kind=a.server_kind)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -678,10 +719,13 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-addr", nargs="+", help="HOST:PORT (or base URL) of OpenAI-compatible servers")
     p.add_argument("--model", help="HF model folder (transformers/vllm engines)")
     p.add_argument("--model-name", help="served model id (openai) / display name in reports")
-    p.add_argument("--n", default="4", help="samples per problem, or 'auto' (AIME 64, MATH-500 4, GPQA 8)")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-tokens", type=int, default=32768, help="max new tokens per sample")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="named settings: open-r1 = T 0.6, top_p 0.95, 32768 new tokens, n 64 AIME / 4 MATH-500 / "
+                        "8 GPQA-D (explicit flags override)")
+    p.add_argument("--n", default=None, help="samples per problem, or 'auto' (AIME 64, MATH-500 4, GPQA 8); default 4")
+    p.add_argument("--temperature", type=float, default=None, help="default 0.6")
+    p.add_argument("--top-p", type=float, default=None, help="default 0.95")
+    p.add_argument("--max-tokens", type=int, default=None, help="max new tokens per sample (default 32768)")
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--prompt-template", default=None,
                    help="math tasks: a str.format template with {prompt} instead of the pinned lighteval prompt "
@@ -703,6 +747,10 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-think-tokens", type=int, help="budget forcing: replace an earlier </think> with 'Wait'")
     p.add_argument("--max-think-tokens", type=int, help="budget forcing: cut thinking and force </think>")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm engine")
+    p.add_argument("--server-kind", default="openai", choices=["openai", "vllm", "transformers"],
+                   help="openai engine + budget forcing: openai = standard fields only (the stop string is not "
+                        "returned); vllm = also send include_stop_str_in_output; transformers = `transformers "
+                        "serve` (returns the stop string)")
     p.add_argument("--skip-incomplete", action="store_true",
                    help="leave problems with a failed sample out of pass@1 (the old behaviour; labelled in the "
                         "report). Default: a failed sample counts as wrong")

@@ -300,3 +300,55 @@ def test_failed_samples_count_as_wrong_and_are_reported(problems_file, tmp_path)
         assert f"{missing} failed samples scored wrong" in p.stdout
     finally:
         srv.stop()
+
+
+@pytest.mark.slow  # loads the 150k-token tokenizer
+def test_budget_forcing_sends_only_standard_fields_and_counts_tokens(problems_file, tmp_path, qwen_tokenizer_dir):
+    """Issue 13 item 7: against a server that 422s unknown fields (like `transformers serve`),
+    budget forcing used to stop at once (include_stop_str_in_output). Now only standard fields go
+    out unless --server-kind vllm; think/completion tokens are the tokenizer's, </think> once."""
+    from distilled.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(qwen_tokenizer_dir))
+    srv = start_in_thread(TeacherConfig(latency_ms=1, latency_dist="fixed", strict_fields=True, seed=3))
+    try:
+        out = tmp_path / "strict"
+        res = run_eval(cfg_for(srv, problems_file, out, n=1, tokenizer=str(qwen_tokenizer_dir), min_think_tokens=150,
+                               max_think_tokens=400))
+        assert srv.stats()["rejected_fields"] == {} and res["failed_samples"] == 0
+        recs = read_lines(out / "samples.jsonl")
+        assert len(recs) == 6 and res["tasks"]["synth"]["budget_waits"] >= 6
+        for r in recs:
+            assert r["output"].count("</think>") == 1  # the server's own and the forced one never both
+            think = r["output"][: r["output"].index("</think>")]
+            n_think = len(tok.encode(think, add_special_tokens=False))
+            n_all = len(tok.encode(r["output"], add_special_tokens=False))
+            slack = r["budget"]["waits"] + 1  # a token may merge across a piece boundary
+            assert abs(r["think_tokens"] - n_think) <= slack, (r["think_tokens"], n_think)
+            assert abs(r["completion_tokens"] - n_all) <= slack + 1, (r["completion_tokens"], n_all)
+            assert abs(r["think_tokens"] - len(think.split())) > 2 * slack  # tokens, not words
+            assert 150 <= r["think_tokens"] <= 400
+            assert r["prompt_tokens"] > 20
+        # the vLLM extension only when asked for: the strict server refuses it
+        with pytest.raises(EvalError, match="include_stop_str_in_output"):
+            run_eval(cfg_for(srv, problems_file, tmp_path / "vllm", n=1, tokenizer=str(qwen_tokenizer_dir),
+                             max_think_tokens=8, server_kind="vllm"))
+    finally:
+        srv.stop()
+
+
+def test_text_segment_reads_a_stop_by_server_kind():
+    """A standard server does not return the stop string it matched: a 'stop' in the thinking
+    phase is the </think> stop. Servers that return it (vllm with the extension, transformers
+    serve) make a 'stop' without </think> an end of sequence."""
+    from distilled.eval_engines import _text_segment
+
+    enc = lambda t: list(range(len(t)))  # noqa: E731 - one "token" per character, to check the counting
+    s = _text_segment("abc", "stop", 99, True, 50, enc, stop_returned=False)
+    assert (s.end, s.n_tokens, s.text) == ("close", 3, "abc")
+    assert _text_segment("abc", "stop", 99, True, 50, enc, stop_returned=True).end == "eos"
+    s = _text_segment("abc</think> answer", "stop", 99, True, 50, enc)
+    assert (s.end, s.n_tokens, s.text) == ("close", 3, "abc")  # </think> is counted when inserted
+    s = _text_segment("abcdef", "length", 7, True, 6, enc)
+    assert (s.end, s.n_tokens) == ("length", 6)
+    assert _text_segment("abc", "stop", None, False, 50, enc).end == "eos"  # answer phase
