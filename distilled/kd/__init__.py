@@ -21,3 +21,14 @@ Nothing here imports torch, MindSpore or MindFormers at package import time.
 IGNORE_INDEX = -100
 NO_TOKEN = -1  # top-K id where nothing is trained (or the teacher returned fewer than K entries)
 MAX_TOP_LOGPROBS = 20  # the OpenAI-compatible API limit (vLLM and SGLang honour it too)
+KD_COLUMNS = ("topk_ids", "topk_logprobs")  # extra packed columns (distilled.kd.align)
+KD_ARCH = "KDLlamaForCausalLM"  # MindFormers model.arch.type (distilled.kd.mindformers_kd)
+KD_LOADER = "KDPackedDataLoader"  # MindFormers train_dataset.data_loader.type
+
+
+def uses_kd(config: dict) -> bool:
+    """True when a (plain dict) MindFormers YAML names the KD model or data loader, so the caller
+    must ``import distilled.kd.mindformers_kd`` (which registers them) before building anything."""
+    arch = ((config.get("model") or {}).get("arch") or {}).get("type")
+    loader = (((config.get("train_dataset") or {}).get("data_loader")) or {}).get("type")
+    return arch == KD_ARCH or loader == KD_LOADER
