@@ -356,6 +356,7 @@ def validate_config(config: Any, world: int = 1) -> dict:
         if world > 1 and device == "CPU" and dl.get("use_broadcast_data", True):
             raise FinetuneConfigError("train_dataset.data_loader.use_broadcast_data: must be False on CPU "
                                       "(the broadcast needs ops.Barrier, which has no CPU kernel)")
+    check_per_token_loss(config, world)
     if device == "CPU":
         if mc.get("use_flash_attention", False):
             raise FinetuneConfigError("model.model_config.use_flash_attention: must be False on CPU")
@@ -365,6 +366,52 @@ def validate_config(config: Any, world: int = 1) -> dict:
         if str(mc.get("compute_dtype", "float32")) not in ("float32", "fp32"):
             raise FinetuneConfigError("model.model_config.compute_dtype: use float32 on CPU")
     return facts
+
+
+def per_token_loss_enabled(config: Any) -> bool:
+    """Whether both MindFormers 1.9 per-token keys are on (see :func:`check_per_token_loss`)."""
+    return bool(config.get("calculate_per_token_loss")) and bool(
+        _get(config, "runner_wrapper.calculate_per_token_loss", False))
+
+
+def check_per_token_loss(config: Any, world: int = 1) -> None:
+    """Refuse a YAML whose loss would be a mean of per-micro-batch (or per-rank) means.
+
+    Why: with ``gradient_accumulation_steps > 1`` MindFormers 1.9 wraps the net in
+    ``GradAccumulationCell``, which sums each micro-batch's own token mean, so a micro-batch with
+    10 trained tokens weighs as much as one with 400 (and the logged loss is GA x larger). Its own
+    fix needs two keys: top-level ``calculate_per_token_loss`` (the Trainer hands it to the model,
+    whose ``CrossEntropyLoss`` then returns numerator and denominator, to ``MFTrainOneStepCell``
+    and to ``MFLossMonitor``) and ``runner_wrapper.calculate_per_token_loss``, the one
+    ``_wrap_network_with_tool_cells_legacy`` reads to pick ``GradAccumulationCellWithTwoOutput``
+    (only the semi/auto-parallel and pipeline paths copy the top-level key there). With only the
+    first, accumulation crashes on the model's two outputs; with only the second, the model
+    returns one mean and the accumulation cell fails. Several data-parallel workers need it too:
+    then :func:`distilled.mindformers_compat.shim_global_token_mean_data_parallel` divides by the
+    token count of all ranks.
+    """
+    top = bool(config.get("calculate_per_token_loss"))
+    wrap = bool(_get(config, "runner_wrapper.calculate_per_token_loss", False))
+    if top != wrap:
+        raise FinetuneConfigError(
+            f"calculate_per_token_loss: {top} but runner_wrapper.calculate_per_token_loss: {wrap}; MindFormers 1.9 "
+            "reads both (the model and wrapper read the top-level key, gradient accumulation reads the "
+            "runner_wrapper one): set both to True")
+    if config.run_mode not in ("train", "finetune") or top:
+        return
+    gas = int(_get(config, "runner_config.gradient_accumulation_steps", 1) or 1)
+    dp = int(_get(config, "parallel_config.data_parallel", 1) or 1)
+    if gas > 1:
+        raise FinetuneConfigError(
+            f"runner_config.gradient_accumulation_steps: {gas} without calculate_per_token_loss averages per "
+            "micro-batch (a micro-batch with few trained tokens weighs as much as a full one, and the logged "
+            "loss is that many times larger); set calculate_per_token_loss: True and "
+            "runner_wrapper.calculate_per_token_loss: True")
+    if world > 1 and dp > 1:
+        raise FinetuneConfigError(
+            f"parallel_config.data_parallel: {dp} without calculate_per_token_loss averages per rank (a rank "
+            "with few trained tokens weighs as much as a full one); set calculate_per_token_loss: True and "
+            "runner_wrapper.calculate_per_token_loss: True")
 
 
 _REGISTRY_TYPES = (
@@ -597,9 +644,18 @@ def run(argv: list[str] | None = None) -> int:
     if device == "CPU":
         applied += compat.apply_cpu_shims()
     packed = bool(_get(config, "train_dataset.data_loader.create_attention_mask", False))
-    if packed and not args.no_packed_shim:
-        compat.apply_packed_rope_shim(True)
-        applied.append("packed_rope")
+    flash = bool(_get(config, "model.model_config.use_flash_attention", False))
+    if packed and not flash and not args.no_packed_shim:
+        # only the non-flash path adds the 0/1 mask to the scores; flash attention masks right
+        compat.apply_packed_mask_shim(True)
+        applied.append("packed_mask")
+    if per_token_loss_enabled(config):
+        compat.shim_global_token_mean_data_parallel()
+        applied.append("global_token_mean_data_parallel")
+    gas = int(_get(config, "runner_config.gradient_accumulation_steps", 1) or 1)
+    if gas > 1:  # MF 1.9 would silently reset GA to 1 outside semi/auto parallel (the shim defers to MF there)
+        compat.shim_grad_accumulation_data_parallel()
+        applied.append("grad_accumulation_data_parallel")
     handlers_ok = register_project_handlers()
     if rank == 0:
         for n in notes:

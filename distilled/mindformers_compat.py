@@ -49,6 +49,7 @@ __all__ = [
     "packed_mask_shim_enabled",
     "packed_rope_shim_enabled",
     "shim_global_token_mean_data_parallel",
+    "shim_grad_accumulation_data_parallel",
     "shim_disable_fused_rmsnorm",
     "shim_finite_overflow_check",
     "shim_barrier_via_allreduce",
@@ -317,13 +318,20 @@ def _global_token_grads_for_legacy(self, scaling_sens, *inputs):  # noqa: ANN001
     tokens; the returned loss is the global token mean, the same number on every rank.
     Compiled in graph mode: no imports in here.
     """
-    if not self.global_token_mean:
-        return _ORIGINALS["MFTrainOneStepCell.grads_for_legacy"](self, scaling_sens, *inputs)
+    # MindFormers' own body, repeated: calling the saved original from a compiled method fails
+    # in MindSpore 2.9's parser ("'super' object has no attribute '__module__'").
+    if not self.calculate_per_token_loss:
+        loss = self.network(*inputs)
+        scaling_sens_filled = ops.ones_like(loss) * ops.cast(scaling_sens, ops.dtype(loss))
+        grads = self.grad(self.network, self.weights)(*inputs, scaling_sens_filled)
+        return loss, grads, self.grad_scale_factor
     numerator, denominator = self.network(*inputs)
     scaling_sens_filled = ops.ones_like(numerator) * ops.cast(scaling_sens, ops.dtype(numerator))
     scaling_sens_filled2 = self.zero_t * ops.cast(scaling_sens, ops.dtype(denominator))
     grads = self.grad(self.network, self.weights)(*inputs, (self.cast(scaling_sens_filled, mstype.float32),
                                                             self.cast(scaling_sens_filled2, mstype.float32)))
+    if not self.global_token_mean:
+        return numerator / denominator, grads, denominator
     total = self.token_allreduce(denominator)
     loss = self.token_allreduce(numerator) / total
     return loss, grads, total * self.token_count_scale
@@ -348,3 +356,40 @@ def shim_global_token_mean_data_parallel() -> None:
     MFTrainOneStepCell.__init__ = _per_token_train_cell_init
     MFTrainOneStepCell.grads_for_legacy = _global_token_grads_for_legacy
     _APPLIED.add("global_token_mean_data_parallel")
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient accumulation outside semi/auto parallel (every device)
+# --------------------------------------------------------------------------------------------
+
+def _check_grad_accumulation_steps_keep(self) -> None:  # noqa: ANN001 - BaseTrainer method
+    """``BaseTrainer._check_grad_accumulation_steps`` without the silent reset to 1 in stand-alone
+    and data-parallel mode (semi/auto parallel and invalid values go to MindFormers' own check)."""
+    import mindspore as ms
+
+    gas = self.config.runner_config.gradient_accumulation_steps
+    mode = ms.get_auto_parallel_context("parallel_mode")
+    if (mode in ("semi_auto_parallel", "auto_parallel") or not isinstance(gas, int) or isinstance(gas, bool)
+            or gas <= 1):
+        return _ORIGINALS["BaseTrainer._check_grad_accumulation_steps"](self)
+    return None
+
+
+def shim_grad_accumulation_data_parallel() -> None:
+    """Keep ``gradient_accumulation_steps`` in stand-alone and data-parallel runs.
+
+    Why: MindFormers 1.9 (``BaseTrainer._check_grad_accumulation_steps``) resets
+    ``gradient_accumulation_steps`` to 1 with only a log warning unless the run is semi/auto
+    parallel, so a YAML with GA 16 silently trains 16x more, 16x smaller steps. Everything else
+    the legacy path needs already exists: the Trainer feeds ``batch_size x GA`` rows per step and
+    wraps the net in ``GradAccumulationCellWithTwoOutput`` (per-token, with
+    ``calculate_per_token_loss``), which sums numerators and denominators over the micro-batches.
+    Outside semi/auto parallel that cell runs the micro-batches inside one compiled step, so the
+    result is exact accumulation (tested: batch 1 x GA 2 gives batch 2 x GA 1's weights); whether
+    it also saves memory like real accumulation was not measured.
+    """
+    from mindformers.trainer.base_trainer import BaseTrainer
+
+    _ORIGINALS.setdefault("BaseTrainer._check_grad_accumulation_steps", BaseTrainer._check_grad_accumulation_steps)
+    BaseTrainer._check_grad_accumulation_steps = _check_grad_accumulation_steps_keep
+    _APPLIED.add("grad_accumulation_data_parallel")

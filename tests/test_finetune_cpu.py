@@ -394,3 +394,103 @@ def test_two_worker_lora_trains_only_adapters_and_merges(tmp_path, qwen_tokenize
     with torch.no_grad():
         assert not torch.equal(model(ids).logits, ref(ids).logits)
         assert torch.isfinite(model(ids).logits).all()
+
+
+# ------------------------------------------------------ per-token loss across accumulation / ranks
+
+GA_SEQ = 512
+TRAINED = (10, 400)  # trained tokens of the two packed rows: very different on purpose
+
+
+def _ga_rows(out_dir: Path) -> Path:
+    """Two packed rows of 2 documents each; row 0 trains 10 tokens, row 1 trains 400."""
+    import datasets
+
+    rng = np.random.RandomState(7)
+    ids, labels, ends = [], [], []
+    for n_trained in TRAINED:
+        row = rng.randint(10, 151643, GA_SEQ)
+        lab = np.full(GA_SEQ, -100)
+        half = GA_SEQ // 2
+        first = n_trained // 2
+        lab[half - 1 - first:half - 1] = row[half - first:half]           # document 1's answer
+        second = n_trained - first
+        lab[GA_SEQ - 1 - second:GA_SEQ - 1] = row[GA_SEQ - second:]       # document 2's answer
+        assert (lab != -100).sum() == n_trained
+        ids.append(row.tolist())
+        labels.append(lab.tolist())
+        ends.append([half, GA_SEQ])
+    datasets.Dataset.from_dict({"input_ids": ids, "labels": labels, "actual_seq_len": ends}).save_to_disk(str(out_dir))
+    return out_dir
+
+
+def _sgd_yaml(tmp_path: Path) -> Path:
+    """The tiny YAML with plain SGD, a constant lr and a clip bound never reached (the global norm is
+    still logged): the weights after one step are a linear function of the gradient, so any change
+    of token weighting shows in them."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw["optimizer"] = {"type": "SGD", "momentum": 0.0, "weight_decay": 0.0}
+    raw["lr_schedule"] = {"type": "ConstantWarmUpLR", "learning_rate": 0.5, "warmup_ratio": 0.0, "total_steps": -1}
+    raw["runner_wrapper"]["max_grad_norm"] = 1.0e9
+    raw["callbacks"][1]["save_checkpoint_steps"] = 1
+    p = tmp_path / "tiny_sgd.yaml"
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return p
+
+
+def _run_one_process(cfg: Path, data: Path, out: Path, weights: Path, *extra: str) -> list[dict]:
+    r = subprocess.run([PY, str(REPO / "run_mindformer.py"), "--config", str(cfg), "--run_mode", "finetune",
+                        "--train_dataset_dir", str(data), "--output_dir", str(out), "--load_checkpoint", str(weights),
+                        "--model.model_config.seq_length", str(GA_SEQ), *extra],
+                       cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return _losses(out, 0)
+
+
+def _trained_weights(out: Path, rank: int = 0) -> dict:
+    from distilled.convert import load_safetensors_np
+
+    (ck,) = sorted((out / "checkpoint" / f"rank_{rank}").glob("*.safetensors"))
+    return {k: v for k, v in load_safetensors_np(ck).items() if k.startswith(("model.", "lm_head."))}
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    return max(float(np.abs(a[k] - b[k]).max() / (np.abs(a[k]).max() + 1e-12)) for k in a)
+
+
+@pytest.mark.slow
+def test_grad_accumulation_is_per_token_through_the_trainer(tmp_path, tiny_qwen2_dir):
+    """batch 1 x GA 2 == batch 2 x GA 1 through MindFormers' Trainer (graph mode, fp32, one SGD
+    step) on rows with 10 and 400 trained tokens; per-micro-batch averaging (MF's default) differs."""
+    data = _ga_rows(tmp_path / "rows")
+    cfg = _sgd_yaml(tmp_path)
+    from distilled.convert import hf_to_mf, load_safetensors_np
+
+    w0 = hf_to_mf(load_safetensors_np(tiny_qwen2_dir), tie_word_embeddings=False)
+    b2 = _run_one_process(cfg, data, tmp_path / "b2", tiny_qwen2_dir, "--batch_size", "2")
+    ga2 = _run_one_process(cfg, data, tmp_path / "ga2", tiny_qwen2_dir, "--gradient_accumulation_steps", "2")
+    assert len(b2) == len(ga2) == 1  # one optimizer step over the same two rows
+    # the logged loss is the per-token mean of the step, not GA x larger
+    assert abs(b2[0]["loss"] - ga2[0]["loss"]) < 1e-5 * abs(b2[0]["loss"])
+    assert 10 < b2[0]["loss"] < 13  # ~ln(151936) = 11.9 for the random tiny student
+    assert abs(b2[0]["global_norm"] - ga2[0]["global_norm"]) < 1e-4 * b2[0]["global_norm"]
+    wb2, wga2 = _trained_weights(tmp_path / "b2"), _trained_weights(tmp_path / "ga2")
+    moved = _max_rel_diff(wb2, {k: w0[k] for k in wb2})
+    assert moved > 1e-3  # the step really changed the weights
+    assert _max_rel_diff(wb2, wga2) < 1e-5  # measured 8e-7
+
+    # MindFormers' default (no per-token keys) on the same rows: per-micro-batch means summed
+    micro = _run_one_process(cfg, data, tmp_path / "micro", tiny_qwen2_dir, "--gradient_accumulation_steps", "2",
+                             "--calculate_per_token_loss", "False", "--runner_wrapper.calculate_per_token_loss",
+                             "False", "--skip_checks")
+    assert abs(micro[0]["global_norm"] - b2[0]["global_norm"]) > 0.05 * b2[0]["global_norm"]
+    assert _max_rel_diff(_trained_weights(tmp_path / "micro"), wb2) > 100 * _max_rel_diff(wb2, wga2) + 1e-4
+
+    # and the pre-flight check refuses that YAML, naming the key
+    r = subprocess.run([PY, str(REPO / "run_mindformer.py"), "--config", str(cfg), "--run_mode", "finetune",
+                        "--train_dataset_dir", str(data), "--gradient_accumulation_steps", "2",
+                        "--calculate_per_token_loss", "False", "--runner_wrapper.calculate_per_token_loss", "False",
+                        "--model.model_config.seq_length", str(GA_SEQ)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "runner_config.gradient_accumulation_steps" in r.stderr
+    assert "calculate_per_token_loss" in r.stderr
