@@ -1,7 +1,7 @@
 """Tiny random-initialised Qwen2.5-architecture students, saved as HF safetensors.
 
 Why: CI, the demo and the parity checks need a real ``Qwen2ForCausalLM`` (qkv bias, GQA, RoPE,
-RMSNorm, untied lm_head like Qwen2.5-7B) that trains in seconds on 2 CPU cores. The shape
+RMSNorm, untied lm_head like Qwen2.5-7B, or tied with :meth:`TinyQwen2Shape.tied`) that trains in seconds on 2 CPU cores. The shape
 defaults here are the single source for ``configs/finetune_qwen2_5_tiny_cpu.yaml``'s model block.
 """
 
@@ -27,6 +27,12 @@ class TinyQwen2Shape:
     rope_theta: float = 1000000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
+
+    @classmethod
+    def tied(cls, **kw: object) -> "TinyQwen2Shape":
+        """The tied variant (``lm_head`` is the embedding), like the usual R1-distill students
+        Qwen2.5-0.5B/1.5B/3B and Qwen2.5-Math-1.5B; tests use it on every tied-embedding path."""
+        return cls(tie_word_embeddings=True, **kw)  # type: ignore[arg-type]
 
 
 def make_tiny_qwen2(output_dir: str | Path, shape: TinyQwen2Shape = TinyQwen2Shape(), seed: int = 0,

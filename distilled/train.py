@@ -9,8 +9,13 @@ honoured stops the run with a message naming it.
     distill train --backend torch --config configs/finetune_qwen2_5_tiny_cpu.yaml \\
         --data runs/packed --weights runs/tiny-student --output runs/torch-train --steps 20
 
-Several GPUs: ``torchrun --nproc_per_node 8 -m distilled.train --backend torch --config ...``
-(DDP; ``runner_config.batch_size`` is per device, as in MindFormers).
+Several GPUs: ``torchrun --nproc_per_node N -m distilled.train --backend torch --config ...``
+(DDP). The step's global batch is MindFormers' for the same YAML: ``runner_config.batch_size x
+parallel_config.data_parallel x runner_config.gradient_accumulation_steps`` rows. torchrun ranks
+stand in for data-parallel ranks only: each rank runs ``data_parallel x GA / N`` micro-batches of
+``batch_size`` rows, and a world size that does not divide ``data_parallel x GA`` is refused (the
+7B YAML, dp1 x mp4 x cp2, has a global batch of one row, so 8 torch ranks cannot reproduce it).
+The loss is per token over the whole global batch (every micro-batch, every rank).
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ MAPPED = {
     "load_checkpoint": "--weights default (an HF safetensors directory)",
     "runner_config.epochs": "number of passes over the packed rows",
     "runner_config.batch_size": "rows per step per device",
-    "runner_config.gradient_accumulation_steps": "must be 1",
+    "runner_config.gradient_accumulation_steps": "micro-batches per step (per-token loss over all of them)",
+    "parallel_config.data_parallel": "global batch factor; torchrun ranks stand in for data-parallel ranks",
+    "calculate_per_token_loss": "always on: sum(token CE) / trained tokens of the global batch",
+    "runner_wrapper.calculate_per_token_loss": "always on (MindFormers' GA wrapper reads this copy)",
     "optimizer.type": "AdamW (MindFormers semantics)",
     "optimizer.betas": "AdamW betas",
     "optimizer.eps": "AdamW eps",
@@ -44,7 +52,7 @@ MAPPED = {
     "lr_schedule.warmup_ratio": "warmup steps = int(total_steps * ratio)",
     "lr_schedule.warmup_steps": "warmup steps (when no ratio)",
     "lr_schedule.warmup_lr_init": "start of warmup",
-    "lr_schedule.total_steps": "-1: epochs * rows // (batch_size * world)",
+    "lr_schedule.total_steps": "-1: epochs * rows // (batch_size * data_parallel * GA)",
     "runner_wrapper.use_clip_grad": "clip by global norm on/off",
     "runner_wrapper.max_grad_norm": "clip threshold",
     "runner_wrapper.scale_sense": "loss scale; must be 1.0 (float32/bf16 need none)",
@@ -62,7 +70,8 @@ MAPPED = {
 }
 # model_config keys checked against the weights' config.json
 MODEL_SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "n_kv_heads", "vocab_size",
-                    "intermediate_size", "rms_norm_eps", "theta", "seq_length", "qkv_has_bias")
+                    "intermediate_size", "rms_norm_eps", "theta", "seq_length", "qkv_has_bias",
+                    "tie_word_embeddings")
 # Whole sections that describe MindSpore/Ascend execution, not the maths of a step.
 NOT_APPLICABLE = {
     "context": "MindSpore device/graph context",
@@ -133,7 +142,6 @@ NOT_APPLICABLE = {
     "model.model_config.do_sample": "generation",
     "model.model_config.multiple_of": "intermediate_size is given",
     "model.model_config.ffn_dim_multiplier": "intermediate_size is given",
-    "model.model_config.tie_word_embeddings": "from config.json",
     "model.model_config.residual_dtype": "float32 residual",
     "processor": "tokenizer config (data is already tokenized)",
     "model.model_config.pet_config.lora_a_init": "MindFormers 1.9's LoraAdapter does not pass it to LoRADense "
@@ -164,6 +172,10 @@ class YamlPlan:
     yaml_total_steps: int
     lora: LoraSettings | None = None
     shuffle: bool = False
+    grad_accum: int = 1  # micro-batches per rank per optimizer step (after the world-size split)
+    data_parallel: int = 1
+    yaml_grad_accum: int = 1
+    global_batch: int = 1  # rows per optimizer step over all ranks: batch_size x dp x GA
     applied: dict[str, Any] = field(default_factory=dict)
     not_applicable: dict[str, str] = field(default_factory=dict)
     unsupported: list[str] = field(default_factory=list)
@@ -237,8 +249,12 @@ def settings_from_yaml(cfg: Mapping[str, Any], num_rows: int | None = None, worl
     if opt_type not in ("AdamW", "adamw", "FusedAdamW"):
         raise bad("optimizer.type", opt_type, "only AdamW has MindFormers-identical semantics here")
     gas = int(rc.get("gradient_accumulation_steps", 1) or 1)
-    if gas != 1:
-        raise bad("runner_config.gradient_accumulation_steps", gas, "use a larger batch_size")
+    if gas < 1:
+        raise bad("runner_config.gradient_accumulation_steps", gas, "must be >= 1")
+    dp = int(((cfg.get("parallel_config") or {}).get("data_parallel", 1)) or 1)
+    if dp < 1:
+        raise bad("parallel_config.data_parallel", dp, "must be >= 1")
+    grad_accum = micro_batches_per_rank(dp, gas, world_size, where)
     scale = rw.get("scale_sense", 1.0)
     if isinstance(scale, Mapping) or float(scale) != 1.0:
         raise bad("runner_wrapper.scale_sense", scale, "only a fixed loss scale of 1.0")
@@ -246,12 +262,14 @@ def settings_from_yaml(cfg: Mapping[str, Any], num_rows: int | None = None, worl
     batch_size = int(rc.get("batch_size", mc.get("batch_size", 1)))
     epochs = int(rc.get("epochs", 1))
     yaml_total = int(lrs.get("total_steps", -1) if lrs.get("total_steps") is not None else -1)
+    global_batch = batch_size * dp * gas
     per_epoch = None
     if num_rows is not None:
-        per_epoch = num_rows // (batch_size * world_size)
+        per_epoch = num_rows // global_batch
         if per_epoch == 0:
             raise ConfigError(f"{where}: {num_rows} packed rows are fewer than one global batch "
-                              f"({batch_size} x {world_size} devices)")
+                              f"(runner_config.batch_size {batch_size} x parallel_config.data_parallel {dp} x "
+                              f"runner_config.gradient_accumulation_steps {gas} = {global_batch} rows)")
     run_steps = steps if steps is not None else (epochs * per_epoch if per_epoch is not None else None)
     total = yaml_total if yaml_total and yaml_total > 0 else (run_steps or 1)
     lr = float(lrs.get("learning_rate", opt.get("learning_rate", 1e-5)))
@@ -299,8 +317,30 @@ def settings_from_yaml(cfg: Mapping[str, Any], num_rows: int | None = None, worl
     return YamlPlan(settings=settings, batch_size=batch_size, epochs=epochs, dtype=compute, model_config=mc,
                     data=dl.get("dataset_path"), weights=cfg.get("load_checkpoint") or None,
                     output=cfg.get("output_dir"), save_steps=save_steps, yaml_total_steps=yaml_total, lora=lora,
-                    shuffle=bool(dl.get("shuffle", False)),
-                    applied=applied, not_applicable=na, unsupported=sorted(unsupported))
+                    shuffle=bool(dl.get("shuffle", False)), grad_accum=grad_accum, data_parallel=dp,
+                    yaml_grad_accum=gas, global_batch=global_batch, applied=applied, not_applicable=na, unsupported=sorted(unsupported))
+
+
+def micro_batches_per_rank(data_parallel: int, grad_accum: int, world_size: int, where: str = "config") -> int:
+    """Micro-batches each of ``world_size`` torch ranks runs per step so that the global batch is
+    MindFormers' ``batch_size x data_parallel x gradient_accumulation_steps``.
+
+    Why refuse instead of rounding: a different global batch means another number of steps and
+    another LR schedule, i.e. a different training run from the same YAML.
+
+    >>> micro_batches_per_rank(2, 2, 1), micro_batches_per_rank(2, 2, 2), micro_batches_per_rank(8, 1, 8)
+    (4, 2, 1)
+    """
+    units = data_parallel * grad_accum
+    if world_size < 1 or units % world_size:
+        raise ConfigError(
+            f"{where}: {world_size} torch ranks cannot reproduce MindFormers' global batch of runner_config."
+            f"batch_size x parallel_config.data_parallel ({data_parallel}) x runner_config."
+            f"gradient_accumulation_steps ({grad_accum}): torchrun ranks stand in for data-parallel ranks, "
+            f"so the number of ranks must divide data_parallel x gradient_accumulation_steps = {units} "
+            f"(use --nproc_per_node {data_parallel if data_parallel > 1 else 1}, or raise "
+            "gradient_accumulation_steps so that it does)")
+    return units // world_size
 
 
 PACKED_COLUMNS = ("input_ids", "labels", "actual_seq_len", "position_ids")
@@ -366,7 +406,7 @@ def run_train(config: str, backend: str = "torch", data: str | None = None, weig
         raise ConfigError(f"{config}: no --weights and no load_checkpoint (an HF safetensors directory)")
     ds = load_packed(data)
     plan = settings_from_yaml(cfg, num_rows=len(ds), world_size=world, steps=steps, where=str(config))
-    n_steps = steps if steps is not None else plan.epochs * (len(ds) // (plan.batch_size * world))
+    n_steps = steps if steps is not None else plan.epochs * (len(ds) // plan.global_batch)
     save_steps = save_steps if save_steps is not None else plan.save_steps
     dtype = dtype or plan.dtype
     if rank == 0 and not quiet:
@@ -399,17 +439,20 @@ def run_train(config: str, backend: str = "torch", data: str | None = None, weig
         log.close()
         os.replace(out / "loss.jsonl", out / f"loss.{int(time.time())}.jsonl")
         log = JsonlAppender(out / "loss.jsonl")
-    rows = _RankRows(ds, rank, world, plan.batch_size, seed=plan.settings.seed if plan.shuffle else None,
+    ga = plan.grad_accum
+    rows = _RankRows(ds, rank, world, plan.batch_size * ga, seed=plan.settings.seed if plan.shuffle else None,
                      epochs=plan.epochs)
     t0 = time.perf_counter()
     tokens = 0
     first = last = None
     bar = tqdm(total=n_steps, desc=f"train[{backend}]", disable=quiet or rank != 0, unit="step")
-    for batch in iter_batches(rows, plan.batch_size, n_steps, where=str(data)):
-        r = be.train_step(batch)
+    micro_iter = iter_batches(rows, plan.batch_size, n_steps * ga, where=str(data))
+    for _ in range(n_steps):
+        micro = [next(micro_iter) for _ in range(ga)]
+        r = be.train_step(micro if ga > 1 else micro[0])
         if not math.isfinite(r.loss):
             raise FloatingPointError(f"step {r.step}: loss is {r.loss} (check lr and data)")
-        tokens += batch.batch_size * batch.seq_length * world
+        tokens += plan.global_batch * micro[0].seq_length
         elapsed = time.perf_counter() - t0
         rec = {"step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
                "loss_tokens": r.tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}
@@ -424,7 +467,8 @@ def run_train(config: str, backend: str = "torch", data: str | None = None, weig
     bar.close()
     elapsed = time.perf_counter() - t0
     summary = {"backend": backend, "config": str(config), "data": str(data), "weights": str(weights),
-               "steps": n_steps, "world_size": world, "first_loss": first, "last_loss": last,
+               "steps": n_steps, "world_size": world, "global_batch_rows": plan.global_batch,
+               "micro_batches_per_rank": ga, "first_loss": first, "last_loss": last,
                "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
                "settings": plan.settings.to_dict(), "dtype": dtype,
                "lora": plan.lora.to_dict() if plan.lora else None,
@@ -453,7 +497,9 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 class _RankRows:
     """The rows this rank reads: global batch b holds rows [b*B*W, (b+1)*B*W); rank r takes its
-    B-row slice, like MindFormers' data-parallel sharding of a non-shuffled dataset."""
+    B-row slice (B = batch_size x micro-batches per rank). That is the same *set* of rows per
+    optimizer step as MindFormers' data-parallel sharding of a non-shuffled dataset; with the
+    per-token loss the split of a step's rows over ranks and micro-batches changes no number."""
 
     def __init__(self, ds, rank: int, world: int, batch_size: int, seed: int | None = None, epochs: int = 1):
         self.ds, self.rank, self.world, self.bs = ds, rank, world, batch_size

@@ -13,14 +13,15 @@ SHAPE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_att
              num_key_value_heads=2)
 
 
-def make_small_qwen2(path: Path, vocab: int = VOCAB, seed: int = 0) -> Path:
-    """Random-initialised ``Qwen2ForCausalLM`` (qkv bias, GQA, untied head) saved as safetensors."""
+def make_small_qwen2(path: Path, vocab: int = VOCAB, seed: int = 0, tied: bool = False) -> Path:
+    """Random-initialised ``Qwen2ForCausalLM`` (qkv bias, GQA, untied head unless ``tied``: then
+    lm_head is the embedding, as in Qwen2.5-0.5B/1.5B/3B) saved as safetensors."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=vocab, max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6,
-                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+                      tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, pad_token_id=0,
                       use_sliding_window=False, **SHAPE)
     model = Qwen2ForCausalLM(cfg).float()
     # std 0.02 makes a near-uniform model; larger weights make attention (and leaks) matter
@@ -63,6 +64,24 @@ def packed_rows(n_rows: int = 6, seq_len: int = 48, vocab: int = VOCAB, seed: in
     return rows
 
 
+def rows_with_trained_tokens(counts: list[int], seq_len: int, vocab: int = VOCAB, seed: int = 0) -> list[dict]:
+    """One single-document row per entry of ``counts``, with exactly that many trained tokens
+    (the rest of the document is prompt, label -100). Why: accumulation tests need micro-batches
+    whose token counts differ a lot (10 vs 400), where a mean of per-micro-batch means is visibly
+    not the per-token mean."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in counts:
+        if not 0 < c < seq_len:
+            raise ValueError(f"trained tokens {c} must be in (0, {seq_len})")
+        toks = rng.integers(2, vocab, seq_len)
+        labels = np.full(seq_len, -100, dtype=np.int64)
+        labels[seq_len - 1 - c:seq_len - 1] = toks[seq_len - c:]
+        rows.append({"input_ids": toks.tolist(), "labels": labels.tolist(), "actual_seq_len": [seq_len],
+                     "position_ids": list(range(seq_len))})
+    return rows
+
+
 def write_packed(path: Path, rows: list[dict]) -> Path:
     import datasets
 
@@ -74,9 +93,12 @@ def write_packed(path: Path, rows: list[dict]) -> Path:
 def write_yaml(path: Path, data: Path | None = None, weights: Path | None = None, batch_size: int = 2,
                lr: float = 5e-3, warmup_ratio: float = 0.25, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
                seq_length: int = 48, vocab: int = VOCAB, extra: str = "", optimizer: str = "AdamW",
-               lora_rank: int | None = None) -> Path:
+               lora_rank: int | None = None, grad_accum: int = 1, data_parallel: int | None = None,
+               tied: bool | None = None) -> Path:
     """A finetune YAML with the keys of configs/finetune_qwen2_5_tiny_cpu.yaml (``lora_rank``: add
     MindFormers' LoRA ``pet_config`` on wq/wk/wv/wo, alpha = 2 x rank)."""
+    par = "" if data_parallel is None else f"parallel_config:\n  data_parallel: {data_parallel}\n  model_parallel: 1\n"
+    tie = "" if tied is None else f"    tie_word_embeddings: {tied}\n"
     pet = "" if lora_rank is None else (
         "    pet_config:\n      pet_type: lora\n      lora_rank: %d\n      lora_alpha: %d\n"
         "      lora_dropout: 0.0\n      target_modules: '.*wq|.*wk|.*wv|.*wo'\n" % (lora_rank, 2 * lora_rank))
@@ -92,6 +114,7 @@ trainer:
 runner_config:
   epochs: 2
   batch_size: {batch_size}
+  gradient_accumulation_steps: {grad_accum}
   sink_mode: False
   sink_size: 1
 runner_wrapper:
@@ -149,9 +172,9 @@ model:
     use_past: False
     use_flash_attention: False
     use_rope_slice: True
-{pet}  arch:
+{tie}{pet}  arch:
     type: LlamaForCausalLM
-{extra}
+{par}{extra}
 """
     Path(path).write_text(text)
     return Path(path)

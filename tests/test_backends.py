@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend_helpers import make_small_qwen2, packed_rows
+from backend_helpers import make_small_qwen2, packed_rows, rows_with_trained_tokens
 from distilled.backends import get_backend
 from distilled.backends.base import (PackedDataError, TrainSettings, linear_warmup_lr, packed_batch,
                                      split_documents, warmup_steps_from)
@@ -154,3 +154,83 @@ def test_torch_flattened_batch_equals_batched(small_weights):
     assert r1.num_tokens == r2.num_tokens
     assert abs(r1.loss - r2.loss) / r1.loss < 1e-6
     np.testing.assert_allclose(r1.logits, r2.logits, atol=1e-5)
+
+
+def _drift_ok(a: dict, b: dict, bound: float = 1e-5) -> list[str]:
+    """Tensors whose ||a-b||/||b|| exceeds ``bound``; k_proj.bias is left out because its gradient
+    is mathematically zero (softmax ignores a per-query constant), so Adam's first step turns
+    rounding noise into +-lr steps there."""
+    assert a.keys() == b.keys()
+    bad = []
+    for k in a:
+        if k.endswith("k_proj.bias"):
+            continue
+        rel = np.linalg.norm(a[k].astype(np.float64) - b[k]) / max(np.linalg.norm(b[k].astype(np.float64)), 1e-30)
+        if rel > bound:
+            bad.append(f"{k}: {rel:.3g}")
+    return bad
+
+
+def _one_step(backend: str, weights, micro: list, batch_size: int, seq: int):
+    kw = {"device": "cpu"} if backend == "torch" else {}
+    be = get_backend(backend, **kw)
+    be.load_hf(weights, seq_length=seq, batch_size=batch_size)
+    be.setup_training(TrainSettings(learning_rate=1e-2, total_steps=4, lr_schedule="constant", max_grad_norm=1.0))
+    res = be.train_step(micro if len(micro) > 1 else micro[0])
+    return res, be.named_parameters(), be
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("mindspore", marks=pytest.mark.slow)])
+def test_grad_accum_is_per_token_batch1_ga2_equals_batch2(small_weights, backend):
+    """batch 1 x GA 2 == batch 2 x GA 1 after one AdamW step, fp32, on rows with 10 and 400
+    trained tokens: the step's loss is sum(token CE) / 410, not the mean of the two row means."""
+    rows = rows_with_trained_tokens([10, 400], 420, seed=5)
+    ga, p_ga, _ = _one_step(backend, small_weights, [packed_batch(rows[:1]), packed_batch(rows[1:])], 1, 420)
+    big, p_big, _ = _one_step(backend, small_weights, [packed_batch(rows)], 2, 420)
+    assert ga.tokens == big.tokens == 410
+    assert ga.loss == pytest.approx(big.loss, rel=1e-6)
+    assert abs(ga.grad_norm - big.grad_norm) <= 1e-5 * big.grad_norm
+    assert not _drift_ok(p_ga, p_big), _drift_ok(p_ga, p_big)
+    if backend == "torch":
+        # the two rows' own means differ a lot, so per-micro-batch averaging would be visible
+        fresh = get_backend("torch", device="cpu")
+        fresh.load_hf(small_weights, seq_length=420)
+        l10, l400 = (fresh.forward(packed_batch(rows[i:i + 1])) for i in range(2))
+        assert l10.num_tokens == 10 and l400.num_tokens == 400
+        per_token = (l10.loss_sum + l400.loss_sum) / 410
+        assert ga.loss == pytest.approx(per_token, rel=1e-6)
+        assert abs(ga.loss - (l10.loss + l400.loss) / 2) > 1e-3
+
+
+@pytest.mark.slow
+def test_tied_student_trains_on_both_backends(tmp_path):
+    """tie_word_embeddings: True (Qwen2.5-0.5B/1.5B/3B students): MindFormers shares one Parameter
+    between tok_embeddings and lm_head; both backends load it, agree, train, and save a tied HF model."""
+    from transformers import Qwen2ForCausalLM
+
+    w = make_small_qwen2(tmp_path / "tied", tied=True, seed=3)
+    rows = packed_rows(4, 48, seed=4)
+    out = {}
+    for name in ("torch", "mindspore"):
+        be = get_backend(name, **({"device": "cpu"} if name == "torch" else {}))
+        be.load_hf(w, model_config={"tie_word_embeddings": True, "vocab_size": 512}, seq_length=48, batch_size=2)
+        f = be.forward(packed_batch(rows[:2]))
+        be.setup_training(TrainSettings(learning_rate=5e-3, total_steps=2, max_grad_norm=1.0))
+        steps = [be.train_step(packed_batch(rows[2 * i:2 * i + 2])) for i in range(2)]
+        params = be.named_parameters()
+        assert "lm_head.weight" not in params and "model.embed_tokens.weight" in params
+        saved = be.save_hf(tmp_path / f"out-{name}")
+        m = Qwen2ForCausalLM.from_pretrained(saved)
+        assert m.config.tie_word_embeddings
+        assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+        np.testing.assert_array_equal(m.model.embed_tokens.weight.detach().numpy(), params["model.embed_tokens.weight"])
+        out[name] = (f, steps, params)
+    (ft, st, pt), (fm, sm, pm) = out["torch"], out["mindspore"]
+    assert fm.loss == pytest.approx(ft.loss, rel=1e-5)
+    for a, b in zip(st, sm):
+        assert b.loss == pytest.approx(a.loss, rel=1e-5) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
+    assert not _drift_ok(pm, pt, 1e-4), _drift_ok(pm, pt, 1e-4)
+    # the embedding moved (it gets the lm_head gradient too)
+    base = get_backend("torch", device="cpu")
+    base.load_hf(w)
+    assert not np.allclose(base.named_parameters()["model.embed_tokens.weight"], pt["model.embed_tokens.weight"])

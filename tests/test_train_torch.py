@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ def test_yaml_maps_onto_settings(setup, tmp_path):
 @pytest.mark.parametrize("edit,match", [
     (lambda c: c["optimizer"].update(type="Came"), r"optimizer.type='Came' is not supported"),
     (lambda c: c["runner_wrapper"].update(scale_sense=1024.0), r"scale_sense=1024.0"),
-    (lambda c: c["runner_config"].update(gradient_accumulation_steps=4), r"gradient_accumulation_steps=4"),
+    (lambda c: c["runner_config"].update(gradient_accumulation_steps=-2), r"gradient_accumulation_steps=-2"),
     (lambda c: c["lr_schedule"].update(type="CosineWithWarmUpLR"), r"lr_schedule.type='CosineWithWarmUpLR'"),
 ])
 def test_yaml_values_that_change_the_maths_are_refused(tmp_path, edit, match):
@@ -179,3 +180,25 @@ def test_shuffle_is_a_seeded_permutation_per_epoch():
     assert [_RankRows(ds, 0, 2, 2, seed=42, epochs=2)[i]["i"] for i in range(6)] == e0[:6]
     plain = _RankRows(ds, 0, 1, 3)
     assert [plain[i]["i"] for i in range(len(plain))] == list(range(12))
+
+
+def test_global_batch_is_mindformers_and_world_size_is_checked(tmp_path):
+    """MF global batch = batch_size x data_parallel x GA; torchrun ranks stand in for dp ranks, the
+    rest of dp x GA becomes accumulation, and a world size that cannot keep the global batch is
+    refused with the keys named (the 7B layout dp1 x mp4 x cp2: one row per step, not 8)."""
+    cfg = load_yaml(write_yaml(tmp_path / "c.yaml", batch_size=2, grad_accum=3, data_parallel=2))
+    plan = settings_from_yaml(cfg, num_rows=48, world_size=1)
+    assert (plan.global_batch, plan.grad_accum, plan.data_parallel) == (12, 6, 2)
+    assert plan.settings.total_steps == 2 * (48 // 12)  # epochs x rows / global batch
+    assert settings_from_yaml(cfg, num_rows=48, world_size=2).grad_accum == 3
+    assert settings_from_yaml(cfg, num_rows=48, world_size=6).grad_accum == 1
+    with pytest.raises(ConfigError, match=r"4 torch ranks .*parallel_config.data_parallel \(2\).*"
+                                          r"gradient_accumulation_steps \(3\)"):
+        settings_from_yaml(cfg, num_rows=48, world_size=4)
+    seven_b = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "finetune_qwen_2_5_7b.yaml")
+    p7 = settings_from_yaml(seven_b, world_size=1)
+    assert p7.global_batch == p7.batch_size * p7.data_parallel * p7.yaml_grad_accum
+    if p7.data_parallel * p7.yaml_grad_accum % 8:
+        with pytest.raises(ConfigError, match="8 torch ranks cannot reproduce"):
+            settings_from_yaml(seven_b, world_size=8)
+    assert not settings_from_yaml(seven_b).unsupported

@@ -337,8 +337,14 @@ class Backend(abc.ABC):
         """Build the optimizer and schedule; must be called before :meth:`train_step`."""
 
     @abc.abstractmethod
-    def train_step(self, batch: PackedBatch) -> StepResult:
-        """Forward, backward, clip by global norm, AdamW update with the scheduled lr."""
+    def train_step(self, batch: "PackedBatch | Sequence[PackedBatch]") -> StepResult:
+        """Forward, backward, clip by global norm, AdamW update with the scheduled lr.
+
+        A list is the micro-batches of one optimizer step (gradient accumulation). The loss is
+        per token over the whole global batch: ``sum(token CE) / (trained tokens + 1e-8)``
+        summed over every micro-batch (and, for data parallel, every rank), never a mean of
+        per-micro-batch means. ``StepResult.loss`` is that global per-token mean and
+        ``StepResult.tokens`` the global trained-token count."""
 
     def enable_lora(self, lora: LoraSettings) -> None:
         """Wrap the loaded model with LoRA adapters; only adapter weights train afterwards.
@@ -354,15 +360,25 @@ class Backend(abc.ABC):
         """Write ``config.json`` + ``model.safetensors`` (HF layout) atomically."""
 
 
+def as_micro_batches(batch: "PackedBatch | Sequence[PackedBatch]") -> list[PackedBatch]:
+    """``train_step``'s argument as a non-empty list of micro-batches (one batch = one micro-batch)."""
+    micro = [batch] if isinstance(batch, PackedBatch) else list(batch)
+    if not micro:
+        raise ValueError("train_step needs at least one micro-batch")
+    return micro
+
+
 def compare_parameters(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> dict:
-    """Drift between two parameter sets: ``global_rel`` = ||a-b|| / ||a|| over all tensors, and
-    the largest per-tensor absolute and relative difference (with the tensor's name).
+    """Drift between two parameter sets: ``global_rel`` = ||a-b|| / ||a|| over all tensors,
+    ``per_tensor_rel`` = each tensor's ||a-b|| / ||a||, and the largest per-tensor absolute and
+    relative difference (with the tensor's name).
 
     Missing names on either side are listed, never skipped silently."""
     only_a = sorted(set(a) - set(b))
     sq_diff = sq_ref = 0.0
     only_b = sorted(set(b) - set(a))
     worst_abs, worst_abs_name, worst_rel, worst_rel_name = 0.0, None, 0.0, None
+    per_tensor: dict[str, float] = {}
     for k in sorted(set(a) & set(b)):
         x = np.asarray(a[k], dtype=np.float64)
         y = np.asarray(b[k], dtype=np.float64)
@@ -370,6 +386,7 @@ def compare_parameters(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray])
             raise ValueError(f"parameter {k}: shape {x.shape} vs {y.shape}")
         d = float(np.max(np.abs(x - y))) if x.size else 0.0
         r = float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-30))
+        per_tensor[k] = r
         sq_diff += float(np.sum((x - y) ** 2))
         sq_ref += float(np.sum(x ** 2))
         if d > worst_abs:
@@ -377,7 +394,8 @@ def compare_parameters(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray])
         if r > worst_rel:
             worst_rel, worst_rel_name = r, k
     return {"global_rel": (sq_diff ** 0.5) / max(sq_ref ** 0.5, 1e-30), "max_abs": worst_abs, "max_abs_param": worst_abs_name, "max_rel": worst_rel,
-            "max_rel_param": worst_rel_name, "only_in_first": only_a, "only_in_second": only_b}
+            "max_rel_param": worst_rel_name, "per_tensor_rel": per_tensor, "only_in_first": only_a,
+            "only_in_second": only_b}
 
 
 def rel_diff(a: float, b: float) -> float:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from distilled.backends.base import (Backend, ForwardResult, LoraSettings, PackedBatch,
-                                     StepResult, TrainSettings, lora_regex_from_targets, wants_weight_decay)
+                                     StepResult, TrainSettings, as_micro_batches, lora_regex_from_targets,
+                                     wants_weight_decay)
 
 _LORA_MF = {"mindpet_delta_lora_a": "lora_A.weight", "mindpet_delta_lora_b": "lora_B.weight"}
 
@@ -132,11 +133,15 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class MindSporeBackend(Backend):
-    """MindFormers 1.9 legacy ``LlamaForCausalLM`` in PyNative mode."""
+    """MindFormers 1.9 legacy ``LlamaForCausalLM``, compiled in GRAPH_MODE by default (as the 7B
+    YAML's ``context.mode: 0`` runs it); ``mode="pynative"`` for debugging."""
 
     name = "mindspore"
 
-    def __init__(self, device_target: str = "CPU", packed_shim: bool = True):
+    def __init__(self, device_target: str = "CPU", packed_shim: bool = True, mode: str = "graph"):
+        if mode not in ("graph", "pynative"):
+            raise ValueError(f"mode must be 'graph' or 'pynative', got {mode!r}")
+        self.mode = mode
         self.device_target = device_target
         self.packed_shim = packed_shim
         self.model = None
@@ -166,10 +171,11 @@ class MindSporeBackend(Backend):
         self.hf_config = hf
         self.weights_dir = weights_dir
 
-        ms.set_context(mode=ms.PYNATIVE_MODE, device_target=self.device_target)
+        ms.set_context(mode=ms.GRAPH_MODE if self.mode == "graph" else ms.PYNATIVE_MODE,
+                       device_target=self.device_target)
         if self.device_target == "CPU":
             compat.apply_cpu_shims()
-        compat.apply_packed_rope_shim(self.packed_shim)
+        compat.apply_packed_mask_shim(self.packed_shim)
         from mindformers import LlamaConfig, LlamaForCausalLM
 
         mc = dict(model_config_from_hf(hf))
@@ -190,8 +196,11 @@ class MindSporeBackend(Backend):
             mc["seq_length"] = int(seq_length)
         mc["batch_size"] = int(batch_size)
         mc.pop("checkpoint_name_or_path", None)
+        # tied students (Qwen2.5-0.5B/1.5B/3B): LlamaForCausalLM shares one Parameter between
+        # tok_embeddings and lm_head when the config says so; config.json decides (a YAML that
+        # disagrees was already refused by check_model_config)
         self.tie = bool(hf.get("tie_word_embeddings", mc.get("tie_word_embeddings", False)))
-        mc.pop("tie_word_embeddings", None)
+        mc["tie_word_embeddings"] = self.tie
         model = LlamaForCausalLM(LlamaConfig(**mc))
 
         files = sorted(weights_dir.glob("*.safetensors"))
@@ -330,29 +339,120 @@ class MindSporeBackend(Backend):
         self.lr_schedule = lr
         self.optimizer = AdamW(groups, learning_rate=lr, betas=tuple(float(b) for b in settings.betas),
                                eps=float(settings.eps), weight_decay=float(settings.weight_decay))
-        self.clip = ClipGradNorm(max_norm=float(settings.max_grad_norm)) if settings.max_grad_norm else None
-        self.grad_fn = ms.value_and_grad(self._fwd, None, self.optimizer.parameters)
+        clip = ClipGradNorm(max_norm=float(settings.max_grad_norm)) if settings.max_grad_norm else None
+        self._grad_cell = _ScaledGradCell(self.model, self.optimizer.parameters)
+        self._add_cell = _AddGrads()
+        self._update_cell = _ClipAndUpdate(self.optimizer, clip)
         self.settings = settings
         self.step_count = 0
 
-    def train_step(self, batch: PackedBatch) -> StepResult:
+    def train_step(self, batch: PackedBatch | Sequence[PackedBatch]) -> StepResult:
+        """One optimizer step over one batch or a list of micro-batches (gradient accumulation),
+        per token: each micro-batch's MindFormers loss (its own token mean) is scaled by
+        ``(its tokens + 1e-8) / (all trained tokens of the step + 1e-8)`` before its gradient is
+        added, so the step's gradient is that of ``sum(token CE) / (total tokens + 1e-8)`` --
+        what MF 1.9's ``calculate_per_token_loss`` computes (numerator / summed denominator),
+        not ``GradAccumulationCell``'s sum of per-micro-batch means. The gradient, accumulation
+        and clip+AdamW pieces are three ``nn.Cell``s, compiled in GRAPH_MODE."""
         import mindspore as ms
-        from mindspore import ops
 
         if self.optimizer is None:
             raise RuntimeError("call setup_training() before train_step()")
+        micro = as_micro_batches(batch)
         self.model.set_train(True)
-        loss, grads = self.grad_fn(*self._tensors(batch))
-        if self.clip is not None:
-            grads, norm = self.clip(grads)
-        else:
-            norm = ops.sqrt(sum(ops.sum(ops.square(g.astype(ms.float32))) for g in grads))
+        total = float(sum(mb.num_loss_tokens for mb in micro))
+        grads = None
+        loss_sum = 0.0
+        for mb in micro:
+            w = (mb.num_loss_tokens + 1e-8) / (total + 1e-8)
+            loss, g = self._grad_cell(*self._tensors(mb), ms.Tensor(w, ms.float32))
+            loss_sum += float(loss.asnumpy().reshape(-1)[0]) * (mb.num_loss_tokens + 1e-8)
+            # mutable: a plain tuple of Tensors is a graph *constant* and would recompile every call
+            grads = ms.mutable(tuple(g)) if grads is None else ms.mutable(tuple(self._add_cell(grads, ms.mutable(tuple(g)))))
         if isinstance(self.lr_schedule, float):
             lr = self.lr_schedule
         else:  # MindFormers' own schedule value for this step (the optimizer reads the same)
             lr = float(self.lr_schedule(ms.Tensor(self.step_count, ms.int32)).asnumpy())
-        self.optimizer(grads)
-        res = StepResult(self.step_count, float(loss.asnumpy().reshape(-1)[0]), float(np.asarray(norm.asnumpy()).reshape(-1)[0]),
-                         lr, batch.num_loss_tokens)
+        norm = self._update_cell(grads)
+        res = StepResult(self.step_count, loss_sum / (total + 1e-8), float(np.asarray(norm.asnumpy()).reshape(-1)[0]),
+                         lr, int(total))
         self.step_count += 1
         return res
+
+
+def _cells():
+    """The three training Cells, defined on first use so that importing this module never imports
+    MindSpore. Every construct here is graph-mode safe: no imports, no Python-side state."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    class LossNet(nn.Cell):
+        """MindFormers' loss of one micro-batch (its own token mean), positional inputs only."""
+
+        def __init__(self, model):
+            super().__init__(auto_prefix=False)
+            self.model = model
+
+        def construct(self, ids, labels, loss_mask, pos, mask):
+            return self.model(ids, labels=labels, position_ids=pos, attention_mask=mask, loss_mask=loss_mask)
+
+    class ScaledGradCell(nn.Cell):
+        """(loss, grads of ``scale * loss``) for one micro-batch: the sensitivity is the scale,
+        exactly how MindSpore's TrainOneStepCell feeds its loss scale."""
+
+        def __init__(self, model, weights):
+            super().__init__(auto_prefix=False)
+            self.net = LossNet(model)
+            self.weights = weights
+            self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+
+        def construct(self, ids, labels, loss_mask, pos, mask, scale):
+            loss = self.net(ids, labels, loss_mask, pos, mask)
+            sens = ops.cast(scale, loss.dtype) * ops.ones_like(loss)
+            grads = self.grad(self.net, self.weights)(ids, labels, loss_mask, pos, mask, sens)
+            return loss, grads
+
+    class AddGrads(nn.Cell):
+        """Element-wise sum of two gradient tuples (the accumulation buffer)."""
+
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.map = ops.HyperMap()
+            self.add = ops.Add()
+
+        def construct(self, a, b):
+            return self.map(self.add, a, b)
+
+    class ClipAndUpdate(nn.Cell):
+        """MindFormers' ClipGradNorm (global norm before clipping) then its AdamW."""
+
+        def __init__(self, optimizer, clip):
+            super().__init__(auto_prefix=False)
+            self.optimizer = optimizer
+            self.clip = clip
+            self.use_clip = clip is not None
+
+        def construct(self, grads):
+            if self.use_clip:
+                grads, norm = self.clip(grads)
+            else:
+                sq = ops.zeros((), ms.float32)
+                for g in grads:
+                    sq = sq + ops.sum(ops.square(ops.cast(g, ms.float32)))
+                norm = ops.sqrt(sq)
+            self.optimizer(grads)
+            return norm
+
+    return ScaledGradCell, AddGrads, ClipAndUpdate
+
+
+def _ScaledGradCell(model, weights):  # noqa: N802 - factory named like the Cell it builds
+    return _cells()[0](model, weights)
+
+
+def _AddGrads():  # noqa: N802
+    return _cells()[1]()
+
+
+def _ClipAndUpdate(optimizer, clip):  # noqa: N802
+    return _cells()[2](optimizer, clip)

@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from distilled.backends.base import (Backend, ForwardResult, LoraSettings, PackedBatch, StepResult,
-                                     TrainSettings, wants_weight_decay)
+                                     TrainSettings, as_micro_batches, wants_weight_decay)
 
 # model_config keys of the YAML and the HF config field each must equal
 YAML_TO_HF = {
@@ -287,17 +287,58 @@ class TorchBackend(Backend):
                 g.mul_(coef.to(g.dtype))
         return float(norm)
 
-    def train_step(self, batch: PackedBatch) -> StepResult:
+    def _all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum ``values`` over the data-parallel ranks (torchrun); identity on one process.
+
+        Why float64 on CPU: the token count decides the loss scale of every rank, so all ranks must
+        agree on it exactly (gloo and nccl both reduce float64)."""
+        torch = self.torch
+        if not (self.ddp and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return [float(v) for v in values]
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        t = torch.tensor(values, dtype=torch.float64, device=dev)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return [float(v) for v in t.cpu()]
+
+    def _world(self) -> int:
+        torch = self.torch
+        if self.ddp and torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size()
+        return 1
+
+    def train_step(self, batch: PackedBatch | Sequence[PackedBatch]) -> StepResult:
+        """One optimizer step over one batch or a list of micro-batches (gradient accumulation).
+
+        Per-token normalisation (TRL ``num_items_in_batch``; MindFormers ``calculate_per_token_loss``):
+        the step's loss is ``sum(token CE) / (trained tokens of the whole global batch + 1e-8)``, the
+        sum and the count running over every micro-batch *and* every data-parallel rank. So each
+        micro-batch backpropagates ``loss_sum * world / global_tokens``: DDP's gradient all-reduce
+        averages over ``world``, which the factor undoes. A single micro-batch on one rank is exactly
+        MindFormers' ``sum(ce * mask) / (sum(mask) + 1e-8)``."""
+        import contextlib
+
         if self.optimizer is None:
             raise RuntimeError("call setup_training() before train_step()")
+        micro = as_micro_batches(batch)
         lr = self.settings.lr_at(self.step_count)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss, _, count, _ = self._loss(batch)
-        loss.backward()
+        local_tokens = float(sum(mb.num_loss_tokens for mb in micro))
+        (global_tokens,) = self._all_reduce_sum([local_tokens])
+        denom = global_tokens + 1e-8
+        world = self._world()
+        local_sum = 0.0
+        for i, mb in enumerate(micro):
+            sync = (not self.ddp) or i == len(micro) - 1 or not hasattr(self.model, "no_sync")
+            ctx = contextlib.nullcontext() if sync else self.model.no_sync()
+            with ctx:
+                _, loss_sum, _, _ = self._loss(mb)
+                (loss_sum * (world / denom)).backward()
+            local_sum += float(loss_sum.detach())
+        (global_sum,) = self._all_reduce_sum([local_sum])
         norm = self._clip()
         self.optimizer.step()
-        res = StepResult(self.step_count, float(loss.detach()), norm, lr, int(count.item()))
+        res = StepResult(self.step_count, global_sum / denom, norm, lr, int(global_tokens))
         self.step_count += 1
         return res
