@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo eval-env bench clean
+.PHONY: venv test test-fast demo eval-env serve-env bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,5 +35,14 @@ eval-env: .venv-eval/.installed
 	.venv-eval/bin/pip install -q 'lighteval[math]==0.13.0' torch==2.13.0
 	touch $@
 
+# `transformers serve`, a real third-party OpenAI-compatible server for tests/test_third_party_server.py.
+# transformers 5.x cannot share .venv (MindFormers pins 4.57.1): own venv. Measured: ~1m40s here.
+serve-env: .venv-serve/.installed
+.venv-serve/.installed: requirements-serve.txt
+	test -x .venv-serve/bin/python || $(PY) -m venv .venv-serve
+	.venv-serve/bin/pip install -q --upgrade pip
+	.venv-serve/bin/pip install -q -c requirements-serve.txt 'transformers[serving]' torch
+	touch $@
+
 clean:
-	rm -rf $(VENV) .venv-eval runs output
+	rm -rf $(VENV) .venv-eval .venv-serve runs output
