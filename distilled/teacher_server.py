@@ -104,6 +104,7 @@ class TeacherConfig:
     token_ms: float = 0.0  # delay per generated token (streamed: between chunks; else in total)
     stream_usage: bool = True  # send the usage chunk when the request asks for it
     stream_done: bool = True  # end a stream with "data: [DONE]" (transformers serve does not)
+    refuse_fields: tuple[str, ...] = ()  # answer 400 naming these fields (a server lacking an option)
 
     def __post_init__(self) -> None:
         bad = [f for f in self.faults if f not in FAULT_KINDS]
@@ -324,6 +325,9 @@ class TeacherServer:
                 return web.Response(body=json.dumps({"detail": msg, "error": {
                     "message": msg, "type": "invalid_request_error", "code": 422}}).encode(),
                     status=422, content_type="application/json")
+        refused = sorted(set(c.refuse_fields) & set(body))
+        if refused:
+            return self._error(400, f"unsupported field(s): {', '.join(refused)}", "invalid_request_error")
         model = body.get("model")
         if model not in (c.model, None, "default"):
             return self._error(404, f"The model `{model}` does not exist.", "NotFoundError")
@@ -658,7 +662,8 @@ def config_from_args(args: argparse.Namespace) -> TeacherConfig:
                          slow_ms=args.slow_ms, reasoning_content=args.reasoning_content,
                          max_tokens_cap=args.max_tokens_cap, api_key=api_key, model=args.model,
                          strict_fields=args.strict_fields, token_ms=args.token_ms,
-                         stream_usage=not args.no_stream_usage, stream_done=not args.no_stream_done)
+                         stream_usage=not args.no_stream_usage, stream_done=not args.no_stream_done,
+                         refuse_fields=tuple(f.strip() for f in (args.refuse_fields or "").split(",") if f.strip()))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -715,4 +720,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                    help="never send the usage chunk of a stream (clients must count)")
     p.add_argument("--no-stream-done", action="store_true",
                    help="end streams without 'data: [DONE]' (as transformers serve does)")
+    p.add_argument("--refuse-fields", default=None, metavar="F,...",
+                   help="answer 400 to requests carrying these fields (e.g. stream_options), like a server "
+                        "without that option")
     p.set_defaults(func=cmd_serve)

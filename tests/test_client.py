@@ -318,3 +318,18 @@ def test_a_dead_port_fails_within_max_retries_and_the_probe_names_it():
                 return await c.probe(timeout=2)
         p = run(probe())
     assert p[good.base_url] is None and "ClientConnectorError" in p[normalize_endpoint(dead)]
+
+
+def test_a_server_refusing_stream_options_gets_the_request_again_without_it():
+    with start_in_thread(TeacherConfig(refuse_fields=("stream_options",))) as s:
+        async def go():
+            async with ChatClient([s.addr], "stand-in-teacher", stream=True, max_retries=0) as c:
+                a = await c.chat(MSG, max_tokens=500)
+                b = await c.chat(MSG, max_tokens=500)
+                return a, b, c.usage_counted, c.retries
+        a, b, counted, retries = run(go())
+        st = s.stats()
+    # the first request was refused once (not counted as a retry), then both streamed without it
+    assert st["status"] == {"400": 1, "200": 2} and retries == 0
+    assert a.attempts == b.attempts == 1 and a.finish_reason == b.finish_reason == "stop"
+    assert counted == 2 and a.usage["usage_source"] == "counted_chunks"
