@@ -90,6 +90,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="folder added to sys.path (MindFormers semantics) before handlers are registered")
     p.add_argument("--no_packed_shim", action="store_true",
                    help="do not fix RoPE positions/mask for packed rows (for comparison only)")
+    p.add_argument("--no_global_token_mean", action="store_true",
+                   help="keep MindFormers' per-rank token mean under data parallel (for comparison only)")
     p.add_argument("--skip_checks", action="store_true", help="skip the pre-flight data checks")
     return p
 
@@ -649,7 +651,7 @@ def run(argv: list[str] | None = None) -> int:
         # only the non-flash path adds the 0/1 mask to the scores; flash attention masks right
         compat.apply_packed_mask_shim(True)
         applied.append("packed_mask")
-    if per_token_loss_enabled(config):
+    if per_token_loss_enabled(config) and not args.no_global_token_mean:
         compat.shim_global_token_mean_data_parallel()
         applied.append("global_token_mean_data_parallel")
     gas = int(_get(config, "runner_config.gradient_accumulation_steps", 1) or 1)

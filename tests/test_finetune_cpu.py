@@ -458,23 +458,32 @@ def _max_rel_diff(a: dict, b: dict) -> float:
     return max(float(np.abs(a[k] - b[k]).max() / (np.abs(a[k]).max() + 1e-12)) for k in a)
 
 
+@pytest.fixture(scope="module")
+def batch2_reference(tmp_path_factory, tiny_qwen2_dir):
+    """One process, batch 2 x GA 1 over the two rows: the reference both accumulation and data
+    parallel must reproduce."""
+    tmp = tmp_path_factory.mktemp("per_token")
+    data = _ga_rows(tmp / "rows")
+    cfg = _sgd_yaml(tmp)
+    recs = _run_one_process(cfg, data, tmp / "b2", tiny_qwen2_dir, "--batch_size", "2")
+    return data, cfg, recs, _trained_weights(tmp / "b2")
+
+
 @pytest.mark.slow
-def test_grad_accumulation_is_per_token_through_the_trainer(tmp_path, tiny_qwen2_dir):
+def test_grad_accumulation_is_per_token_through_the_trainer(tmp_path, tiny_qwen2_dir, batch2_reference):
     """batch 1 x GA 2 == batch 2 x GA 1 through MindFormers' Trainer (graph mode, fp32, one SGD
     step) on rows with 10 and 400 trained tokens; per-micro-batch averaging (MF's default) differs."""
-    data = _ga_rows(tmp_path / "rows")
-    cfg = _sgd_yaml(tmp_path)
     from distilled.convert import hf_to_mf, load_safetensors_np
 
+    data, cfg, b2, wb2 = batch2_reference
     w0 = hf_to_mf(load_safetensors_np(tiny_qwen2_dir), tie_word_embeddings=False)
-    b2 = _run_one_process(cfg, data, tmp_path / "b2", tiny_qwen2_dir, "--batch_size", "2")
     ga2 = _run_one_process(cfg, data, tmp_path / "ga2", tiny_qwen2_dir, "--gradient_accumulation_steps", "2")
     assert len(b2) == len(ga2) == 1  # one optimizer step over the same two rows
     # the logged loss is the per-token mean of the step, not GA x larger
     assert abs(b2[0]["loss"] - ga2[0]["loss"]) < 1e-5 * abs(b2[0]["loss"])
     assert 10 < b2[0]["loss"] < 13  # ~ln(151936) = 11.9 for the random tiny student
     assert abs(b2[0]["global_norm"] - ga2[0]["global_norm"]) < 1e-4 * b2[0]["global_norm"]
-    wb2, wga2 = _trained_weights(tmp_path / "b2"), _trained_weights(tmp_path / "ga2")
+    wga2 = _trained_weights(tmp_path / "ga2")
     moved = _max_rel_diff(wb2, {k: w0[k] for k in wb2})
     assert moved > 1e-3  # the step really changed the weights
     assert _max_rel_diff(wb2, wga2) < 1e-5  # measured 8e-7
@@ -494,3 +503,34 @@ def test_grad_accumulation_is_per_token_through_the_trainer(tmp_path, tiny_qwen2
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "runner_config.gradient_accumulation_steps" in r.stderr
     assert "calculate_per_token_loss" in r.stderr
+
+
+@pytest.mark.slow
+def test_two_msrun_workers_take_the_global_token_mean(tmp_path, batch2_reference, tiny_qwen2_dir):
+    """2 data-parallel msrun workers, one row each (10 and 400 trained tokens), give the weights of
+    one process with both rows (the shim divides by all ranks' tokens); MindFormers' stock
+    per-rank mean (--no_global_token_mean) does not."""
+    data, cfg, b2, wb2 = batch2_reference
+
+    def msrun(out: Path, port: int, *extra: str) -> list[list[dict]]:
+        cmd = (f"{REPO / 'run_mindformer.py'} --config {cfg} --run_mode finetune --train_dataset_dir {data} "
+               f"--output_dir {out} --load_checkpoint {tiny_qwen2_dir} --model.model_config.seq_length {GA_SEQ} "
+               + " ".join(extra))
+        r = subprocess.run(["bash", str(LAUNCHER), cmd, "2", str(port), str(out / "msrun_log"), "True", "600"],
+                           cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + _worker_tail(out)
+        return [_losses(out, 0), _losses(out, 1)]
+
+    l0, l1 = msrun(tmp_path / "dp", 8241)
+    assert len(l0) == len(l1) == 1
+    # the logged loss is the global token mean: the same number on both ranks, = batch 2's
+    assert l0[0]["loss"] == l1[0]["loss"] and abs(l0[0]["loss"] - b2[0]["loss"]) < 1e-5 * b2[0]["loss"]
+    assert abs(l0[0]["global_norm"] - b2[0]["global_norm"]) < 1e-4 * b2[0]["global_norm"]
+    w_dp = _trained_weights(tmp_path / "dp", 0)
+    assert _max_rel_diff(w_dp, _trained_weights(tmp_path / "dp", 1)) == 0.0
+    assert _max_rel_diff(w_dp, wb2) < 1e-5
+
+    s0, s1 = msrun(tmp_path / "stock", 8243, "--no_global_token_mean")
+    assert s0[0]["loss"] != s1[0]["loss"]  # each rank logs its own token mean
+    assert abs(s0[0]["global_norm"] - b2[0]["global_norm"]) > 0.05 * b2[0]["global_norm"]
+    assert _max_rel_diff(_trained_weights(tmp_path / "stock", 0), wb2) > 1e-3
