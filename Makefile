@@ -36,7 +36,7 @@ eval-env: .venv-eval/.installed
 	touch $@
 
 # `transformers serve`, a real third-party OpenAI-compatible server for tests/test_third_party_server.py.
-# transformers 5.x cannot share .venv (MindFormers pins 4.57.1): own venv. Measured: ~1m40s here.
+# transformers 5.x cannot share .venv (MindFormers pins 4.57.1): own venv. Measured: 1m38s-3m40s here.
 serve-env: .venv-serve/.installed
 .venv-serve/.installed: requirements-serve.txt
 	test -x .venv-serve/bin/python || $(PY) -m venv .venv-serve
