@@ -626,6 +626,36 @@ def register_project_handlers() -> bool:
     return True
 
 
+SHIM_FUNCTIONS = {
+    "packed_mask": "apply_packed_mask_shim",
+    "global_token_mean_data_parallel": "shim_global_token_mean_data_parallel",
+    "grad_accumulation_data_parallel": "shim_grad_accumulation_data_parallel",
+}
+
+
+def shims_for(config: Any, no_packed_shim: bool = False, no_global_token_mean: bool = False) -> list[str]:
+    """Which :mod:`distilled.mindformers_compat` shims this YAML needs, in the order they apply.
+
+    ``"cpu"`` (all of ``apply_cpu_shims``) only on CPU; ``packed_mask`` only for packed data on
+    the non-flash path (the only path that adds the 0/1 mask to the scores; flash attention and
+    the compressed EOD mask already mask per document); ``global_token_mean_data_parallel`` with
+    the per-token keys (inert on one rank and in semi/auto parallel);
+    ``grad_accumulation_data_parallel`` with GA > 1 (MF 1.9 resets GA to 1 outside semi/auto
+    parallel; the shim defers to MF there).
+    """
+    names = []
+    if str(_get(config, "context.device_target", "Ascend")) == "CPU":
+        names.append("cpu")
+    packed = bool(_get(config, "train_dataset.data_loader.create_attention_mask", False))
+    if packed and not _get(config, "model.model_config.use_flash_attention", False) and not no_packed_shim:
+        names.append("packed_mask")
+    if per_token_loss_enabled(config) and not no_global_token_mean:
+        names.append("global_token_mean_data_parallel")
+    if int(_get(config, "runner_config.gradient_accumulation_steps", 1) or 1) > 1:
+        names.append("grad_accumulation_data_parallel")
+    return names
+
+
 def run(argv: list[str] | None = None) -> int:
     """Entry of ``run_mindformer.py``: parse, adapt, check, shim, train. Returns an exit code."""
     os.environ.setdefault("GLOG_v", "3")
@@ -643,21 +673,12 @@ def run(argv: list[str] | None = None) -> int:
     from distilled import mindformers_compat as compat
 
     applied = []
-    if device == "CPU":
-        applied += compat.apply_cpu_shims()
-    packed = bool(_get(config, "train_dataset.data_loader.create_attention_mask", False))
-    flash = bool(_get(config, "model.model_config.use_flash_attention", False))
-    if packed and not flash and not args.no_packed_shim:
-        # only the non-flash path adds the 0/1 mask to the scores; flash attention masks right
-        compat.apply_packed_mask_shim(True)
-        applied.append("packed_mask")
-    if per_token_loss_enabled(config) and not args.no_global_token_mean:
-        compat.shim_global_token_mean_data_parallel()
-        applied.append("global_token_mean_data_parallel")
-    gas = int(_get(config, "runner_config.gradient_accumulation_steps", 1) or 1)
-    if gas > 1:  # MF 1.9 would silently reset GA to 1 outside semi/auto parallel (the shim defers to MF there)
-        compat.shim_grad_accumulation_data_parallel()
-        applied.append("grad_accumulation_data_parallel")
+    for name in shims_for(config, no_packed_shim=args.no_packed_shim, no_global_token_mean=args.no_global_token_mean):
+        if name == "cpu":
+            applied += compat.apply_cpu_shims()
+        else:
+            getattr(compat, SHIM_FUNCTIONS[name])()
+            applied.append(name)
     handlers_ok = register_project_handlers()
     if rank == 0:
         for n in notes:

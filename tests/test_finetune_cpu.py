@@ -66,6 +66,34 @@ def test_7b_yaml_has_the_issue_settings():
     pc = raw["parallel_config"]
     assert pc["data_parallel"] * pc["model_parallel"] * pc["context_parallel"] * pc["pipeline_stage"] == 8
     assert raw["callbacks"][1]["checkpoint_format"] == "safetensors"
+    assert raw["context"]["mode"] == 0  # graph mode
+
+
+@pytest.mark.parametrize("name", ["finetune_qwen_2_5_7b.yaml", "finetune_qwen2_5_7b_lora.yaml",
+                                  "finetune_qwen2_5_tiny_cpu.yaml", "finetune_qwen2_5_tiny_cpu_lora.yaml"])
+def test_yamls_graph_mode_per_token_loss_and_shims(name):
+    """Every finetune YAML: graph mode, both per-token keys; the packed-mask shim only off flash."""
+    from mindformers.tools.register import MindFormerConfig
+
+    from distilled.mf_run import check_per_token_loss, shims_for
+
+    path = REPO / "configs" / name
+    raw = yaml.safe_load(path.read_text())
+    assert raw["context"]["mode"] == 0
+    assert raw["calculate_per_token_loss"] is True and raw["runner_wrapper"]["calculate_per_token_loss"] is True
+    cfg = MindFormerConfig(str(path))
+    check_per_token_loss(cfg, world=8)
+    shims = shims_for(cfg)
+    if "tiny" in name:
+        assert shims[:2] == ["cpu", "packed_mask"]
+    else:
+        assert raw["model"]["model_config"]["use_flash_attention"] is True
+        assert "packed_mask" not in shims and "cpu" not in shims
+        # dp1 x mp4 x cp2: MF's global batch is batch_size x dp x GA = GA rows per step
+        rc, pc = raw["runner_config"], raw["parallel_config"]
+        assert rc["batch_size"] * pc["data_parallel"] * rc["gradient_accumulation_steps"] == 16
+        assert "grad_accumulation_data_parallel" in shims
+    assert "global_token_mean_data_parallel" in shims
 
 
 def test_tiny_yaml_matches_tiny_student_shape():
@@ -237,9 +265,21 @@ def test_preflight_accepts_good_setup_and_names_keys_on_bad_input(packed64, tmp_
         ({"train_dataset.data_loader.use_broadcast_data": True}, "train_dataset.data_loader.use_broadcast_data"),
         ({"model.model_config.use_flash_attention": True}, "model.model_config.use_flash_attention"),
     ]
+    no_per_token = {"calculate_per_token_loss": False, "runner_wrapper.calculate_per_token_loss": False}
+    cases += [
+        # accumulation / data parallel would average per micro-batch / per rank without MF's per-token mode
+        (dict(no_per_token, **{"runner_config.gradient_accumulation_steps": 2}),
+         "runner_config.gradient_accumulation_steps"),
+        (no_per_token, "parallel_config.data_parallel"),
+        # MF reads the two keys in different places: one alone crashes or averages
+        ({"runner_wrapper.calculate_per_token_loss": False}, "runner_wrapper.calculate_per_token_loss"),
+        ({"calculate_per_token_loss": False}, "calculate_per_token_loss"),
+    ]
     for change, key in cases:
         with pytest.raises(FinetuneConfigError, match=key.replace(".", r"\.")):
             validate_config(_config(dict(ok, **change)), world=2)
+    # one process without the keys and without accumulation is a plain per-token mean: accepted
+    validate_config(_config(dict(ok, **no_per_token)), world=1)
 
     # a dataset with the wrong columns: column mismatch names the path key and the columns
     import datasets
