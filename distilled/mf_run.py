@@ -732,78 +732,8 @@ def summarize_loss(path: str | os.PathLike, skip_first: int = 1) -> dict:
             "median_tokens_per_s": round(statistics.median(tps), 1) if tps else None}
 
 
-def bench_tiny_mf(workers: int, steps: int = 6, seq_length: int = 512, workdir: str | os.PathLike = "runs/bench_mf",
-                  port: int = 8240, load_checkpoint: str | None = None) -> dict:
-    """Train the tiny CPU YAML for ``steps`` optimizer steps on ``workers`` CPU workers and return
-    throughput and memory (for bench/train.py and docs/benchmarks.md).
+if __name__ == "__main__":  # old command line `python -m distilled.mf_run --workers 1 2 ...`: the bench lives in bench/
+    import runpy
 
-    Data: random token ids in the Qwen2.5 vocabulary, packed 4 documents per row (``seq_length``
-    tokens each), enough rows for ``steps`` steps per worker. 1 worker runs with plain python,
-    2+ through scripts/msrun_launcher.sh. Checkpointing is switched off so only training is timed.
-    Returns ``{workers, steps, seq_length, tokens_per_s (all workers, median step after the first),
-    step_time_s, peak_rss_mb (largest worker), first_loss, last_loss}``.
-    """
-    import statistics
-    import subprocess
-
-    import datasets
-    import numpy as np
-
-    work = Path(workdir) / f"w{workers}"
-    data = work / "packed"
-    out = work / "out"
-    rows = steps * workers
-    rng = np.random.RandomState(0)
-    doc = seq_length // 4
-    ids = rng.randint(0, 151643, (rows, seq_length)).astype(np.int32)
-    labels = np.concatenate([ids[:, 1:], np.full((rows, 1), -100, np.int32)], axis=1)
-    labels[:, doc - 1::doc] = -100  # no label across a document boundary
-    ends = [list(range(doc, seq_length + 1, doc))] * rows
-    if work.exists():
-        import shutil
-
-        shutil.rmtree(work)
-    datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist(),
-                                "actual_seq_len": ends}).save_to_disk(str(data))
-    args = [str(REPO / "run_mindformer.py"), "--config", str(REPO / "configs" / "finetune_qwen2_5_tiny_cpu.yaml"),
-            "--run_mode", "finetune", "--train_dataset_dir", str(data), "--output_dir", str(out),
-            "--model.model_config.seq_length", str(seq_length), "--callbacks.1.save_checkpoint_steps", "1000000"]
-    if load_checkpoint:
-        args += ["--load_checkpoint", str(load_checkpoint)]
-    t0 = time.perf_counter()
-    if workers == 1:
-        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
-    else:
-        proc = subprocess.run(["bash", str(REPO / "scripts" / "msrun_launcher.sh"), " ".join(args), str(workers),
-                               str(port), str(out / "msrun_log"), "True", "1200"], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"tiny MF training failed ({proc.returncode}): {proc.stderr[-2000:] or proc.stdout[-2000:]}")
-    per_rank = [read_loss(out / f"loss_rank_{r}.jsonl") for r in range(workers)]
-    step_times = [statistics.median([r["step_time_s"] for r in recs[1:]] or [recs[0]["step_time_s"]])
-                  for recs in per_rank]
-    step_time = max(step_times)  # the slowest rank sets the pace
-    rank0 = per_rank[0]
-    cpu = [statistics.median([r["cpu_time_s"] for r in recs[1:] if r.get("cpu_time_s")] or [0.0]) for recs in per_rank]
-    extra = {"tokens_per_cpu_s_per_worker": round(seq_length / max(cpu), 1)} if max(cpu) > 0 else {}
-    return {**extra, "workers": workers, "steps": len(rank0), "seq_length": seq_length,
-            "tokens_per_s": round(seq_length * workers / step_time, 1), "step_time_s": round(step_time, 3),
-            "peak_rss_mb": max(recs[-1]["peak_rss_mb"] for recs in per_rank),
-            "first_loss": rank0[0]["loss"], "last_loss": rank0[-1]["loss"], "wall_s": round(wall, 1)}
-
-
-if __name__ == "__main__":  # python -m distilled.mf_run --workers 1 2 --steps 6
-    _p = argparse.ArgumentParser(description="bench the tiny MindFormers CPU training (tokens/s, peak RSS)")
-    _p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    _p.add_argument("--steps", type=int, default=6)
-    _p.add_argument("--seq-length", type=int, default=512)
-    _p.add_argument("--workdir", default="runs/bench_mf")
-    _p.add_argument("--json", default=None, help="also write the results here")
-    _a = _p.parse_args()
-    _res = [bench_tiny_mf(w, _a.steps, _a.seq_length, _a.workdir) for w in _a.workers]
-    for _r in _res:
-        print(json.dumps(_r))
-    if _a.json:
-        from distilled.io_utils import write_json
-
-        write_json(_a.json, _res)
+    sys.argv = [str(REPO / "bench" / "train.py"), "--scaling", *sys.argv[1:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
