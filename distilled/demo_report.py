@@ -20,14 +20,24 @@ if TYPE_CHECKING:  # pragma: no cover
     from distilled.demo import Demo
 
 
-def eval_summary(run_dir: Path) -> dict[str, Any]:
+def eval_summary(run_dir: Path, problems: Path | None = None) -> dict[str, Any]:
     """Accuracy, share of outputs with a parsable ``\\boxed{}`` answer and truncation, from an
-    eval run's ``results.json`` and ``samples.jsonl``."""
+    eval run's ``results.json`` and ``samples.jsonl``; with ``problems`` (the test JSONL, which has a
+    ``kind`` column) also the accuracy per problem kind, so a reader sees *what* the student learned."""
     res = json.loads((run_dir / "results.json").read_text())
     samples = [obj for _, obj in iter_jsonl(run_dir / "samples.jsonl") if isinstance(obj, dict)]
     n = len(samples)
     task = next(iter(res["tasks"].values()))
+    by_kind: dict[str, list[int]] = {}
+    if problems is not None:
+        kinds = {obj["id"]: obj.get("kind", "?") for _, obj in iter_jsonl(problems) if isinstance(obj, dict)}
+        for s in samples:
+            k = kinds.get(s.get("problem_id"), "?")
+            by_kind.setdefault(k, [0, 0])
+            by_kind[k][0] += bool(s.get("correct"))
+            by_kind[k][1] += 1
     return {
+        "by_kind": {k: {"correct": c, "samples": t} for k, (c, t) in sorted(by_kind.items())},
         "model": res["model"],
         "problems": task["problems"],
         "samples": n,
@@ -54,6 +64,11 @@ def _generation_stats(path: Path) -> dict[str, Any]:
             tokens += int(usage.get("completion_tokens") or 0)
     return {"problems": rows, "generations": gens, "completion_tokens": tokens,
             "mean_completion_tokens": tokens / gens if gens else 0.0, "finish_reasons": finish}
+
+
+def _kind_cell(summary: dict[str, Any], kind: str) -> str:
+    c = summary.get("by_kind", {}).get(kind)
+    return f"{c['correct']} / {c['samples']}" if c else ""
 
 
 def write_demo_report(demo: "Demo") -> Path:
@@ -93,8 +108,10 @@ def write_demo_report(demo: "Demo") -> Path:
     md = [
         "# distilled demo report", "",
         f"Created {data['created']}. Toy scale, CPU only, offline. The teacher is the built-in stand-in "
-        "(`distill serve-teacher`), **not DeepSeek-R1**, and the student is a random-initialised 2-layer "
-        "Qwen2.5-architecture model: the numbers show the pipeline working, not a useful model.", "",
+        "(`distill serve-teacher`), **not DeepSeek-R1**, and the student is a random-initialised "
+        f"{demo.cfg.num_layers}-layer, hidden-{demo.cfg.hidden_size} Qwen2.5-architecture model "
+        f"({demo.cfg.vocab_size}-id trimmed vocabulary): the numbers show the pipeline working on toy "
+        "arithmetic, not a useful model.", "",
         "## Stages", "",
         md_table(["stage", "rows in", "rows out", "time (s)", "throughput", "summary"],
                  [[r["name"], "" if r["rows_in"] is None else r["rows_in"], "" if r["rows_out"] is None else r["rows_out"],
@@ -134,6 +151,9 @@ def write_demo_report(demo: "Demo") -> Path:
         md_table(["model", "problems", "accuracy", "parsable \\boxed{} answer", "truncated", "mean output tokens"],
                  [[e["model"], e["problems"], f"{e['accuracy']:.1%}", f"{e['answered']:.1%}", f"{e['truncated']:.1%}",
                    f"{e['mean_output_tokens']:.0f}"] for e in (before, after)]),
+        md_table(["problem kind", "before", "after"],
+                 [[k, _kind_cell(before, k), _kind_cell(after, k)]
+                  for k in sorted(set(before.get("by_kind", {})) | set(after.get("by_kind", {})))]),
         "Greedy decoding, one sample per problem, up to "
         f"{demo.cfg.eval_max_tokens} new tokens, same prompt format as the training data (the bare problem "
         "after the MindSpore docs' system prompt).", "",

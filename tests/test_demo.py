@@ -25,7 +25,7 @@ def _lines(path: Path) -> list[dict]:
 def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "run"
     cmd = [sys.executable, "-m", "distilled", "demo", "--output", str(out), "--n-train", "40", "--n-test", "8",
-           "--epochs", "1", "--parity-steps", "2", "--eval-max-tokens", "48"]
+           "--epochs", "1", "--parity-steps", "2", "--eval-max-tokens", "48", "--num-generations", "2"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out
@@ -84,11 +84,26 @@ def test_demo_counts_add_up(demo_dir: Path) -> None:
         assert e["samples"] == len(samples) == 8
         assert e["accuracy"] == pytest.approx(sum(s["correct"] for s in samples) / len(samples))
         assert e["answered"] == pytest.approx(sum(s["extracted"] is not None for s in samples) / len(samples))
+        kinds = {t["id"]: t["kind"] for t in _lines(demo_dir / "data" / "test.jsonl")}
+        for kind, c in e["by_kind"].items():
+            mine = [s for s in samples if kinds[s["problem_id"]] == kind]
+            assert c == {"correct": sum(bool(s["correct"]) for s in mine), "samples": len(mine)}, kind
+        assert sum(c["samples"] for c in e["by_kind"].values()) == len(samples)
 
     md = (demo_dir / "report.md").read_text()
     assert f"{report['packing']['fill']:.2%}" in md
     assert f"{report['finetune']['last_loss']:.4f}" in md
     assert f"{report['eval']['after']['accuracy']:.1%}" in md
+    for kind, c in report["eval"]["after"]["by_kind"].items():
+        assert f"| {kind} | {report['eval']['before']['by_kind'][kind]['correct']} / {c['samples']} | " \
+               f"{c['correct']} / {c['samples']} |" in md, kind
+    yml = (demo_dir / "configs" / "finetune_qwen2_5_tiny_cpu.yaml").read_text()
+    student = json.loads((demo_dir / "student-init" / "config.json").read_text())
+    import yaml
+
+    mc = yaml.safe_load(yml)["model"]["model_config"]
+    assert (mc["hidden_size"], mc["num_layers"], mc["vocab_size"]) == \
+        (student["hidden_size"], student["num_hidden_layers"], student["vocab_size"])
     for stage in report["stages"]:
         assert f"| {stage['name']} |" in md
 
@@ -96,7 +111,7 @@ def test_demo_counts_add_up(demo_dir: Path) -> None:
 @pytest.mark.slow
 def test_demo_rerun_skips_finished_stages(demo_dir: Path) -> None:
     cmd = [sys.executable, "-m", "distilled", "demo", "--output", str(demo_dir), "--n-train", "40", "--n-test", "8",
-           "--epochs", "1", "--parity-steps", "2", "--eval-max-tokens", "48"]
+           "--epochs", "1", "--parity-steps", "2", "--eval-max-tokens", "48", "--num-generations", "2"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("skipping") >= 9
