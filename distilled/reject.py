@@ -52,7 +52,7 @@ class RejectConfig:
     answer_column: str = "answer"
     generations_column: str = "generations"
     finish_reasons_column: str = "finish_reasons"
-    prompt_column: str | None = None  # None: "prompt" when the row has it, else "problem"
+    prompt_column: str | None = None  # None: the first of "sent_prompt", "prompt", "problem" the row has
     keep: str = "first"
     workers: int = 2
     timeout: float = 5.0
@@ -106,13 +106,15 @@ def _validate(cfg: RejectConfig, line: int, obj: dict) -> _Row | BadLine:
     elif any(fr is not None and not isinstance(fr, str) for fr in frs):
         return bad(f"field {cfg.finish_reasons_column!r}: entries must be strings or null")
     if _prompt_of(cfg, obj) is None:
-        want = cfg.prompt_column or "'prompt' or 'problem'"
+        want = cfg.prompt_column or "'sent_prompt', 'prompt' or 'problem'"
         return bad(f"missing prompt field {want} (a string; set --prompt-column)")
     return _Row(line, str(gold), gens, list(frs))
 
 
 def _prompt_of(cfg: RejectConfig, obj: dict) -> str | None:
-    cols = [cfg.prompt_column] if cfg.prompt_column else ["prompt", "problem"]
+    # sent_prompt first: the student trains on the message the teacher actually answered
+    # (distill generate's --prompt-template applied), whatever the input's own columns were.
+    cols = [cfg.prompt_column] if cfg.prompt_column else ["sent_prompt", "prompt", "problem"]
     for c in cols:
         v = obj.get(c)
         if isinstance(v, str):
@@ -420,7 +422,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finish-reasons-column", default="finish_reasons",
                    help="optional list aligned with the generations (default: finish_reasons)")
     p.add_argument("--prompt-column", default=None,
-                   help="user prompt for `messages` (default: `prompt` if the row has it, else `problem`)")
+                   help="user prompt for `messages` (default: the first of `sent_prompt`, `prompt`, `problem` the row has)")
     p.add_argument("--keep", choices=KEEP_MODES, default="first",
                    help="which correct generation a kept row trains on: first, shortest (characters), or "
                         "all (one output row per correct generation)")

@@ -79,6 +79,18 @@ def test_output_contract_generate_rows(tmp_path):
     assert not journal_path(tmp_path / "kept.jsonl").exists()
 
 
+def test_user_turn_is_the_sent_prompt_when_generate_kept_an_input_prompt_column(tmp_path):
+    """An input with its own `prompt` column keeps it in generate's output; the student must still
+    train on the message the teacher answered (`sent_prompt`), unless --prompt-column says otherwise."""
+    row = dict(generate_style_rows()[0], prompt="1/2?", sent_prompt="Solve: 1/2?")
+    src = write_jsonl(tmp_path / "gen.jsonl", [row])
+    run_reject(RejectConfig(src=str(src), dst=str(tmp_path / "kept.jsonl"), workers=1, progress=False))
+    assert read_jsonl(tmp_path / "kept.jsonl")[0]["messages"][0] == {"role": "user", "content": "Solve: 1/2?"}
+    run_reject(RejectConfig(src=str(src), dst=str(tmp_path / "kept2.jsonl"), workers=1, progress=False,
+                            prompt_column="prompt"))
+    assert read_jsonl(tmp_path / "kept2.jsonl")[0]["messages"][0] == {"role": "user", "content": "1/2?"}
+
+
 @pytest.mark.parametrize("keep, expect", [("first", [1]), ("shortest", [2]), ("all", [1, 2])])
 def test_keep_modes(tmp_path, keep, expect):
     src = write_jsonl(tmp_path / "gen.jsonl", generate_style_rows()[:1])
