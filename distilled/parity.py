@@ -11,21 +11,40 @@ across documents (MindFormers 1.9 without ``apply_packed_rope_shim``, or torch w
 mask) or when positions that should restart do not (the torch backend derives its document
 boundaries from ``position_ids``, as flash-attn varlen does).
 
-Tolerances (``TOLERANCES``; the fp32 defaults come from the issue, bf16 ones are looser because
-bf16 keeps 8 bits of mantissa and the two frameworks round matmuls differently; the packing check
-compares a backend with itself, so it stays tight in bf16). MindSpore 2.9 has no bf16 MatMul on
-CPU: bf16 parity needs Ascend for the MindSpore side.
+``--check packing`` detects attention that leaks across documents (a missing or wrong block mask,
+MindFormers' non-flash path adding the 0/1 mask to the scores) on both backends. It does *not*
+detect positions that fail to restart at document starts where the mask is right: RoPE scores
+depend only on relative positions, so such a model computes the same numbers (up to rounding).
+On torch the block mask is derived from ``position_ids``, so there wrong positions do show up.
 
-============================ ========= =========
-check                        float32   bfloat16
-============================ ========= =========
-loss rel. diff, step 0       1e-5      2e-2
-loss rel. diff, every step   1e-4      5e-2
-grad-norm rel. diff          1e-3      1e-1
-logits max-abs / max|logit|  1e-4      5e-2
-parameter drift ||a-b||/||a|| 1e-4     5e-2
-packing rel. diff            1e-5      2e-3
-============================ ========= =========
+Gradient accumulation: with ``runner_config.gradient_accumulation_steps`` (and
+``parallel_config.data_parallel``) in the YAML both backends take the same micro-batches per step
+and normalise per token over all of them; a backend that averages per-micro-batch means fails.
+
+Tolerances (``TOLERANCES``; measured basis in docs/backends.md). The packing check compares a
+backend with itself, so it stays tight in bf16. MindSpore 2.9 has no bf16 MatMul on CPU: bf16
+parity needs Ascend for the MindSpore side.
+
+================================== ========= =========
+check                              float32   bfloat16
+================================== ========= =========
+loss rel. diff, step 0             1e-5      2e-2
+loss rel. diff, every step         1e-4      5e-2
+grad-norm rel. diff                1e-3      1e-2
+logits max-abs / max|logit|        1e-4      5e-2
+global drift ||a-b||/||b||         1e-4      5e-2
+per-tensor drift ||a-b||/||b||     1e-4      5e-2
+  ``*.k_proj.bias``                5e-2      not bounded
+packing rel. diff                  1e-5      2e-3
+================================== ========= =========
+
+Per-tensor drift: every tensor after N steps must satisfy its own bound, so a backend that never
+updates a small tensor (the q/k/v biases: < 0.1% of the weights) fails even though the global
+drift, dominated by the embedding and lm_head, would not notice. The k-projection bias is the one
+exception: its gradient is mathematically zero (it adds a per-query constant to every score of a
+softmax), so Adam turns each framework's rounding noise into lr-sized steps; its bound is looser
+(fp32) or absent (bf16, where the measured cross-rounding drift is ~0.9 of the tensor). A frozen
+bias, which starts at 0, has a relative drift of 1.0.
 """
 
 from __future__ import annotations
@@ -39,10 +58,29 @@ from typing import Any, Mapping, Sequence
 
 TOLERANCES: dict[str, dict[str, float]] = {
     "float32": {"loss_rel_step0": 1e-5, "loss_rel": 1e-4, "grad_norm_rel": 1e-3, "logits_rel": 1e-4,
-                "param_drift_rel": 1e-4, "packing_rel": 1e-5},
-    "bfloat16": {"loss_rel_step0": 2e-2, "loss_rel": 5e-2, "grad_norm_rel": 1e-1, "logits_rel": 5e-2,
-                 "param_drift_rel": 5e-2, "packing_rel": 2e-3},
+                "param_drift_rel": 1e-4, "tensor_drift_rel": 1e-4, "packing_rel": 1e-5},
+    # grad norm: torch bf16 vs torch fp32 differed by <= 4.3e-3 over 10 steps (tiny model, CPU
+    # autocast); two frameworks each that close to fp32 differ by at most twice that
+    "bfloat16": {"loss_rel_step0": 2e-2, "loss_rel": 5e-2, "grad_norm_rel": 1e-2, "logits_rel": 5e-2,
+                 "param_drift_rel": 5e-2, "tensor_drift_rel": 5e-2, "packing_rel": 2e-3},
 }
+# Per-tensor drift bounds that differ from TOLERANCES[dtype]["tensor_drift_rel"]: (regex, bound);
+# None = not bounded. fp32: MindSpore (graph mode) vs torch measured <= 4.1e-3 on k_proj.bias and
+# <= 2.2e-6 on every other tensor after 10 steps (see docs/backends.md).
+TENSOR_DRIFT_OVERRIDES: dict[str, list[tuple[str, float | None]]] = {
+    "float32": [(r"\.k_proj\.bias$", 5e-2)],
+    "bfloat16": [(r"\.k_proj\.bias$", None)],
+}
+
+
+def tensor_drift_bound(name: str, dtype: str, default: float) -> float | None:
+    """The drift bound of one tensor (first matching override, else ``default``)."""
+    import re
+
+    for pattern, bound in TENSOR_DRIFT_OVERRIDES.get(dtype, []):
+        if re.search(pattern, name):
+            return bound
+    return default
 DEFAULT_BACKENDS = ("mindspore", "torch")
 
 
@@ -138,14 +176,18 @@ def run_parity(config: str | Path | None, weights: str | Path, data: str | Path,
                 out["failures"].append(
                     f"packing[{name}]: packed-row loss differs from the token-weighted per-document loss by "
                     f"{res['max_rel_diff']:.3g} (> {tol['packing_rel']:g}): attention leaks across documents "
-                    "or positions do not restart per document")
+                    "(on torch: or positions do not restart per document)")
 
     if check in ("train", "all"):
-        if len(backends) != 2:
-            raise ValueError("the train check compares exactly two backends")
+        if len(backends) != 2 or backends[0] == backends[1]:
+            raise ValueError(f"the train check compares exactly two different backends, got {list(backends)} "
+                             "(register a second name for a same-framework comparison)")
         a_name, b_name = backends
-        batches = list(iter_batches(ds, plan.batch_size, steps, where=str(data)))
-        seq = batches[0].seq_length
+        ga = plan.grad_accum
+        micro = list(iter_batches(ds, plan.batch_size, steps * ga, where=str(data)))
+        batches = [micro[i * ga:(i + 1) * ga] if ga > 1 else micro[i] for i in range(steps)]
+        first = micro[0]
+        seq = first.seq_length
         bes = {}
         for name in backends:
             be = _make(name, backend_kwargs)
@@ -161,8 +203,8 @@ def run_parity(config: str | Path | None, weights: str | Path, data: str | Path,
                 raise ValueError(f"{a_name}: LoRA enabled but no adapter parameters found")
             bes[b_name].load_named_parameters(init)
             out["lora"] = plan.lora.to_dict()
-        fa = bes[a_name].forward(batches[0], return_logits=True)
-        fb = bes[b_name].forward(batches[0], return_logits=True)
+        fa = bes[a_name].forward(first, return_logits=True)
+        fb = bes[b_name].forward(first, return_logits=True)
         scale = float(max(1.0, np.max(np.abs(fb.logits))))
         logits_abs = float(np.max(np.abs(fa.logits.astype(np.float64) - fb.logits.astype(np.float64))))
         del fa, fb
@@ -183,7 +225,8 @@ def run_parity(config: str | Path | None, weights: str | Path, data: str | Path,
         bar.close()
         drift = compare_parameters(bes[b_name].named_parameters(), bes[a_name].named_parameters())
         summary = {
-            "steps": steps, "batch_size": plan.batch_size, "seq_length": seq, "settings": plan.settings.to_dict(),
+            "steps": steps, "batch_size": plan.batch_size, "gradient_accumulation_steps": ga,
+            "global_batch_rows": plan.global_batch, "seq_length": seq, "settings": plan.settings.to_dict(),
             "logits_max_abs_diff_step0": logits_abs, "logits_scale": scale, "logits_rel_step0": logits_abs / scale,
             "loss_rel_diff_step0": rows[0]["loss_rel_diff"],
             "loss_rel_diff_max": max(r["loss_rel_diff"] for r in rows),
@@ -205,8 +248,20 @@ def run_parity(config: str | Path | None, weights: str | Path, data: str | Path,
             if not (v <= tol[tkey]):
                 f.append(f"{what} {v:.3g} > tolerance {tol[tkey]:g}")
         if not (drift["global_rel"] <= tol["param_drift_rel"]):
-            f.append(f"parameter drift after {steps} steps ||a-b||/||a|| {drift['global_rel']:.3g} > "
+            f.append(f"parameter drift after {steps} steps ||a-b||/||b|| {drift['global_rel']:.3g} > "
                      f"{tol['param_drift_rel']:g} (worst tensor {drift['max_rel_param']})")
+        over = []
+        bounds = {}
+        for name, rel in sorted(drift["per_tensor_rel"].items()):
+            bound = tensor_drift_bound(name, dtype, tol["tensor_drift_rel"])
+            bounds[name] = bound
+            if bound is not None and not (rel <= bound):
+                over.append((name, rel, bound))
+        summary["tensor_drift_bounds"] = bounds
+        summary["tensors_over_bound"] = [n for n, _, _ in over]
+        if over:
+            f.append(f"per-tensor drift after {steps} steps: {len(over)} tensor(s) past their bound: " + "; ".join(
+                f"{n} {r:.3g} > {b:g}" for n, r, b in over[:6]) + (" ..." if len(over) > 6 else ""))
         if summary["lr_max_abs_diff"] > 1e-6 * max(1e-12, plan.settings.learning_rate) + 1e-12:
             f.append(f"learning-rate schedules differ by {summary['lr_max_abs_diff']:.3g}")
     out["ok"] = not out["failures"]
@@ -241,7 +296,11 @@ def write_report(res: Mapping[str, Any], report_dir: str | Path) -> None:
             ["loss rel. diff, max over steps", s["loss_rel_diff_max"], tol["loss_rel"]],
             ["grad-norm rel. diff, max", s["grad_norm_rel_diff_max"], tol["grad_norm_rel"]],
             ["logits max-abs diff, step 0", s["logits_max_abs_diff_step0"], f"{tol['logits_rel']:g} x {s['logits_scale']:.3g}"],
-            ["parameter drift ||a-b||/||a||", s["param_drift"]["global_rel"], tol["param_drift_rel"]],
+            ["parameter drift ||a-b||/||b||", s["param_drift"]["global_rel"], tol["param_drift_rel"]],
+            ["worst per-tensor drift (bounded tensors)",
+             f"{max((r for n, r in s['param_drift']['per_tensor_rel'].items() if s['tensor_drift_bounds'].get(n) is not None), default=0.0):.3g}",
+             tol["tensor_drift_rel"]],
+            ["tensors past their drift bound", ", ".join(s["tensors_over_bound"]) or "none", "-"],
             ["worst tensor max-abs diff", f"{s['param_drift']['max_abs']:.3g} ({s['param_drift']['max_abs_param']})", "-"],
         ]), "## Per step", "", md_table(
             ["step", f"loss {a}", f"loss {b}", "rel. diff", f"grad norm {a}", f"grad norm {b}", "lr"],
