@@ -6,10 +6,14 @@ that defines the numbers -- the model built from the YAML's ``model_config``, it
 (``CrossEntropyLoss`` with the loss mask), ``mindformers.core.optim.adamw.AdamW``,
 ``LinearWithWarmUpLR`` and ``ClipGradNorm`` -- and only replaces the Trainer's loop.
 
-PyNative mode on CPU in float32 (``bfloat16`` sets ``compute_dtype`` only; parameters,
-layernorm, softmax and RoPE stay float32 as in the 7B YAML). Weights come from HF safetensors
-through ``distilled.convert.hf_to_mf``. The packed-data fix
-``distilled.mindformers_compat.apply_packed_rope_shim`` is applied by default; ``packed_shim=False``
+GRAPH_MODE by default, as the 7B YAML runs (``context.mode: 0``): the forward, the per-micro-batch
+gradient, the gradient accumulation and MindFormers' clip + AdamW are compiled ``nn.Cell``s
+(``mode="pynative"`` for debugging). float32 on CPU (``bfloat16`` sets ``compute_dtype`` only;
+parameters, layernorm, softmax and RoPE stay float32 as in the 7B YAML). Gradient accumulation is
+per token over all micro-batches of a step (see :meth:`MindSporeBackend.train_step`). Tied
+students keep ``tie_word_embeddings`` so ``LlamaForCausalLM`` shares the embedding with lm_head.
+Weights come from HF safetensors through ``distilled.convert.hf_to_mf``. The packed-mask fix
+``distilled.mindformers_compat.apply_packed_mask_shim`` is applied by default; ``packed_shim=False``
 runs stock MindFormers 1.9 (tests use it to prove the packing check catches its leak).
 """
 
