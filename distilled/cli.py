@@ -24,6 +24,7 @@ STAGE_MODULES = (
     "distilled.train",
     "distilled.parity",
     "distilled.evaluate",
+    "distilled.recipes",
     "distilled.demo",
 )
 

@@ -416,13 +416,17 @@ _ST_DTYPE_TO_TORCH = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 def convert_mf_to_hf(src: str | os.PathLike, dst_dir: str | os.PathLike, config: str | os.PathLike,
                      tie_word_embeddings: bool | None = None, tokenizer_dir: str | os.PathLike | None = None,
-                     max_shard_bytes: int = 5 << 30) -> Path:
+                     max_shard_bytes: int = 5 << 30, eval_run: str | os.PathLike | None = None,
+                     recipe: str | None = None, base_model: str | None = None, data: str | None = None) -> Path:
     """Convert a MindFormers safetensors checkpoint (a file, or a directory of unified files) to an
     HF model directory: ``model*.safetensors`` (+ index when sharded), ``config.json`` and, when
     given, the tokenizer files. Optimizer states in the checkpoint are skipped.
 
     ``config`` is the training YAML (its ``model.model_config``) or an HF directory / config.json to
-    copy. The output directory appears atomically.
+    copy. The output directory appears atomically. Beside the weights it writes
+    ``generation_config.json`` (``<|im_end|>`` first in ``eos_token_id``) and a model card
+    ``README.md`` naming base, recipe, data, the YAML's training settings and, with ``eval_run``
+    (a ``distill eval`` output folder), its results (:mod:`distilled.model_card`).
     """
     from distilled.io_utils import atomic_dir
 
@@ -473,6 +477,11 @@ def convert_mf_to_hf(src: str | os.PathLike, dst_dir: str | os.PathLike, config:
                 f = Path(tokenizer_dir) / name
                 if f.is_file():
                     shutil.copy2(f, tmp / name)
+        from distilled.model_card import write_export_extras
+
+        write_export_extras(tmp, hf_cfg, train_yaml=cfg_src if cfg_src.suffix in {".yaml", ".yml"} else None,
+                            tokenizer_dir=tokenizer_dir, recipe_name=recipe, base_model=base_model, data=data,
+                            eval_run=eval_run)
     return dst_dir
 
 
@@ -540,7 +549,7 @@ def _lora_alpha_from_config(config: str | os.PathLike) -> float | None:
 
 def convert_merge_lora(src: str | os.PathLike, dst_dir: str | os.PathLike, config: str | os.PathLike,
                        base: str | os.PathLike | None = None, lora_alpha: float | None = None,
-                       tokenizer_dir: str | os.PathLike | None = None) -> Path:
+                       tokenizer_dir: str | os.PathLike | None = None, **card: Any) -> Path:
     """Merge a MindFormers LoRA checkpoint into full HF ``Qwen2ForCausalLM`` safetensors.
 
     ``src``: a MindFormers safetensors file/dir from a LoRA run (adapters, and usually the frozen
@@ -576,7 +585,7 @@ def convert_merge_lora(src: str | os.PathLike, dst_dir: str | os.PathLike, confi
         save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp_file))
         tie = None if MF_EMBED not in merged else (LM_HEAD not in merged)
         return convert_mf_to_hf(tmp_file, dst_dir, config=config, tie_word_embeddings=tie,
-                                tokenizer_dir=tokenizer_dir)
+                                tokenizer_dir=tokenizer_dir, **card)  # card: eval_run, recipe, base_model, data
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,6 +594,19 @@ def convert_merge_lora(src: str | os.PathLike, dst_dir: str | os.PathLike, confi
 
 def _tie_arg(args: argparse.Namespace) -> bool | None:
     return args.tie_word_embeddings
+
+
+def _card_args(args: argparse.Namespace) -> dict:
+    return {"eval_run": args.eval_run, "recipe": args.recipe, "base_model": args.base_model, "data": args.data}
+
+
+def _card_flags(q: argparse.ArgumentParser) -> None:
+    """Model card inputs (README.md beside the weights; docs/recipes.md)."""
+    q.add_argument("--eval-run", default=None, metavar="DIR", help="a `distill eval` output: its results table "
+                                                                   "goes into the model card")
+    q.add_argument("--recipe", default=None, help="recipe name for the card (default: found from --config's file name)")
+    q.add_argument("--base-model", default=None, help="base model id for the card (default: the recipe's student)")
+    q.add_argument("--data", default=None, help="training data for the card (default: the recipe's data)")
 
 
 def _cmd_hf_to_mf(args: argparse.Namespace) -> int:
@@ -601,7 +623,7 @@ def _cmd_hf_to_mf(args: argparse.Namespace) -> int:
 def _cmd_mf_to_hf(args: argparse.Namespace) -> int:
     try:
         out = convert_mf_to_hf(args.src, args.dst, config=args.config, tie_word_embeddings=_tie_arg(args),
-                               tokenizer_dir=args.tokenizer)
+                               tokenizer_dir=args.tokenizer, **_card_args(args))
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -612,7 +634,7 @@ def _cmd_mf_to_hf(args: argparse.Namespace) -> int:
 def _cmd_merge_lora(args: argparse.Namespace) -> int:
     try:
         out = convert_merge_lora(args.src, args.dst, config=args.config, base=args.base,
-                                 lora_alpha=args.lora_alpha, tokenizer_dir=args.tokenizer)
+                                 lora_alpha=args.lora_alpha, tokenizer_dir=args.tokenizer, **_card_args(args))
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -645,6 +667,7 @@ def register_cli(sub: Any) -> None:
                    help="the training YAML (model.model_config) or an HF dir/config.json to copy")
     b.add_argument("--tokenizer", default=None, help="directory whose tokenizer files to copy")
     tie_flags(b)
+    _card_flags(b)
     b.set_defaults(func=_cmd_mf_to_hf)
 
     c = csub.add_parser("merge-lora", help="MindFormers LoRA checkpoint -> merged HF Qwen2ForCausalLM dir")
@@ -654,6 +677,7 @@ def register_cli(sub: Any) -> None:
     c.add_argument("--base", default=None, help="base weights when SRC holds only adapters (HF dir or MF file/dir)")
     c.add_argument("--lora-alpha", type=float, default=None, help="default: the YAML's pet_config.lora_alpha")
     c.add_argument("--tokenizer", default=None, help="directory whose tokenizer files to copy")
+    _card_flags(c)
     c.set_defaults(func=_cmd_merge_lora)
 
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

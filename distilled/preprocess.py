@@ -657,7 +657,8 @@ def summary_line(rep: dict) -> str:
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     try:
         fmt = FormatConfig(args.format, None if args.no_system_prompt else args.system_prompt,
-                           args.generation_policy, args.think_style, args.messages_column)
+                           args.generation_policy, args.think_style, args.messages_column,
+                           domain_column=args.domain_column, domains=args.domains)
         cfg = PreprocessConfig(
             inputs=args.input, tokenizer=args.tokenizer, seq_length=args.seq_length, output=args.output,
             format=fmt, num_proc=args.num_proc, strict=args.strict, shard_index=args.shard_index,
@@ -709,6 +710,10 @@ def register_cli(sub) -> None:
     p.add_argument("--think-style", choices=THINK_STYLES, default="keep",
                    help="stratos: keep <|begin_of_thought|> markers, or convert to <think> (r1)")
     p.add_argument("--messages-column", default="messages", help="column holding the conversation")
+    p.add_argument("--domains", default=None, metavar="D[=FRAC],...",
+                   help="keep only rows whose --domain-column value is listed, each at FRAC (default 1), "
+                        "e.g. Mixture-of-Thoughts 'math,science,code=0.5'; dropped rows are counted")
+    p.add_argument("--domain-column", default="source", help="column naming each row's domain (default source)")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="a .jinja template instead of the tokenizer's")
     p.add_argument("--engine", choices=("auto", "hf", "tiktoken"), default="auto",
                    help="BPE engine: auto uses tiktoken when it provably gives the tokenizer's exact ids "

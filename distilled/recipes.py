@@ -91,7 +91,7 @@ RECIPES: tuple[Recipe, ...] = (
         data_format="stratos",
         config="configs/finetune_qwen2_5_math_1_5b_4k.yaml",
         twin="configs/finetune_qwen2_5_math_1_5b_4k_tiny_cpu.yaml",
-        data_configs=("configs/data_process_bespoke_stratos.yaml", "configs/data_process_packing_4k.yaml"),
+        data_configs=("configs/data_process_bespoke_stratos.yaml", "configs/data_process_bespoke_stratos_packing_4k.yaml"),
         preprocess_args=("--think-style", "keep"),
         expected={"aime24": 6.67, "math_500": 45.4, "gpqa_diamond": 28.79},
         expected_source="open-r1 README (its own 1-epoch run, lighteval)",
@@ -106,7 +106,7 @@ RECIPES: tuple[Recipe, ...] = (
         data_format="magpie",
         config="configs/finetune_qwen2_5_3b_8k_lora_magpie.yaml",
         twin="configs/finetune_qwen2_5_3b_8k_lora_magpie_tiny_cpu.yaml",
-        data_configs=("configs/data_process_magpie.yaml", "configs/data_process_packing_8k.yaml"),
+        data_configs=("configs/data_process_magpie.yaml", "configs/data_process_magpie_packing_8k.yaml"),
         preprocess_args=(),
         expected={},
         expected_source="none published for this student",
@@ -123,7 +123,8 @@ RECIPES: tuple[Recipe, ...] = (
         data_format="messages",
         config="configs/finetune_qwen2_5_math_7b_32k_openr1_distill.yaml",
         twin="configs/finetune_qwen2_5_math_7b_32k_openr1_distill_tiny_cpu.yaml",
-        data_configs=("configs/data_process_mixture_of_thoughts.yaml", "configs/data_process_packing.yaml"),
+        data_configs=("configs/data_process_mixture_of_thoughts.yaml",
+                      "configs/data_process_mixture_of_thoughts_packing_32k.yaml"),
         preprocess_args=("--system-prompt", '"$(cat configs/open_r1_system_prompt.txt)"'),
         expected={"aime24": 52.7, "math_500": 89.0, "gpqa_diamond": 52.8},
         expected_source="open-r1 README (OpenR1-Distill-7B)",
@@ -202,7 +203,7 @@ def training_settings(raw: dict) -> dict[str, Any]:
         "loss": ("token mean over the global batch (calculate_per_token_loss)"
                  if raw.get("calculate_per_token_loss") else "mean of per-micro-batch token means"),
         "compute dtype": mc.get("compute_dtype"),
-        "RoPE theta": mc.get("theta"),
+        "RoPE theta": None if mc.get("theta") is None else f"{float(mc['theta']):g}",
         "tied embeddings": bool(mc.get("tie_word_embeddings", False)),
     }
     pet = mc.get("pet_config")
@@ -271,8 +272,11 @@ def commands(r: Recipe) -> dict[str, str]:
     data = (f"distill preprocess --input data/{slug}/raw --format {r.data_format} {fmt_args} "
             f"--tokenizer /models/{r.student.split('/')[-1]} --seq-length {seq} --output data/{slug}/packed")
     data = " ".join(data.split())
+    import yaml
+
+    handled = yaml.safe_load((REPO / r.data_configs[1]).read_text())["train_dataset"]["data_loader"]["dataset_path"]
     data_yaml = (f"python toolkit/data_preprocess/huggingface/datasets_preprocess.py --config {r.data_configs[0]} "
-                 f"--save_path data/{slug}/handled && python toolkit/data_preprocess/huggingface/datasets_preprocess.py "
+                 f"--save_path {handled} && python toolkit/data_preprocess/huggingface/datasets_preprocess.py "
                  f"--config {r.data_configs[1]} --save_path data/{slug}/packed")
     n = devices(raw)
     finetune = (f'bash scripts/msrun_launcher.sh "run_mindformer.py --config {r.config} --run_mode finetune '
@@ -301,13 +305,13 @@ def table_rows() -> list[list[str]]:
         exp = ", ".join(f"{t} {v:g}" for t, v in r.expected.items()) or "-"
         rows.append([f"`{r.name}`", r.source, r.student + (" (LoRA)" if r.lora else ""), r.data,
                      str(_node(raw, "model.model_config.seq_length")), str(global_batch(raw)),
-                     f"{exp} ({r.expected_source})" if r.expected else f"- ({r.expected_source})",
-                     f"`{r.config}`"])
+                     f"{exp}; {r.expected_source}" if r.expected else f"-; {r.expected_source}",
+                     f"`{r.config}`", f"`distill recipe show {r.name}`"])
     return rows
 
 
 TABLE_HEADERS = ["recipe", "source", "student", "data", "seq length", "global batch (rows)",
-                 "expected pass@1 (%)", "YAML"]
+                 "expected pass@1 (%)", "YAML", "commands"]
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -37,6 +37,8 @@ class FormatDataHandler(BaseInstructDataHandler):
         system_prompt: system turn added when a row has none; ``null``/``""`` disables it.
             Default: "Please reason step by step, and put your final answer within \\boxed{}."
         generation_policy / think_style / messages_column: see ``distilled.formats.FormatConfig``.
+        domains / domain_column: keep only rows whose ``domain_column`` (default ``source``) value is
+            listed (``"math,code=0.5"``, a list, or ``{value: fraction}``); see ``FormatConfig``.
         seq_length: accepted for YAML compatibility; over-length samples are left to the packing
             handler, which drops or truncates them and counts them.
         strict: stop at the first bad row (error names row and field) instead of counting it.
@@ -54,7 +56,7 @@ class FormatDataHandler(BaseInstructDataHandler):
                  generation_policy: str | None = None, think_style: str = "keep",
                  messages_column: str = "messages", strict: bool = False, batch_size: int = 1000,
                  num_proc: int | None = None, chat_template: str | None = None, engine: str = "auto",
-                 **kwargs: Any) -> None:
+                 domains: Any = None, domain_column: str = "source", **kwargs: Any) -> None:
         kwargs.pop("output_columns", None)
         tok_cfg = kwargs.get("tokenizer")
         if tok_cfg is None:
@@ -67,7 +69,8 @@ class FormatDataHandler(BaseInstructDataHandler):
         self.seq_length = seq_length
         self.config = FormatConfig(self.format_name,
                                    SYSTEM_PROMPT if system_prompt is _UNSET else (system_prompt or None),
-                                   generation_policy, think_style, messages_column)
+                                   generation_policy, think_style, messages_column,
+                                   domain_column=domain_column, domains=domains)
         if chat_template and os.path.isfile(chat_template):
             chat_template = Path(chat_template).read_text(encoding="utf-8")
         self.encoder = ChatEncoder(self.tokenizer, chat_template, engine)
