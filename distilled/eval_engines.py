@@ -270,7 +270,7 @@ def drive_machines(machines: list[Generator], run_steps: Callable[[list[Step]], 
 
 
 class TransformersEngine:
-    """A local HF causal LM: batched ``generate`` with left padding, seeded sampling per batch.
+    """A local HF causal LM: batched ``generate`` with left padding, seeded sampling per sample.
 
     Greedy when ``temperature == 0``. Runs on CUDA when available (bf16), else CPU (float32).
     ``logits_processor`` is a hook for callers who need one (tests use it to make a random tiny
@@ -323,8 +323,11 @@ class TransformersEngine:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return chat_ids(self.tok, messages)
 
-    def _generate(self, contexts: list[list[int]], limit: int, stop_at_close: bool, seed: int,
+    def _generate(self, contexts: list[list[int]], limit: int, stop_at_close: bool, seeds: list[int],
                   temperature: float, top_p: float) -> list[list[int]]:
+        """Continue every context by at most ``limit`` tokens; row ``r`` samples from its own
+        ``torch.Generator`` seeded with ``seeds[r]`` (:class:`_RowSampler`), so its output does not
+        depend on which other samples share the batch."""
         torch = self.torch
         width = max(len(c) for c in contexts)
         input_ids = torch.full((len(contexts), width), self.pad_id, dtype=torch.long)
@@ -333,25 +336,27 @@ class TransformersEngine:
             input_ids[r, width - len(c):] = torch.tensor(c, dtype=torch.long)
             mask[r, width - len(c):] = 1
         kw: dict[str, Any] = dict(max_new_tokens=limit, pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
-        if temperature > 0:
-            kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        # generate() always decodes greedily here; sampling (temperature > 0) is done per row by
+        # _RowSampler, the last logits processor, which leaves only the drawn token selectable
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if stop_at_close:
             from transformers import StoppingCriteriaList
 
             kw["stopping_criteria"] = StoppingCriteriaList([_CloseStop(self.tok, width)])
-        if self.logits_processor is not None:
+        procs = [self.logits_processor] if self.logits_processor is not None else []
+        if temperature > 0:
+            procs.append(_RowSampler(seeds, temperature, top_p))
+        if procs:
             from transformers import LogitsProcessorList
 
-            kw["logits_processor"] = LogitsProcessorList([self.logits_processor])
-        torch.manual_seed(seed)
+            kw["logits_processor"] = LogitsProcessorList(procs)
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kw)
         return [row[width:].tolist() for row in out.cpu()]
 
-    def run_steps(self, steps: list[Step], seed: int, temperature: float, top_p: float) -> list[Segment]:
-        """Run steps in batches of equal (limit, stop) so each keeps its own token limit."""
+    def run_steps(self, steps: list[Step], temperature: float, top_p: float) -> list[Segment]:
+        """Run steps in batches of equal (limit, stop) so each keeps its own token limit; each
+        step samples with its own seed (``Step.seed``: from the sample's seed and the step number)."""
         segs: list[Segment | None] = [None] * len(steps)
         groups: dict[tuple[int, bool], list[int]] = {}
         for i, s in enumerate(steps):
@@ -360,7 +365,7 @@ class TransformersEngine:
             for b in range(0, len(idx), self.batch_size):
                 chunk = idx[b:b + self.batch_size]
                 news = self._generate([steps[i].ids for i in chunk], limit, stop,
-                                      stable_seed(seed, limit, stop, chunk[0]), temperature, top_p)
+                                      [steps[i].seed for i in chunk], temperature, top_p)
                 for i, new in zip(chunk, news):
                     segs[i] = classify_ids(new, limit, self.end_ids, self.decode, stop)
         return segs  # type: ignore[return-value]
@@ -371,19 +376,54 @@ class TransformersEngine:
         for b in range(0, len(requests), self.batch_size):
             batch = requests[b:b + self.batch_size]
             prompts = [self.prompt_ids(r.messages) for r in batch]
-            bseed = stable_seed(seed, *batch[0].key)
             if budget.active:
-                machines = [budget_machine(p, "", max_tokens, budget, self.encode) for p in prompts]
-                results = drive_machines(machines, lambda steps: self.run_steps(steps, bseed, temperature, top_p))
+                machines = [budget_machine(p, "", max_tokens, budget, self.encode, r.seed)
+                            for p, r in zip(prompts, batch)]
+                results = drive_machines(machines, lambda steps: self.run_steps(steps, temperature, top_p))
                 for r, p, res in zip(batch, prompts, results):
                     yield r, GenOutput(res.text, res.finish_reason, len(p), res.completion_tokens,
                                        res.think_tokens, {"waits": res.waits, "forced_close": res.forced_close})
                 continue
-            news = self._generate(prompts, max_tokens, False, bseed, temperature, top_p)
+            news = self._generate(prompts, max_tokens, False, [r.seed for r in batch], temperature, top_p)
             for r, p, new in zip(batch, prompts, news):
                 seg = classify_ids(new, max_tokens, self.end_ids, self.decode, False)
                 finish = "length" if seg.end == "length" else "stop"
                 yield r, GenOutput(seg.text, finish, len(p), seg.n_tokens, _think_count(seg.text, seg.ids, self))
+
+
+class _RowSampler:
+    """Temperature + top-p sampling with one ``torch.Generator`` per batch row (a logits processor).
+
+    Why: ``generate(do_sample=True)`` draws every row from the one global RNG, so a sample depends
+    on its batch-mates (and on where a resumed run's batches start), and the seed logged in
+    samples.jsonl cannot reproduce it. Here row ``r`` is drawn from ``Generator(seeds[r])``, one
+    draw per generated token, and every other token is set to ``-inf`` so that greedy decoding
+    picks the drawn one. top-p keeps the smallest set of most likely tokens whose probability
+    reaches ``top_p`` (as transformers' ``TopPLogitsWarper``); top-k is off (``top_k=0``).
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
+        self.seeds, self.temperature, self.top_p = list(seeds), float(temperature), float(top_p)
+        self.gens: list[Any] | None = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.gens is None:
+            self.gens = [torch.Generator(device=scores.device).manual_seed(int(s)) for s in self.seeds]
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            drop = cum - sorted_logits.softmax(dim=-1) >= self.top_p  # mass before this token already enough
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        out = torch.full_like(scores, float("-inf"))
+        for r, g in enumerate(self.gens):
+            tok = torch.multinomial(probs[r], 1, generator=g)
+            out[r, tok] = 0.0
+        return out
 
 
 class _CloseStop:

@@ -183,26 +183,63 @@ def _messages(cfg: EvalConfig, p: Problem) -> list[dict]:
     return msgs
 
 
-def _fingerprint(cfg: EvalConfig) -> dict:
+def problems_digest(tasks: Sequence[Task]) -> dict[str, str]:
+    """Per task, a sha256 over its problems as prompted and scored: (id, prompt, gold) in order.
+
+    Why: the samples log holds verdicts made against the gold of the run that wrote them. A
+    corrected gold file, another --data-dir/--task-file or another --limit must not reuse them
+    (a resume would report stale verdicts), so this is part of the resume fingerprint.
+    """
+    import hashlib
+
+    out = {}
+    for t in tasks:
+        h = hashlib.sha256()
+        for p in t.problems:
+            h.update(json.dumps([p.id, p.user_prompt, p.gold], ensure_ascii=False).encode("utf-8"))
+            h.update(b"\n")
+        out[t.name] = h.hexdigest()[:16]
+    return out
+
+
+def _fingerprint(cfg: EvalConfig, tasks: Sequence[Task] | None = None) -> dict:
     d = asdict(cfg)
-    return {k: d[k] for k in _FINGERPRINT}
+    fp = {k: d[k] for k in _FINGERPRINT}
+    if tasks is not None:
+        fp["problems_sha256"] = problems_digest(tasks)
+    return fp
 
 
-def _prepare_output(cfg: EvalConfig) -> Path:
-    """Create the output dir; refuse to resume a run made with other generation settings."""
+def _describe_diff(key: str, old: Any, new: Any) -> str:
+    if key == "problems_sha256" and isinstance(old, dict) and isinstance(new, dict):
+        changed = sorted(t for t in set(old) & set(new) if old[t] != new[t])
+        if changed:
+            return (f"the problems or gold answers of {', '.join(changed)} differ (another --data-dir, "
+                    "--task-file, --limit or an edited file)")
+        return ""
+    return f"{key}: {old!r} -> {new!r}"
+
+
+def _prepare_output(cfg: EvalConfig, tasks: Sequence[Task] | None = None) -> Path:
+    """Create the output dir; refuse to resume a run made with other generation settings or
+    other problems / gold answers (:func:`problems_digest`)."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "run_config.json"
-    fp = _fingerprint(cfg)
+    fp = _fingerprint(cfg, tasks)
     if path.exists():
         try:
             old = json.loads(path.read_text()).get("fingerprint", {})
         except ValueError:
             old = {}
-        diff = [f"{k}: {old.get(k)!r} -> {fp[k]!r}" for k in fp if k in old and old.get(k) != fp[k]]
+        diff = [_describe_diff(k, old.get(k), fp[k]) for k in fp if k in old and old.get(k) != fp[k]]
+        diff = [d for d in diff if d]
         if diff and (out / "samples.jsonl").exists():
             raise EvalError(f"{out} holds samples made with other settings ({'; '.join(diff)}); "
                             "use another --output, or delete that directory to start over")
+        if isinstance(old.get("problems_sha256"), dict) and "problems_sha256" in fp:
+            # keep the digests of tasks this run does not touch: their samples stay in the log
+            fp["problems_sha256"] = {**old["problems_sha256"], **fp["problems_sha256"]}
     from distilled.io_utils import write_json
 
     write_json(path, {"fingerprint": fp, "config": asdict(cfg)})
@@ -349,7 +386,7 @@ def run_eval(cfg: EvalConfig, logits_processor: Any = None, stop_after: int | No
     if not cfg.model_name and cfg.model:
         cfg.model_name = Path(cfg.model).name
     engine = _make_engine(cfg, logits_processor)
-    out = _prepare_output(cfg)
+    out = _prepare_output(cfg, tasks)
     samples_path = out / "samples.jsonl"
     done = read_samples(samples_path)
     reqs = _requests(cfg, tasks, done)

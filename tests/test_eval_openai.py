@@ -352,3 +352,23 @@ def test_text_segment_reads_a_stop_by_server_kind():
     s = _text_segment("abcdef", "length", 7, True, 6, enc)
     assert (s.end, s.n_tokens) == ("length", 6)
     assert _text_segment("abc", "stop", None, False, 50, enc).end == "eos"  # answer phase
+
+
+def test_resume_refuses_other_problems_or_gold(teacher, tmp_path):
+    """Issue 13 item 6: the fingerprint holds a digest of the problems and gold it used, so a
+    corrected gold file (or another --limit / --task-file) cannot reuse stale verdicts."""
+    rows = synth(6, seed=5, split="test")
+    pf = tmp_path / "p.jsonl"
+    pf.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "r"
+    run_eval(cfg_for(teacher, pf, out), stop_after=3)
+    fp = json.loads((out / "run_config.json").read_text())["fingerprint"]
+    assert set(fp["problems_sha256"]) == {"synth"}
+    run_eval(cfg_for(teacher, pf, out), stop_after=1)  # same data: the resume goes on
+    rows[4] = {**rows[4], "answer": rows[4]["answer"] + "1"}  # a corrected gold answer
+    pf.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(EvalError, match=r"the problems or gold answers of synth differ"):
+        run_eval(cfg_for(teacher, pf, out))
+    with pytest.raises(EvalError, match=r"the problems or gold answers of synth differ"):
+        run_eval(cfg_for(teacher, pf, out, limit=3))
+    assert len(read_lines(out / "samples.jsonl")) == 4  # nothing was added by the refused runs

@@ -204,3 +204,24 @@ def test_machine_never_lets_wait_overrun_the_think_budget():
     run, _ = scripted([([1] * 5, "close"), ([1] * 3, "length"), ([2] * 3, "eos")])
     [res] = drive_machines([budget_machine([0], "", 100, BudgetConfig(min_think=10, max_think=10), enc)], run)
     assert res.waits == 1 and res.think_tokens == 10 and res.forced_close
+
+
+@pytest.mark.slow
+def test_resumed_sampled_run_reproduces_an_uninterrupted_one(tiny_qwen2_dir, problems_file, tmp_path):
+    """Issue 13 item 6: each sample draws from its own generator (seeded with the seed logged in
+    samples.jsonl), so neither its batch-mates nor where a resumed run's batches start change it."""
+    kw = dict(n=3, temperature=0.8, top_p=0.9, max_tokens=6)
+    full = run_eval(cfg(tiny_qwen2_dir, problems_file, tmp_path / "full", **kw))
+    run_eval(cfg(tiny_qwen2_dir, problems_file, tmp_path / "part", **kw), stop_after=5)  # interrupted
+    assert len(read_lines(tmp_path / "part" / "samples.jsonl")) == 5
+    resumed = run_eval(cfg(tiny_qwen2_dir, problems_file, tmp_path / "part", **kw))
+    assert resumed["new_samples"] == 9 - 5
+    one = run_eval(cfg(tiny_qwen2_dir, problems_file, tmp_path / "one", batch_size=1, **kw))  # no batch-mates
+
+    def by_key(d):
+        return {(r["problem_id"], r["sample_index"]): (r["output"], r["seed"]) for r in read_lines(d / "samples.jsonl")}
+
+    a, b, c = by_key(tmp_path / "full"), by_key(tmp_path / "part"), by_key(tmp_path / "one")
+    assert len(a) == 9 and a == b == c
+    assert len({o for o, _ in a.values()}) > 1  # really sampled: the samples differ
+    assert resumed["tasks"] == full["tasks"]
