@@ -146,3 +146,23 @@ def test_standin_logprobs_are_a_proper_distribution(vocab, qwen_tokenizer):
     the = vocab.by_bytes[b"The"]
     t = ids.index(the)
     assert vocab.by_bytes[b" The"] in rec.topk_ids[t].tolist()
+
+
+def test_teacher_with_renamed_special_tokens(vocab, qwen_tokenizer):
+    """DeepSeek-R1-Distill-Qwen: same BPE tokens, specials renamed. A closing special the student
+    cannot name is left out; as an alternative it goes to the tail; in the middle it is refused."""
+    text = "The answer is 84."
+    ids = qwen_tokenizer.encode(text, add_special_tokens=False)
+    eos = "<｜end▁of▁sentence｜>"
+    ent = lambda tok, b, lp, top: {"token": tok, "logprob": lp, "bytes": list(b), "top_logprobs": top}
+    content = [ent(vocab.token_text(i), vocab.bytes_of(i), -0.1,
+                   [ent(vocab.token_text(i), vocab.bytes_of(i), -0.1, []), ent(eos, eos.encode(), -3.0, [])])
+               for i in ids]
+    content.append(ent(eos, eos.encode(), -0.01, []))
+    got = parse_choice_logprobs({"logprobs": {"content": content}}, vocab, k=2)
+    np.testing.assert_array_equal(got.sampled_ids, ids)
+    assert (got.topk_ids[:, 1] == -1).all() and (got.topk_ids[:, 0] == np.asarray(ids)).all()
+    assert check_sampled(text, got.sampled_ids, vocab) == len(ids)
+    content.insert(2, ent(eos, eos.encode(), -0.01, []))
+    with pytest.raises(VocabularyMismatch, match="special token"):
+        parse_choice_logprobs({"logprobs": {"content": content}}, vocab, k=2)

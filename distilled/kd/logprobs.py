@@ -10,7 +10,11 @@ each teacher token to a student id **by its bytes** (vLLM's ``return_tokens_as_t
    positions after preprocessing re-tokenizes the text).
 
 A teacher with another vocabulary (DeepSeek-R1/V3: 129k tokens) fails (1) or (2) on its first
-generation; the error names the first differing position and both tokens. Sampling can, rarely,
+generation; the error names the first differing position and both tokens. Special tokens are
+the one exception to "same bytes": DeepSeek-R1-Distill-Qwen keeps Qwen2.5's 151,643 BPE tokens but
+renames the specials (``<｜end▁of▁sentence｜>`` is id 151643), so a closing special token the
+student cannot name is left out of the record (it spells no text), and an unnamed special
+*alternative* is left out of the top-K (its mass counts in the tail bucket). Sampling can, rarely,
 pick a non-canonical split of a word that the tokenizer would merge; such a generation keeps its
 text (trained by CE) and is counted, and :class:`VocabularyGuard` refuses the run when that is not
 rare (a different tokenizer, not an accident).
@@ -28,6 +32,7 @@ Shapes parsed (:func:`parse_choice_logprobs`):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -35,6 +40,9 @@ import numpy as np
 
 from distilled.kd import MAX_TOP_LOGPROBS, NO_TOKEN
 from distilled.kd.sidecar import TokenTopK
+
+
+_SPECIAL_RE = re.compile(r"^<[|｜].{1,60}[|｜]>$")  # <|im_end|>, <｜end▁of▁sentence｜>
 
 
 class VocabularyMismatch(ValueError):
@@ -115,6 +123,9 @@ class StudentVocab:
         else:
             raise LogprobsFormatError(f"{where}: no token string and no bytes")
         i = self.by_bytes.get(b)
+        if i is None and _SPECIAL_RE.match(b.decode("utf-8", "replace")):
+            raise VocabularyMismatch(f"{where}: teacher special token {b.decode('utf-8', 'replace')!r} has no student "
+                                     f"token of that name", kind="special")
         if i is None:
             raise VocabularyMismatch(f"{where}: teacher token {b.decode('utf-8', 'replace')!r} (bytes {list(b)[:16]}) "
                                      f"is not a token of the student's vocabulary; the teacher must share the "
@@ -201,7 +212,17 @@ def parse_choice_logprobs(choice: dict, vocab: StudentVocab, k: int, where: str 
     ids = np.full((n, k), NO_TOKEN, np.int32)
     lps = np.zeros((n, k), np.float32)
     for t, s in enumerate(steps):
-        sampled[t] = vocab.resolve(s.token, s.raw, f"{where} token {t}")
+        try:
+            sampled[t] = vocab.resolve(s.token, s.raw, f"{where} token {t}")
+        except VocabularyMismatch as exc:
+            # a teacher whose special tokens have other names (DeepSeek-R1-Distill-Qwen's
+            # <｜end▁of▁sentence｜> is Qwen's id 151643): closing special tokens after the text
+            # carry no text to align, so they are left out; anywhere else it is a mismatch
+            if exc.kind == "special" and all(_SPECIAL_RE.match(str(x.token or "")) for x in steps[t:]):
+                n = t
+                sampled, sampled_lp, ids, lps = sampled[:n], sampled_lp[:n], ids[:n], lps[:n]
+                break
+            raise
         sampled_lp[t] = s.logprob
         top = sorted(s.top, key=lambda e: -e[2])[:k]
         j = 0
@@ -209,7 +230,7 @@ def parse_choice_logprobs(choice: dict, vocab: StudentVocab, k: int, where: str 
             try:
                 ids[t, j] = vocab.resolve(tok, raw, f"{where} token {t} top_logprobs[{j}]")
             except VocabularyMismatch as exc:
-                if exc.kind != "ambiguous":
+                if exc.kind not in ("ambiguous", "special"):
                     raise
                 continue  # an alternative we cannot name: its mass stays in the tail bucket
             lps[t, j] = max(v, -65000.0)  # -inf / -9999 from servers: float16-safe, still zero probability
