@@ -59,6 +59,7 @@ class Recipe:
     eval_tasks: tuple[str, ...] = ("aime24", "math_500", "gpqa_diamond")
     lora: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    raw_subdir: str = "data"          # the folder of the downloaded set that holds its parquet files
 
     def yaml(self) -> dict:
         import yaml
@@ -128,6 +129,7 @@ RECIPES: tuple[Recipe, ...] = (
         preprocess_args=("--system-prompt", '"$(cat configs/open_r1_system_prompt.txt)"'),
         expected={"aime24": 52.7, "math_500": 89.0, "gpqa_diamond": 52.8},
         expected_source="open-r1 README (OpenR1-Distill-7B)",
+        raw_subdir="all",
         notes=("open-r1 trains without packing; here rows are BFD-packed with a per-document mask and the "
                "loss is the token mean over the whole global batch (calculate_per_token_loss).",),
     ),
@@ -269,7 +271,10 @@ def commands(r: Recipe) -> dict[str, str]:
     seq = int(_node(raw, "model.model_config.seq_length"))
     slug = r.name
     fmt_args = " ".join(r.preprocess_args)
-    data = (f"distill preprocess --input data/{slug}/raw --format {r.data_format} {fmt_args} "
+    data_id = r.data.split(" ")[0]
+    download = (f"huggingface-cli download {data_id} --repo-type dataset --local-dir data/{slug}/raw && "
+                f"huggingface-cli download {r.student} --local-dir /models/{r.student.split('/')[-1]}")
+    data = (f"distill preprocess --input data/{slug}/raw/{r.raw_subdir} --format {r.data_format} {fmt_args} "
             f"--tokenizer /models/{r.student.split('/')[-1]} --seq-length {seq} --output data/{slug}/packed")
     data = " ".join(data.split())
     import yaml
@@ -293,7 +298,7 @@ def commands(r: Recipe) -> dict[str, str]:
     card = (f"distill convert {verb} output/{slug}/unified runs/{slug}-hf --config {r.config} "
             f"--tokenizer /models/{r.student.split('/')[-1]} --eval-run runs/eval-{slug}")
     compare = f"distill eval compare runs/eval-{slug} --reference"
-    return {"data": data, "data (MindFormers YAMLs)": data_yaml, "finetune": finetune, "unify": unify,
+    return {"download": download, "data": data, "data (MindFormers YAMLs)": data_yaml, "finetune": finetune, "unify": unify,
             "convert": convert, "eval": evaluate, "model card with results": card, "compare": compare}
 
 

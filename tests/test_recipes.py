@@ -356,6 +356,69 @@ def test_recipe_data_yamls_match_distill_preprocess(name, tmp_path, qwen_tokeniz
     assert pack["handler"][0]["seq_length"] == _raw(rec.config)["model"]["model_config"]["seq_length"]
 
 
+# ------------------------------------------- packing == no packing for a whole global batch
+
+def test_packed_global_batch_gradient_equals_unpacked(tmp_path):
+    """OpenR1-Distill-7B trains unpacked in open-r1 and packed here. With a per-document mask and the
+    token-mean loss over the whole global batch, one optimizer step over the packed rows (several
+    accumulation micro-batches) has the same loss and the same gradient, tensor by tensor, as the
+    step over the same documents one per row. The per-micro-batch mean (MindFormers' stock
+    accumulation) does not: the test would catch it."""
+    import pyarrow as pa
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from backend_helpers import VOCAB, make_small_qwen2
+
+    from distilled.backends import TrainSettings, get_backend, packed_batch
+    from distilled.backends.base import split_documents
+    from distilled.packing import pack_table
+
+    rng = np.random.default_rng(5)
+    ids, labels = [], []
+    for i in range(10):  # documents with very different trained-token counts (3 .. ~90)
+        n = int(rng.integers(12, 110))
+        prompt = int(rng.integers(2, n - 2)) if i % 2 else n - 4
+        toks = rng.integers(2, VOCAB, n).tolist()
+        ids.append(toks)
+        labels.append([-100] * prompt + toks[prompt:])
+    table = pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32())),
+                      "labels": pa.array(labels, pa.list_(pa.int32()))})
+    packed, _ = pack_table(table, seq_length=128, pad_id=0, seed=0)
+    rows = packed.to_pylist()
+    assert len(rows) >= 4 and max(len(r["actual_seq_len"]) for r in rows) >= 2
+    micro = [packed_batch(rows[i:i + 2]) for i in range(0, len(rows), 2)]  # batch 2 x accumulation k
+    docs = [d for mb in micro for r in range(mb.batch_size) for d in split_documents(mb, r)]
+    assert len(docs) == 10 and sum(d.num_loss_tokens for d in docs) == sum(mb.num_loss_tokens for mb in micro)
+
+    weights = make_small_qwen2(tmp_path / "w")
+    st = TrainSettings(learning_rate=1e-3, warmup_steps=0, total_steps=2, max_grad_norm=None)
+
+    def step(batches):
+        be = get_backend("torch", device="cpu")
+        be.load_hf(weights)
+        be.setup_training(st)
+        r = be.train_step(batches)
+        return r, {n: p.grad.detach().double().clone() for n, p in be.module.named_parameters()}
+
+    r_packed, g_packed = step(micro)
+    r_docs, g_docs = step(docs)
+    assert r_packed.tokens == r_docs.tokens
+    assert r_packed.loss == pytest.approx(r_docs.loss, rel=1e-5)
+    assert r_packed.grad_norm == pytest.approx(r_docs.grad_norm, rel=1e-4)
+    for n, g in g_packed.items():
+        torch.testing.assert_close(g, g_docs[n], rtol=1e-4, atol=1e-7, msg=n)
+    # stock accumulation: sum of each micro-batch's own token mean -> another gradient
+    per_mb = [step([mb])[1] for mb in micro]
+    total = sum(mb.num_loss_tokens for mb in micro)
+    stock = {n: sum(g[n] for g in per_mb) for n in g_packed}
+    fixed = {n: sum(g[n] * (mb.num_loss_tokens / total) for g, mb in zip(per_mb, micro)) for n in g_packed}
+    for n in g_packed:  # the token-weighted sum of micro-batch means is the per-token gradient ...
+        torch.testing.assert_close(fixed[n], g_docs[n], rtol=1e-4, atol=1e-7, msg=n)
+    rel = max(float((stock[n] / len(micro) - g_docs[n]).norm() / (g_docs[n].norm() + 1e-12)) for n in g_packed)
+    assert rel > 0.05  # ... the plain mean of micro-batch means is not
+
+
 # ------------------------------------------------------------------- eval preset, reference rows
 
 def test_eval_preset_open_r1_and_explicit_flags_win():
@@ -581,11 +644,12 @@ def test_recipe_end_to_end_on_its_cpu_twin(rec, tmp_path, qwen_tokenizer_dir):
     tm = twin["model"]["model_config"]
     seq = int(tm["seq_length"])
     # 1. data: the recipe's own preprocessing command on rows shaped like its data set
-    rep = _preprocess(rec, _jsonl(tmp_path / "rows.jsonl", ROWS[rec.name](40, seed=3)), tmp_path / "packed",
+    n = {"openr1-distill-7b": 16, "magpie-lora-3b": 50}.get(rec.name, 40)  # ~4-8 packed rows of 512
+    rep = _preprocess(rec, _jsonl(tmp_path / "rows.jsonl", ROWS[rec.name](n, seed=3)), tmp_path / "packed",
                       qwen_tokenizer_dir, seq)
     rows = len(datasets.load_from_disk(str(tmp_path / "packed")))
     gb = global_batch(dict(twin, parallel_config=dict(twin["parallel_config"], data_parallel=1)))
-    assert rep["rows_kept"] == 40 and rows >= 2 * gb
+    assert rep["rows_kept"] == n and rows >= 2 * gb
     # 2. finetune: the twin through run_mindformer.py, one process, graph mode
     shape = TinyQwen2Shape(tie_word_embeddings=bool(tm["tie_word_embeddings"]), rope_theta=float(tm["theta"]))
     student = make_tiny_qwen2(tmp_path / "student", shape, tokenizer_dir=qwen_tokenizer_dir)
