@@ -120,3 +120,52 @@ def completion_logprobs_json(rec: TokenTopK, vocab: StudentVocab, as_ids: bool =
         tops.append({name(i): float(v) for i, v in zip(rec.topk_ids[t], rec.topk_logprobs[t]) if i >= 0})
     return {"tokens": tokens, "token_logprobs": [float(x) for x in rec.sampled_logprobs], "top_logprobs": tops,
             "text_offset": offs}
+
+
+class StandinLogprobs:
+    """What the stand-in teacher server attaches to its answers when asked for log-probabilities.
+
+    Why here and not in the server: the server stays a text server that knows nothing of
+    tokenizers; given the *student's* tokenizer (``distill serve-teacher --tokenizer``) this turns
+    an answer into per-token top-K log-probabilities over exactly the tokens that tokenizer makes
+    of it, as a teacher sharing the student's vocabulary would.
+    """
+
+    def __init__(self, tokenizer, eos_id: int | None = None):
+        if isinstance(tokenizer, str):
+            from distilled.preprocess import resolve_tokenizer_dir
+            from distilled.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(resolve_tokenizer_dir(tokenizer))
+        self.tokenizer = tokenizer
+        self.vocab = StudentVocab(tokenizer)
+        eos = eos_id if eos_id is not None else self.vocab.by_bytes.get(b"<|im_end|>")
+        self.eos_id = eos
+        # alternatives come from the BPE tokens only (a trimmed vocabulary's specials follow them)
+        self.bpe_size = min(self.vocab.special) if self.vocab.special else len(self.vocab.id_bytes)
+
+    def _seed(self, text: str, seed) -> int:
+        import hashlib
+
+        return int.from_bytes(hashlib.blake2b(f"{seed}|{text}".encode(), digest_size=8).digest(), "little")
+
+    def chat(self, text: str, k: int, seed, stopped: bool, as_ids: bool = False) -> dict:
+        """``choice.logprobs`` for a chat answer ``text``; the closing ``<|im_end|>`` is included
+        when the answer ``stopped`` (finish_reason "stop"), as a server that reports its EOS does."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if stopped and self.eos_id is not None:
+            ids = ids + [self.eos_id]
+        rec = synth_top_logprobs(ids, k, self._seed(text, seed), self.vocab, vocab_size=self.bpe_size)
+        return chat_logprobs_json(rec, self.vocab, as_ids)
+
+    def completion(self, prompt: str, text: str, k: int, seed, echo: bool, as_ids: bool = False) -> dict:
+        """``choice.logprobs`` of ``/v1/completions`` (legacy shape). With ``echo`` the prompt's
+        tokens come first, the very first with ``None`` logprob and top-K (nothing predicts it)."""
+        full = (prompt + text) if echo else text
+        ids = self.tokenizer.encode(full, add_special_tokens=False)
+        rec = synth_top_logprobs(ids, k, self._seed(full, seed), self.vocab, vocab_size=self.bpe_size)
+        out = completion_logprobs_json(rec, self.vocab, as_ids, text_offset0=0 if echo else len(prompt))
+        if echo and ids:
+            out["token_logprobs"][0] = None
+            out["top_logprobs"][0] = None
+        return out
