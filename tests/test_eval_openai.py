@@ -167,14 +167,17 @@ def test_killed_subprocess_resumes(problems_file, tmp_path):
         cmd = [sys.executable, "-m", "distilled", "eval", "--tasks", "synth", "--task-file", str(problems_file),
                "--api-addr", srv.addr, "--model-name", "stand-in-teacher", "--n", "8", "--max-concurrent", "2",
                "--max-tokens", "4000", "--output", str(out), "--verify-workers", "1"]
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # its own session, so the kill below reaches the verifier worker it forks too (a SIGKILL of
+        # the parent alone leaves that worker running)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
         samples = out / "samples.jsonl"
         deadline = time.time() + 120
         while time.time() < deadline:
             if samples.exists() and len(samples.read_text().splitlines()) >= 6:
                 break
             time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         got = len(read_lines(samples)) if samples.exists() else 0
         assert 0 < got < 48
