@@ -41,7 +41,8 @@ def eval_summary(run_dir: Path, problems: Path | None = None) -> dict[str, Any]:
         "model": res["model"],
         "problems": task["problems"],
         "samples": n,
-        "accuracy": task["pass@1"] / 100.0 if task["pass@1"] > 1.0 else task["pass@1"],
+        # results.json's pass@1 is a percentage (``distill eval``), 1.0 included: 1 of 100 correct
+        "accuracy": task["pass@1"] / 100.0,
         "pass@1_results_json": task["pass@1"],
         "answered": sum(1 for s in samples if s.get("extracted") is not None) / n if n else 0.0,
         "truncated": sum(1 for s in samples if s.get("finish_reason") == "length") / n if n else 0.0,

@@ -115,3 +115,21 @@ def test_demo_rerun_skips_finished_stages(demo_dir: Path) -> None:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("skipping") >= 9
+
+
+def test_eval_summary_reads_pass_at_1_as_a_percentage(tmp_path: Path) -> None:
+    """1 correct answer in 100 is pass@1 1.0 (percent) in results.json: 1% accuracy, not 100%."""
+    from distilled.demo_report import eval_summary
+
+    kinds = ["arithmetic", "linear"] * 50
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "kind": k}) + "\n"
+                                                 for i, k in enumerate(kinds)))
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"model": "m", "tasks": {"synth": {"problems": 100, "pass@1": 1.0}}}))
+    (tmp_path / "samples.jsonl").write_text("".join(
+        json.dumps({"problem_id": f"p{i}", "correct": i == 3, "extracted": "1" if i % 2 else None,
+                    "finish_reason": "stop", "completion_tokens": 10}) + "\n" for i in range(100)))
+    s = eval_summary(tmp_path, tmp_path / "test.jsonl")
+    assert s["accuracy"] == pytest.approx(0.01)
+    assert s["answered"] == pytest.approx(0.5)
+    assert s["by_kind"] == {"arithmetic": {"correct": 0, "samples": 50}, "linear": {"correct": 1, "samples": 50}}
