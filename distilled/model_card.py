@@ -125,7 +125,8 @@ def model_card(hf_cfg: dict, gen_cfg: dict, train_yaml: str | Path | None = None
     if raw is not None:
         settings = recipes.training_settings(raw)
         lines.append(md_table(["setting", "value"], [[k, v] for k, v in settings.items()]))
-        lines.append(f"\nFrom `{Path(train_yaml).name}`.")
+        lines.append(f"\nFrom `{Path(train_yaml).name}` (as the YAML sets them; `run_mindformer.py` lowers "
+                     "data_parallel to the number of workers actually started).")
     else:
         lines.append("Not recorded: the export was made with an HF config, not the training YAML.")
     lines += ["", "## Generation", ""]
