@@ -331,10 +331,28 @@ def judge(generation: str, gold: str, finish_reason: str | None = None, kind: st
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker_main(conn, timeout: float | None) -> None:
+def _exit_when_parent_dies(parent_pid: int, interval: float = 0.5) -> None:
+    """End this worker as soon as the process that started it is gone.
+
+    Why: a parent killed with SIGKILL cannot kill its workers, and a forked worker never sees EOF
+    on its pipe, because it inherited copies of the parent's ends (its own and its siblings').
+    Without this, every ``kill -9`` of ``distill reject``/``distill eval`` left a verifier process
+    running. A daemon thread polling ``getppid`` is portable and, unlike Linux's
+    ``PR_SET_PDEATHSIG``, does not fire when merely the parent *thread* that forked us exits.
+    """
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="distill-verifier-watchdog", daemon=True).start()
+
+
+def _worker_main(conn, timeout: float | None, parent_pid: int) -> None:
     """Worker loop: receive chunks of ``(seq, answer_text, gold, kind)``, send one result per item
     as soon as it is done (so the parent knows when the next item started)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
+    _exit_when_parent_dies(parent_pid)
     _mv()
     while True:
         try:
@@ -356,7 +374,7 @@ class _Worker:
 
     def __init__(self, ctx, timeout: float | None):
         parent, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, timeout), daemon=True,
+        self.proc = ctx.Process(target=_worker_main, args=(child, timeout, os.getpid()), daemon=True,
                                 name="distill-verifier")
         self.proc.start()
         child.close()

@@ -227,3 +227,42 @@ def test_labelled_set_ours_vs_docs_regex():
     # the docs' failure modes are the ones FACTS names: nested braces and unfinished reasoning
     by_what = {what: ok for (_, _, _, _, what), ok in zip(LABELLED, docs)}
     assert not by_what["nested braces"] and not by_what["unfinished think with boxed"]
+
+
+def test_workers_end_when_the_parent_is_killed(tmp_path):
+    """kill -9 of the process that owns a pool must not leave verifier workers behind."""
+    import os
+    import signal
+    import subprocess
+
+    code = ("import sys, time\n"
+            "from distilled.verify import VerifierPool\n"
+            "pool = VerifierPool(workers=2)\n"
+            "list(pool.judge_many([('$\\\\boxed{1}$', '1')]))\n"
+            "print(' '.join(str(w.proc.pid) for w in pool._pool), flush=True)\n"
+            "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(Path(f"/proc/{p}").exists() for p in pids)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.2)
+        left = [p for p in pids if _alive(p)]
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+        assert not left, f"verifier workers {left} outlived their killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` is a live (not zombie) process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
