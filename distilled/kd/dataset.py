@@ -62,12 +62,12 @@ class SidecarIndex:
             r.close()
 
 
-def pack_table_with_sidecars(table, sidecars: Sequence[str | os.PathLike], k: int, seq_length: int, pad_id: int,
+def pack_table_with_sidecars(table, sidecars: Sequence[str | os.PathLike], k: int | None, seq_length: int, pad_id: int,
                              special: Iterable[int], overlong: str = "drop", seed: int | None = None,
                              progress: bool = False):
     """Like :func:`distilled.packing.pack_table` plus the ``topk_ids``/``topk_logprobs`` columns.
 
-    Returns ``(packed, PackStats, report)`` where ``report`` says how many samples found teacher
+    ``k`` None takes the sidecars' K. Returns ``(packed, PackStats, report)`` where ``report`` says how many samples found teacher
     data, why the others did not, and the time spent (for ``report.json`` and bench/kd.py).
     """
     import pyarrow.compute as pc
@@ -75,6 +75,10 @@ def pack_table_with_sidecars(table, sidecars: Sequence[str | os.PathLike], k: in
     t0 = time.perf_counter()
     index = SidecarIndex(sidecars, special)
     t_index = time.perf_counter() - t0
+    k = int(k or index.k or 0)
+    if k < 1:
+        index.close()
+        raise ValueError(f"{', '.join(map(str, sidecars))}: no records (K unknown); nothing to distil from")
     try:
         ids_col = table.column("input_ids")
         lab_col = table.column("labels")

@@ -40,7 +40,7 @@ class ScoreConfig:
     tokenizer: str
     top_logprobs: int = 20
     model: str = "default"
-    uuid_column: str = "problem"
+    uuid_column: str = "problem_key"  # distill generate's resume key, kept by distill reject
     messages_column: str = "messages"
     generations_column: str | None = None  # score every generation of a generations.jsonl row
     prompt_column: str = "prompt"
@@ -270,7 +270,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-addr", action="append", default=None, help="HOST:PORT (repeatable)")
     p.add_argument("--base-url", action="append", default=None, help="full base URL (repeatable)")
     p.add_argument("--api-key-env", default=None)
-    p.add_argument("--uuid-column", default="problem", help="column naming the problem (as in distill generate)")
+    p.add_argument("--uuid-column", default="problem_key", help="column naming the problem (distill generate's "
+                                                                  "problem_key by default)")
     p.add_argument("--messages-column", default="messages")
     p.add_argument("--generations-column", default=None, help="score every generation of this list column")
     p.add_argument("--prompt-column", default="prompt", help="with --generations-column: the user prompt column")
