@@ -1,49 +1,67 @@
-"""The ``distill`` command: argument parsing only.
+"""The ``distill`` command: one static table of commands (litgpt's ``__main__.py``).
 
 Each stage module exposes ``register_cli(subparsers)``, which adds its sub-commands and sets
-``func`` (a callable taking the parsed ``argparse.Namespace`` and returning an exit code).
-This file only lists the modules; it never holds stage logic, so two stages never edit the
-same file to add a command.
+``func`` (a callable taking the parsed ``argparse.Namespace`` and returning an exit code). This file
+only lists them; it never holds stage logic.
+
+Why a static table: the modules are imported here directly, so a stage whose module fails to
+import is an error at start-up with its traceback, not a command that silently vanishes from
+``distill --help``. Start-up stays fast because stage modules import their heavy dependencies
+(torch, MindSpore, pyarrow, transformers) inside the functions that need them.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from typing import Callable
 
-STAGE_MODULES = (
-    "distilled.problems",
-    "distilled.teacher_server",
-    "distilled.generate",
-    "distilled.reject",
-    "distilled.tokenizer",
-    "distilled.preprocess",
-    "distilled.decontaminate",
-    "distilled.convert",
-    "distilled.train",
-    "distilled.parity",
-    "distilled.evaluate",
-    "distilled.recipes",
-    "distilled.demo",
+from distilled import convert
+from distilled import decontaminate
+from distilled import demo
+from distilled import evaluate
+from distilled import generate
+from distilled import parity
+from distilled import preprocess
+from distilled import problems
+from distilled import recipes
+from distilled import reject
+from distilled import teacher_server
+from distilled import tokenizer
+from distilled import train
+from distilled.kd import score as kd_score
+
+Register = Callable[[argparse._SubParsersAction], None]
+
+COMMANDS: tuple[tuple[str, Register], ...] = (
+    # (the top-level commands it adds, in `distill --help` order) -> the stage's register_cli
+    ("problems", problems.register_cli),
+    ("serve-teacher", teacher_server.register_cli),
+    ("generate", generate.register_cli),
+    ("reject", reject.register_cli),
+    ("score-teacher", kd_score.register_cli),
+    ("tokenizer", tokenizer.register_cli),
+    ("preprocess merge", preprocess.register_cli),
+    ("decontaminate", decontaminate.register_cli),
+    ("convert", convert.register_cli),
+    ("train", train.register_cli),
+    ("parity", parity.register_cli),
+    ("eval", evaluate.register_cli),
+    ("recipe", recipes.register_cli),
+    ("demo", demo.register_cli),
 )
+"""Every ``distill`` command, the pipeline's order: teacher -> traces -> data -> training -> eval."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Build the top-level parser from every stage module that is present."""
+    """Build the top-level parser from :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="distill",
         description="Distil DeepSeek-R1 reasoning into small models (MindSpore/Ascend, torch backend).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in STAGE_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # stage not built in this checkout
-                continue
-            raise
-        module.register_cli(sub)
+    for _names, register in COMMANDS:
+        register(sub)
     return parser
 
 

@@ -134,6 +134,8 @@ class ChatResult:
     attempts: int
     choices: list[tuple[str, str | None, str | None]] = field(default_factory=list)
     model: str | None = None
+    logprobs: Any = None  # choice 0's ``logprobs`` object when requested (non-streamed; distilled.kd)
+    prompt_logprobs: Any = None  # vLLM's ``prompt_logprobs`` (choice or response level), when requested
 
 
 def normalize_endpoint(ep: str) -> str:
@@ -612,7 +614,8 @@ class ChatClient:
         text, finish, reasoning = out[0]
         return ChatResult(text=text, finish_reason=finish, usage=data.get("usage") or {},
                           reasoning_content=reasoning, endpoint=ep.url, attempts=attempt, choices=out,
-                          model=data.get("model"))
+                          model=data.get("model"), logprobs=choices[0].get("logprobs"),
+                          prompt_logprobs=choices[0].get("prompt_logprobs", data.get("prompt_logprobs")))
 
     def endpoint_stats(self) -> list[dict]:
         """Per-endpoint counters: url, requests, errors, in_flight, down (bool)."""

@@ -105,6 +105,11 @@ class TeacherConfig:
     stream_usage: bool = True  # send the usage chunk when the request asks for it
     stream_done: bool = True  # end a stream with "data: [DONE]" (transformers serve does not)
     refuse_fields: tuple[str, ...] = ()  # answer 400 naming these fields (a server lacking an option)
+    # the student's tokenizer (a folder or 'qwen2.5'): with it, `logprobs`/`top_logprobs` (chat) and
+    # `logprobs: K` (+ `echo`, completions) are answered with realistic top-K log-probabilities over
+    # that tokenizer's tokens of the answer (distilled.kd.standin), as a teacher sharing the
+    # student's vocabulary would; without it such requests get 400
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         bad = [f for f in self.faults if f not in FAULT_KINDS]
@@ -223,6 +228,7 @@ class TeacherServer:
         self._fault_rng = random.Random(f"faults:{self.config.seed}")
         self._lat_rng = random.Random(f"latency:{self.config.seed}")
         self._free_rng = random.Random()
+        self._logprobs = None  # distilled.kd.standin.StandinLogprobs, built on first use
 
     # helpers
     def _semaphore(self) -> asyncio.Semaphore | None:
@@ -351,6 +357,19 @@ class TeacherServer:
             n = int(body.get("n") or 1)
         except (TypeError, ValueError):
             return self._error(400, "'max_tokens' and 'n' must be integers", "invalid_request_error")
+        if chat:
+            lp_k = int(body.get("top_logprobs") or 0) if body.get("logprobs") else None
+        else:
+            lp_k = None if body.get("logprobs") in (None, False) else int(body.get("logprobs") or 0)
+        if lp_k is not None:
+            if not c.tokenizer:
+                return self._error(400, "this stand-in teacher serves logprobs only when started with --tokenizer",
+                                   "invalid_request_error")
+            if not 0 <= lp_k <= 20:
+                return self._error(400, f"top logprobs must be 0..20, got {lp_k}", "invalid_request_error")
+            if body.get("stream"):
+                return self._error(400, "logprobs with stream are not supported by the stand-in teacher",
+                                   "invalid_request_error")
         if c.max_tokens_cap is not None and max_tokens > c.max_tokens_cap:
             return self._error(400, f"max_tokens={max_tokens} exceeds this model's limit of {c.max_tokens_cap} "
                                     "tokens", "BadRequestError")
@@ -389,6 +408,8 @@ class TeacherServer:
             choices, comp_tokens = [], 0
             for i in range(n):
                 choice, toks = self._choice(prompt, body.get("seed"), i, max_tokens, chat, fault == "length")
+                if lp_k is not None:
+                    self._attach_logprobs(choice, prompt, body, i, lp_k, chat)
                 choices.append(choice)
                 comp_tokens += toks
             usage = {"prompt_tokens": count_tokens(prompt_all), "completion_tokens": comp_tokens,
@@ -477,6 +498,27 @@ class TeacherServer:
             await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp, True
+
+    def _attach_logprobs(self, choice: dict, prompt: str, body: dict, index: int, k: int, chat: bool) -> None:
+        """Top-K log-probabilities over the student tokenizer's tokens of this answer (KD capture)."""
+        if self._logprobs is None:
+            from distilled.kd.standin import StandinLogprobs
+
+            self._logprobs = StandinLogprobs(self.config.tokenizer)
+        key = f"{self.config.seed}|{body.get('seed')}|{index}"
+        as_ids = bool(body.get("return_tokens_as_token_ids"))
+        if chat:
+            msg = choice["message"]
+            from distilled.client import merge_reasoning
+
+            text = merge_reasoning(msg.get("content"), msg.get("reasoning_content"))
+            choice["logprobs"] = self._logprobs.chat(text, max(k, 1), f"{key}|{prompt}",
+                                                     choice["finish_reason"] == "stop", as_ids)
+        else:
+            echo = bool(body.get("echo"))
+            choice["logprobs"] = self._logprobs.completion(prompt, choice["text"], max(k, 1), key, echo, as_ids)
+            if echo:
+                choice["text"] = prompt + choice["text"]
 
     def _choice(self, prompt: str, seed: Any, index: int, max_tokens: int, chat: bool,
                 force_length: bool) -> tuple[dict, int]:
@@ -663,7 +705,8 @@ def config_from_args(args: argparse.Namespace) -> TeacherConfig:
                          max_tokens_cap=args.max_tokens_cap, api_key=api_key, model=args.model,
                          strict_fields=args.strict_fields, token_ms=args.token_ms,
                          stream_usage=not args.no_stream_usage, stream_done=not args.no_stream_done,
-                         refuse_fields=tuple(f.strip() for f in (args.refuse_fields or "").split(",") if f.strip()))
+                         refuse_fields=tuple(f.strip() for f in (args.refuse_fields or "").split(",") if f.strip()),
+                         tokenizer=args.tokenizer)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -720,6 +763,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                    help="never send the usage chunk of a stream (clients must count)")
     p.add_argument("--no-stream-done", action="store_true",
                    help="end streams without 'data: [DONE]' (as transformers serve does)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="the student's tokenizer (folder or 'qwen2.5'): answer logprobs/top_logprobs requests with "
+                        "realistic top-K log-probabilities over its tokens (logits distillation)")
     p.add_argument("--refuse-fields", default=None, metavar="F,...",
                    help="answer 400 to requests carrying these fields (e.g. stream_options), like a server "
                         "without that option")
