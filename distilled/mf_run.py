@@ -334,6 +334,15 @@ def validate_config(config: Any, world: int = 1) -> dict:
         compressed = bool(dl.get("create_compressed_eod_mask", False))
         loader_cols = (["input_ids", "labels", "loss_mask", "position_ids",
                         "actual_seq_len" if compressed else "attention_mask"] if packed_mode else None)
+        from distilled.kd import KD_COLUMNS, uses_kd
+
+        if loader_cols is not None and uses_kd(config):  # logits distillation: two more packed columns
+            lacking = [c for c in KD_COLUMNS if c not in cols]
+            if lacking:
+                raise FinetuneConfigError(
+                    f"train_dataset.data_loader.dataset_path: {path} has no {lacking} columns, which this KD YAML "
+                    "trains on; build the data with `distill preprocess ... --kd-sidecar FILE`")
+            loader_cols = loader_cols + list(KD_COLUMNS)
         yaml_cols = _get(config, "train_dataset.input_columns")
         if loader_cols is not None and yaml_cols is not None and list(yaml_cols) != loader_cols:
             raise FinetuneConfigError(
@@ -446,6 +455,11 @@ def yaml_problems(path: str | os.PathLike) -> list[str]:
 
     raw = yaml.safe_load(Path(path).read_text())
     problems: list[str] = []
+    from distilled.kd import KD_ARCH, uses_kd
+
+    kd = uses_kd(raw)
+    if kd:  # registers KDLlamaForCausalLM and KDPackedDataLoader with MindFormerRegister
+        import distilled.kd.mindformers_kd  # noqa: F401
     try:
         ConfigTemplate.apply_template(copy.deepcopy(raw))
     except (KeyError, ValueError, TypeError) as exc:
@@ -505,6 +519,8 @@ def yaml_problems(path: str | os.PathLike) -> list[str]:
     pretrained_names = set(re.findall(r"kwargs\.pop\(\"(\w+)\"", inspect.getsource(PretrainedConfig.__init__)))
     pretrained_names |= {"tie_word_embeddings", "type"}
     for k in mc:
+        if kd and k in ("kd_alpha", "kd_temperature", "kd_top_k") and (node("model.arch") or {}).get("type") == KD_ARCH:
+            continue  # read by KDLlamaForCausalLM (distilled/kd/mindformers_kd.py)
         if k not in llama_names and k not in pretrained_names:
             problems.append(f"model.model_config.{k}: not a LlamaConfig argument (MindFormers would ignore it)")
     dl = node("train_dataset.data_loader") or {}
@@ -680,6 +696,11 @@ def run(argv: list[str] | None = None) -> int:
             getattr(compat, SHIM_FUNCTIONS[name])()
             applied.append(name)
     handlers_ok = register_project_handlers()
+    from distilled.kd import uses_kd
+
+    if uses_kd(config):  # logits distillation: registers KDLlamaForCausalLM / KDPackedDataLoader
+        import distilled.kd.mindformers_kd  # noqa: F401
+        applied.append("kd_model_and_loader")
     if rank == 0:
         for n in notes:
             print(f"run_mindformer.py: {n}", flush=True)
