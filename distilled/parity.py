@@ -178,6 +178,34 @@ def run_parity(config: str | Path | None, weights: str | Path, data: str | Path,
                     f"{res['max_rel_diff']:.3g} (> {tol['packing_rel']:g}): attention leaks across documents "
                     "(on torch: or positions do not restart per document)")
 
+    kd_yaml = plan.settings.kd_alpha is not None
+    if kd_yaml and check == "train":
+        raise ValueError("--check train compares CE training steps; for a KD YAML use --check kd (the KD loss, "
+                         "torch vs MindSpore) or all")
+    if check == "kd" or (check == "all" and kd_yaml):  # the KD loss, torch vs MindSpore (distilled/kd/parity_kd.py)
+        from distilled.kd.parity_kd import kd_parity
+
+        first = next(iter(iter_batches(ds, plan.batch_size, 1, where=str(data))))
+        if first.topk_ids is None:
+            raise ValueError(f"--check kd: {data} has no topk_ids/topk_logprobs columns")
+        logits = {}
+        for name in backends[:2]:
+            be = _make(name, backend_kwargs)
+            be.load_hf(wo.get(name, weights), model_config=plan.model_config, dtype=dtype,
+                       seq_length=first.seq_length, batch_size=plan.batch_size)
+            logits[name] = be.forward(first, return_logits=True).logits
+            del be
+        if set(logits) != {"torch", "mindspore"}:
+            raise ValueError(f"--check kd compares the torch and mindspore backends, got {list(backends)}")
+        out["kd"] = kd_parity(logits["torch"], logits["mindspore"], first.labels, first.topk_ids,
+                              first.topk_logprobs, plan.settings.kd_alpha if kd_yaml else 0.5,
+                              plan.settings.kd_temperature, tol["loss_rel_step0"])
+        out["failures"] += out["kd"]["failures"]
+        if kd_yaml and check == "all":
+            out.setdefault("notes", []).append("train check skipped: KD YAML (the MindSpore backend trains CE; "
+                                               "the KD loss is compared by the kd check)")
+            check = "kd"
+
     if check in ("train", "all"):
         if len(backends) != 2 or backends[0] == backends[1]:
             raise ValueError(f"the train check compares exactly two different backends, got {list(backends)} "
@@ -355,7 +383,7 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=20, help="training steps to compare (default 20)")
     p.add_argument("--dtype", default="float32", choices=sorted(TOLERANCES))
     p.add_argument("--report", help="write parity.json, parity.md and parity_loss.png here")
-    p.add_argument("--check", default="train", choices=["train", "packing", "all"],
+    p.add_argument("--check", default="train", choices=["train", "packing", "kd", "all"],
                    help="train: losses/grads/logits/drift; packing: packed vs per-document loss on each backend")
     p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help="two backends, comma-separated")
     p.set_defaults(func=_cmd_parity)

@@ -67,6 +67,9 @@ MAPPED = {
     "model.model_config.pet_config.lora_dropout": "LoRA dropout",
     "model.model_config.pet_config.target_modules": "regex over wq/wk/wv/wo/w1/w2/w3 -> q/k/v/o/gate/down/up_proj",
     "model.model_config.pet_config.lora_b_init": "B starts at zero (PEFT and MindPet)",
+    "model.model_config.kd_alpha": "KD (arch KDLlamaForCausalLM): alpha * CE + (1 - alpha) * KL",
+    "model.model_config.kd_temperature": "KD softmax temperature",
+    "model.model_config.kd_top_k": "KD: K of the data's top-K columns (checked against the data)",
 }
 # model_config keys checked against the weights' config.json
 MODEL_SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "n_kv_heads", "vocab_size",
@@ -287,6 +290,9 @@ def settings_from_yaml(cfg: Mapping[str, Any], num_rows: int | None = None, worl
         eps=float(opt.get("eps", 1e-8)), weight_decay=float(opt.get("weight_decay", 0.0)),
         max_grad_norm=float(rw.get("max_grad_norm", 1.0)) if clip else None,
         seed=int(cfg.get("seed", 0) or 0), lr_schedule=schedule)
+    if ((cfg.get("model") or {}).get("arch") or {}).get("type") == "KDLlamaForCausalLM":  # distilled/kd
+        settings.kd_alpha = float(mc.get("kd_alpha", 0.5))
+        settings.kd_temperature = float(mc.get("kd_temperature", 1.0))
     compute = str(mc.get("compute_dtype", "float32"))
     if compute not in ("float32", "bfloat16", "float16"):
         raise bad("model.model_config.compute_dtype", compute, "float32 or bfloat16")

@@ -42,6 +42,8 @@ class PackedBatch:
     position_ids: np.ndarray  # (B, S) int64
     doc_ids: np.ndarray  # (B, S) int64
     actual_seq_len: list[list[int]] = field(default_factory=list)
+    topk_ids: np.ndarray | None = None  # (B, S, K) int32, -1 = none: logits distillation (distilled/kd/align.py)
+    topk_logprobs: np.ndarray | None = None  # (B, S, K) float16/32
 
     @property
     def batch_size(self) -> int:
@@ -71,7 +73,9 @@ class PackedBatch:
         """Batch of one row (for the per-document packing check)."""
         return PackedBatch(self.input_ids[i:i + 1], self.labels[i:i + 1], self.loss_mask[i:i + 1],
                            self.position_ids[i:i + 1], self.doc_ids[i:i + 1],
-                           self.actual_seq_len[i:i + 1])
+                           self.actual_seq_len[i:i + 1],
+                           None if self.topk_ids is None else self.topk_ids[i:i + 1],
+                           None if self.topk_logprobs is None else self.topk_logprobs[i:i + 1])
 
 
 class PackedDataError(ValueError):
@@ -145,8 +149,18 @@ def packed_batch(rows: Sequence[Mapping[str, Any]], where: str = "batch",
         docs.append(d)
         asl.append([int(e) for e in r["actual_seq_len"]])
     labels = np.stack(labs)
+    topk_ids = topk_lp = None
+    if all(r.get("topk_ids") is not None for r in rows):  # KD columns (flat S*K per row)
+        topk_ids = np.stack([np.asarray(r["topk_ids"], dtype=np.int32) for r in rows])
+        topk_lp = np.stack([np.asarray(r["topk_logprobs"], dtype=np.float32) for r in rows])
+        if topk_ids.shape[1] % seq_length or topk_lp.shape != topk_ids.shape:
+            raise PackedDataError(f"{where}: 'topk_ids' has {topk_ids.shape[1]} values per row, not a multiple of "
+                                  f"seq_length {seq_length} (or 'topk_logprobs' differs)")
+        k = topk_ids.shape[1] // seq_length
+        topk_ids = topk_ids.reshape(len(rows), seq_length, k)
+        topk_lp = topk_lp.reshape(len(rows), seq_length, k)
     return PackedBatch(np.stack(ids), labels, (labels != IGNORE_INDEX).astype(np.float32),
-                       np.stack(pos), np.stack(docs), asl)
+                       np.stack(pos), np.stack(docs), asl, topk_ids, topk_lp)
 
 
 def split_documents(batch: PackedBatch, row: int = 0) -> list[PackedBatch]:
@@ -198,6 +212,9 @@ class TrainSettings:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     lr_schedule: str = "LinearWithWarmUpLR"
+    # logits distillation (model.arch.type KDLlamaForCausalLM): alpha * CE + (1 - alpha) * KL
+    kd_alpha: float | None = None
+    kd_temperature: float = 1.0
 
     def lr_at(self, step: int) -> float:
         """Learning rate used by optimizer step ``step`` (0-based)."""

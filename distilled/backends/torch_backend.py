@@ -241,6 +241,18 @@ class TorchBackend(Backend):
         logits = logits.float().reshape(batch.batch_size, batch.seq_length, -1)
         labels = torch.as_tensor(batch.labels, dtype=torch.long, device=self.device)
         mask = torch.as_tensor(batch.loss_mask, dtype=torch.float32, device=self.device)
+        kd = getattr(self, "settings", None)
+        if kd is not None and kd.kd_alpha is not None:  # logits distillation (distilled/kd/loss_torch.py)
+            if batch.topk_ids is None:
+                raise ValueError("the YAML trains KDLlamaForCausalLM but the data has no topk_ids/topk_logprobs "
+                                 "columns (build it with `distill preprocess --kd-sidecar`)")
+            from distilled.kd.loss_torch import kd_loss_terms
+
+            t = kd_loss_terms(logits, labels, torch.as_tensor(batch.topk_ids, device=self.device),
+                              torch.as_tensor(batch.topk_logprobs, dtype=torch.float32, device=self.device),
+                              kd.kd_alpha, kd.kd_temperature, mask=mask)
+            loss_sum, count = t["numerator"], t["tokens"]
+            return loss_sum / (count + 1e-8), loss_sum, count, (logits if return_logits else None)
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                labels.reshape(-1).clamp_min(0), reduction="none")
         loss_sum = (ce * mask.reshape(-1)).sum()
