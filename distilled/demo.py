@@ -74,6 +74,11 @@ class DemoConfig:
     eval_max_tokens: int = 256
     seed: int = 0
     force: bool = False
+    # logits distillation (docs/logits-distillation.md): capture the stand-in teacher's top-K,
+    # preprocess with aligned top-K columns, fine-tune KDLlamaForCausalLM (configs/*_kd.yaml)
+    kd: bool = False
+    kd_top_k: int = 8
+    kd_alpha: float = 0.5
 
     @property
     def python(self) -> str:
@@ -172,6 +177,8 @@ class Demo:
         cmd = [self.cfg.python, "-m", "distilled", "serve-teacher", "--host", "127.0.0.1", "--port", str(port),
                "--wrong-rate", str(self.cfg.wrong_rate), "--latency-ms", "20", "--capacity", "32",
                "--seed", str(self.cfg.seed)]
+        if self.cfg.kd:
+            cmd += ["--tokenizer", str(self.p("tokenizer"))]
         print(f"  $ {shlex.join(cmd)} &", flush=True)
         with open(log, "ab") as lf:
             proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=lf, stderr=subprocess.STDOUT,
@@ -243,9 +250,12 @@ class Demo:
     def run_all(self) -> None:
         self.prepare()
         self.stage("problems", self.s_problems)
+        if self.cfg.kd:  # the teacher's top-K is mapped to (and checked against) the student's tokenizer
+            self.stage("tokenizer", self.s_tokenizer)
         self.stage("generate", self.s_generate)
         self.stage("reject", self.s_reject)
-        self.stage("tokenizer", self.s_tokenizer)
+        if not self.cfg.kd:
+            self.stage("tokenizer", self.s_tokenizer)
         self.stage("preprocess", self.s_preprocess)
         self.stage("student", self.s_student)
         self.stage("eval-before", lambda: self.s_eval("eval-before", self.p("student-init"), "student (before)"))
@@ -275,7 +285,8 @@ class Demo:
                          "--output-file", str(out), "--prompt-column", "problem", "--uuid-column", "id",
                          "--api-addr", addr, "--num-generations", str(c.num_generations),
                          "--max-tokens", "2048", "--max-concurrent", "32", "--seed", str(c.seed),
-                         "--prompt-template", PROMPT_TEMPLATE)
+                         "--prompt-template", PROMPT_TEMPLATE,
+                         *(["--top-logprobs", str(c.kd_top_k), "--tokenizer", str(self.p("tokenizer"))] if c.kd else []))
         dt = time.perf_counter() - t0
         rows = _count_lines(out)
         gens = rows * c.num_generations
@@ -314,7 +325,8 @@ class Demo:
     def finetune_yaml(self) -> Path:
         """configs/finetune_qwen2_5_tiny_cpu.yaml with the demo student's shape, vocabulary and pad id
         (the base YAML's context, graph mode included, is kept as it is)."""
-        dst = self.p("configs", "finetune_qwen2_5_tiny_cpu.yaml")
+        src = "finetune_qwen2_5_tiny_cpu_kd.yaml" if self.cfg.kd else "finetune_qwen2_5_tiny_cpu.yaml"
+        dst = self.p("configs", src)
         if dst.exists():
             return dst
 
@@ -326,6 +338,8 @@ class Demo:
                       intermediate_size=shape.intermediate_size, theta=shape.rope_theta)
             mc["pad_token_id"] = self.special_ids()["<|endoftext|>"]
             mc["seq_length"] = self.cfg.seq_length
+            if self.cfg.kd:
+                mc.update(kd_top_k=self.cfg.kd_top_k, kd_alpha=self.cfg.kd_alpha)
             cfg["lr_schedule"]["learning_rate"] = self.cfg.learning_rate
             # one checkpoint per epoch (the YAML's every-2-steps suits its short tests, not a run)
             rows = self.results_by_name("preprocess").rows_out or 1
@@ -333,7 +347,7 @@ class Demo:
                 if cb.get("type") == "CheckpointMonitor":
                     cb["save_checkpoint_steps"] = max(1, rows // self.cfg.workers)
 
-        return self._derived_yaml("finetune_qwen2_5_tiny_cpu.yaml", "finetune_qwen2_5_tiny_cpu.yaml", edit)
+        return self._derived_yaml(src, src, edit)
 
     def _derived_yaml(self, src: str, name: str, edit: Callable[[dict], None]) -> Path:
         """Copy one of the project's YAMLs with demo paths and sizes filled in."""
@@ -369,18 +383,26 @@ class Demo:
             dl["handler"][0]["seed"] = c.seed  # BFD emits rows longest-first; shuffle them
             dl["handler"][0]["pad_token"] = self.special_ids()["<|endoftext|>"]
 
-        y1 = self._derived_yaml("data_process_handling.yaml", "data_process_handling.yaml", handling)
-        y2 = self._derived_yaml("data_process_packing.yaml", "data_process_packing.yaml", packing)
-        script = str(REPO / "toolkit" / "data_preprocess" / "huggingface" / "datasets_preprocess.py")
-        self.run("preprocess", [c.python, script, "--config", str(y1), "--save_path", str(handled)])
-        self.run("preprocess", [c.python, script, "--config", str(y2), "--save_path", str(packed)])
+        if c.kd:  # MindFormers' packed loader keeps 5 columns: the top-K ones come from distill preprocess
+            self.distill("preprocess", "preprocess", "--input", str(self.p("data", "verified.jsonl")), "--format",
+                         "cot", "--tokenizer", str(self.p("tokenizer")), "--seq-length", str(c.seq_length),
+                         "--output", str(packed), "--seed", str(c.seed), "--quiet",
+                         "--kd-sidecar", str(self.p("data", "generations.topk.bin")), "--kd-top-k", str(c.kd_top_k))
+            handled = packed
+        else:
+            y1 = self._derived_yaml("data_process_handling.yaml", "data_process_handling.yaml", handling)
+            y2 = self._derived_yaml("data_process_packing.yaml", "data_process_packing.yaml", packing)
+            script = str(REPO / "toolkit" / "data_preprocess" / "huggingface" / "datasets_preprocess.py")
+            self.run("preprocess", [c.python, script, "--config", str(y1), "--save_path", str(handled)])
+            self.run("preprocess", [c.python, script, "--config", str(y2), "--save_path", str(packed)])
         import datasets
 
         ds = datasets.load_from_disk(str(packed))
         ends = [r[-1] for r in ds["actual_seq_len"]]
         docs = sum(len(r) for r in ds["actual_seq_len"])
         fill = sum(ends) / (len(ds) * c.seq_length) if len(ds) else 0.0
-        handled_n = len(datasets.load_from_disk(str(handled)))
+        handled_n = (_read_json(packed / "report.json")["samples"] if c.kd
+                     else len(datasets.load_from_disk(str(handled))))
         return StageResult("preprocess", rows_in=_count_lines(self.p("data", "verified.jsonl")), rows_out=len(ds),
                            summary=f"{handled_n} tokenized samples -> {len(ds)} packed rows of {c.seq_length} "
                                    f"({fill:.1%} filled)",
@@ -482,6 +504,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parity-steps", type=int, default=d.parity_steps)
     p.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--kd", action="store_true",
+                   help="logits distillation: capture the teacher's top-K log-probabilities and fine-tune on "
+                        "alpha * CE + (1 - alpha) * KL (docs/logits-distillation.md)")
+    p.add_argument("--kd-top-k", type=int, default=d.kd_top_k, help="with --kd: K (<= 20)")
+    p.add_argument("--kd-alpha", type=float, default=d.kd_alpha, help="with --kd: weight of CE (1 = plain SFT)")
     p.add_argument("--force", action="store_true",
                    help="start over: delete the output directory and redo every stage")
     p.set_defaults(func=_cmd_demo)
@@ -489,6 +516,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__})
+    if cfg.kd and cfg.output == DemoConfig.output:  # keep the plain demo's results beside the KD one
+        cfg.output = Path("runs/demo-kd")
     return run_demo(cfg)
 
 
