@@ -99,6 +99,8 @@ class GenerateConfig:
     probe_timeout: float = 10.0
     allow_settings_change: bool = False
     drop_columns: tuple[str, ...] = ()
+    top_logprobs: int | None = None  # K: also store the teacher's top-K per token (distilled.kd.capture)
+    tokenizer: str | None = None  # the student's tokenizer, to map and check the teacher's tokens (KD)
 
 
 @dataclass
@@ -122,6 +124,7 @@ class GenerateSummary:
     failed_file: str | None = None
     usage_counted: int = 0
     signal: str | None = None
+    kd_line: str | None = None  # with --top-logprobs: what the sidecar got (distilled.kd.capture)
 
     @property
     def done(self) -> int:
@@ -410,6 +413,21 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
     with atomic_write(fpath) as f:  # this run's failures only; earlier ones are retried below
         f.write("")
     failed_log = JsonlAppender(fpath, fsync_every=cfg.fsync_every)
+    capture = None
+    if cfg.top_logprobs:  # logits distillation: the top-K sidecar beside the JSONL (docs/logits-distillation.md)
+        from distilled.kd.capture import Capture
+        from distilled.kd.logprobs import VocabularyMismatch
+
+        if cfg.stream or not cfg.tokenizer:
+            appender.close()
+            failed_log.close()
+            raise SystemExit("error: --top-logprobs needs --tokenizer (the student's tokenizer: teacher tokens are "
+                             "mapped and checked against it)" if not cfg.tokenizer else
+                             "error: --top-logprobs needs non-streamed answers (drop --stream)")
+        capture = Capture(out_path, cfg.top_logprobs, cfg.tokenizer, committed=done, fsync_every=cfg.fsync_every)
+        if capture.writer.repaired_bytes:
+            warn(f"warning: {capture.path}: cut {capture.writer.repaired_bytes} bytes ({capture.writer.orphan_records} "
+                 f"records of unwritten problems and/or a torn record) left by an interrupted run")
 
     todo = [p for p in problems if p.key not in done]
     summ.already_done = len(problems) - len(todo)
@@ -465,7 +483,8 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
             seed = None if cfg.seed is None else cfg.seed * 100_003 + g
             try:
                 r = await client.chat(messages(p), max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                      top_p=cfg.top_p, seed=seed)
+                                      top_p=cfg.top_p, seed=seed,
+                                      extra=capture.request_extra() if capture is not None else None)
             except RetriesExhausted as exc:
                 fail(p, g, exc.reason, exc.attempts)
                 if exc.unreachable and client.all_down():  # every server went away: stop, don't fail them all
@@ -487,9 +506,19 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
             summ.completion_tokens += int((r.usage or {}).get("completion_tokens") or 0)
             if p.failed:
                 continue
+            if capture is not None:
+                try:
+                    r.kd_record = capture.take(r.text, r.logprobs, f"problem {p.key!r} generation {g}")
+                except VocabularyMismatch as exc:
+                    if not fatal:
+                        fatal.append(str(exc))
+                    stop.set()
+                    return
             p.results[g] = r
             p.remaining -= 1
             if p.remaining == 0:
+                if capture is not None:  # records first: the JSONL line is their commit point
+                    capture.commit(p.key, [getattr(x, "kd_record", None) for x in p.results])
                 appender.write(output_row(p, p.results))
                 p.results = []
                 summ.written += 1
@@ -499,6 +528,8 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
     async def ticker() -> None:
         while True:
             await asyncio.sleep(min(1.0, cfg.fsync_every))
+            if capture is not None:
+                capture.sync()  # the sidecar reaches the disk before the JSONL lines that commit it
             appender.sync()
             if pbar is not None:
                 dt = max(1e-9, time.perf_counter() - t0)
@@ -544,6 +575,9 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
         await asyncio.gather(tick, stopper, return_exceptions=True)
         for sig in installed:
             loop.remove_signal_handler(sig)
+        if capture is not None:
+            capture.close()
+            summ.kd_line = capture.line()
         appender.close()
         failed_log.close()
         await client.close()
@@ -612,7 +646,8 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
                           limit=args.limit, progress=not args.no_progress, stream=args.stream,
                           idle_timeout=args.idle_timeout, retry_after_max=args.retry_after_max,
                           wait_for_server=args.wait_for_server, allow_settings_change=args.allow_settings_change,
-                          drop_columns=tuple(c.strip() for c in (args.drop_columns or "").split(",") if c.strip()))
+                          drop_columns=tuple(c.strip() for c in (args.drop_columns or "").split(",") if c.strip()),
+                          top_logprobs=args.top_logprobs, tokenizer=args.tokenizer)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -643,6 +678,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(summ.interrupted_line(cfg.output_file), flush=True)
         return EXIT_INTERRUPTED
     print(summ.line(), flush=True)
+    if summ.kd_line:
+        print(summ.kd_line, flush=True)
     if summ.fatal:
         print(f"error: {summ.fatal}", file=sys.stderr)
         return EXIT_FATAL
@@ -688,6 +725,12 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-settings-change", action="store_true",
                    help="resume into an output made with other settings (the change is recorded in "
                         "OUT.settings.json); without it such a resume stops and names the differences")
+    p.add_argument("--top-logprobs", type=int, default=None, metavar="K",
+                   help="also store the teacher's top-K log-probabilities per generated token (K <= 20) in "
+                        "OUT.topk.bin, for logits distillation (needs --tokenizer; docs/logits-distillation.md)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="with --top-logprobs: the student's tokenizer (folder or 'qwen2.5'); teacher tokens are "
+                        "mapped to it by bytes and a teacher with another vocabulary is refused")
     p.add_argument("--drop-columns", default=None, metavar="COL,...",
                    help="input columns to leave out of the output (e.g. an input's own 'generations')")
     p.add_argument("--max-retries", type=int, default=8, help="retries per generation after the first attempt")

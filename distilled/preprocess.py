@@ -73,6 +73,8 @@ class PreprocessConfig:
     decontaminate_data: str | None = None
     decontaminate_ngram: int | None = None
     progress: bool = True
+    kd_sidecars: list[str] | None = None  # top-K sidecars: add aligned topk_ids/topk_logprobs (distilled.kd)
+    kd_top_k: int | None = None  # K of the columns (default: the sidecars' K)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -85,6 +87,9 @@ class PreprocessConfig:
             raise ValueError(f"--overlong must be drop or truncate, got {self.overlong!r}")
         if self.batch_size < 1 or self.num_proc < 1:
             raise ValueError("--batch-size and --num-proc must be >= 1")
+        if self.kd_sidecars and self.num_shards > 1:
+            raise ValueError("--kd-sidecar works on one host only (no --num-shards): the top-K columns are built "
+                             "while packing, and `distill merge` packs again without them")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -520,8 +525,11 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         if decon is not None:
             report["decontamination"] = decon.report()
         keep = cfg.keep_handled or cfg.num_shards > 1
+        kd = None
+        if cfg.kd_sidecars:  # logits distillation: top-K columns aligned to the packed labels
+            kd = (cfg.kd_sidecars, cfg.kd_top_k, {int(i) for i in getattr(main_tok, "added_tokens_decoder", {})})
         _pack_and_save(Path(tmp), handled_path, cfg.seq_length, int(pad_id), cfg.overlong, cfg.seed, report,
-                       keep, cfg.progress, t0)
+                       keep, cfg.progress, t0, kd=kd)
         write_json(Path(tmp) / REPORT_FILE, report)
     return report
 
@@ -534,7 +542,7 @@ def _read_handled(path: Path):
 
 def _pack_and_save(out: Path, handled_path: Path | None, seq_length: int, pad_id: int, overlong: str,
                    seed: int | None, report: dict, keep_handled: bool, progress: bool, t0: float,
-                   table=None) -> None:
+                   table=None, kd: tuple | None = None) -> None:
     """Pack the handled table (memory-mapped) and save it as a load_from_disk dataset in ``out``."""
     import datasets
 
@@ -543,7 +551,13 @@ def _pack_and_save(out: Path, handled_path: Path | None, seq_length: int, pad_id
     if table is None:
         table = _read_handled(handled_path)
     t1 = time.perf_counter()
-    packed, stats = pack_table(table, seq_length, pad_id, overlong, seed=seed, progress=progress)
+    if kd is not None:  # (sidecars, K or None, special ids): see distilled/kd/dataset.py
+        from distilled.kd.dataset import pack_table_with_sidecars
+
+        packed, stats, report["kd"] = pack_table_with_sidecars(table, kd[0], kd[1], seq_length, pad_id, kd[2],
+                                                               overlong, seed=seed, progress=progress)
+    else:
+        packed, stats = pack_table(table, seq_length, pad_id, overlong, seed=seed, progress=progress)
     pack_s = time.perf_counter() - t1
     del table
     # explicit fingerprint: without one, `datasets` hashes (serialises) the whole table, which
@@ -666,7 +680,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
             keep_handled=args.keep_handled, seed=args.seed, chat_template=args.chat_template, engine=args.engine,
             decontaminate=[b for b in (args.decontaminate or "").split(",") if b.strip()] or None,
             decontaminate_data=args.decontaminate_data, decontaminate_ngram=args.decontaminate_ngram,
-            progress=not args.quiet)
+            progress=not args.quiet, kd_sidecars=args.kd_sidecar, kd_top_k=args.kd_top_k)
         rep = preprocess(cfg)
     except (DataError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -728,6 +742,12 @@ def register_cli(sub) -> None:
                    help="drop rows sharing an n-gram with these benchmarks (math_500, aime24, aime25, gpqa_diamond, NAME=PATH)")
     p.add_argument("--decontaminate-data", default=None, metavar="DIR", help="offline benchmark files for --decontaminate")
     p.add_argument("--decontaminate-ngram", type=int, default=None, help="n-gram size (default 8)")
+    p.add_argument("--kd-sidecar", action="append", default=None, metavar="FILE",
+                   help="logits distillation: a top-K sidecar (gens.topk.bin from `distill generate --top-logprobs` "
+                        "or `distill score-teacher`; repeatable); adds topk_ids/topk_logprobs columns aligned to "
+                        "the packed labels, matched to samples by answer content (docs/logits-distillation.md)")
+    p.add_argument("--kd-top-k", type=int, default=None, metavar="K",
+                   help="K of the top-K columns (default: the sidecars' K; fewer keeps the best K)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_preprocess)
 
