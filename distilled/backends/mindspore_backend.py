@@ -324,6 +324,10 @@ class MindSporeBackend(Backend):
         from mindformers.core.lr import LinearWithWarmUpLR
         from mindformers.core.optim.adamw import AdamW
 
+        if settings.kd_alpha is not None:  # the in-process MindSpore backend has no KD loss path
+            raise ValueError("the mindspore backend trains CE only; train a KD YAML with run_mindformer.py (MindFormers' "
+                             "Trainer with KDLlamaForCausalLM) or --backend torch; `distill parity --check kd` compares "
+                             "the two KD losses")
         ms.set_seed(settings.seed)
         params = self.model.trainable_params()
         decay = [p for p in params if wants_weight_decay(p.name, len(p.shape))]
