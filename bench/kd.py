@@ -19,6 +19,9 @@ Sections (same data for both sides of every comparison, in one run):
   (hidden 64, 2 layers, full 151,936-token vocabulary) on one packed row, CE vs KD loss.
 * **step_ms**: the same with MindFormers' legacy LlamaForCausalLM vs KDLlamaForCausalLM, compiled
   in GRAPH_MODE (value_and_grad + AdamW under ms.jit). Target for both: KD step <= 1.3x SFT.
+* **toy** (``--toy KD_DIR SFT_DIR``): two finished ``distill demo`` runs of equal sizes, one with
+  ``--kd``: held-out accuracy before/after, held-out CE of both final students on the stand-in
+  teacher's answers to the held-out problems, and the number of training steps.
 """
 
 from __future__ import annotations
@@ -251,16 +254,86 @@ def bench_step_ms(seq: int = 1024, k: int = 20, steps: int = 6) -> dict:
     return out
 
 
+def heldout_ce(model_dirs: dict[str, Path], tokenizer_dir: Path, test_jsonl: Path, seq_length: int = 1024,
+               seed: int = 0) -> dict:
+    """Token-mean CE of each model on the stand-in teacher's answers to the *held-out* test problems
+    (same prompt format as the demo's training rows), torch backend, no update."""
+    import asyncio
+
+    from distilled import SYSTEM_PROMPT
+    from distilled.backends.base import packed_batch
+    from distilled.backends.torch_backend import TorchBackend
+    from distilled.formats import ChatEncoder
+    from distilled.generate import GenerateConfig, run_generate
+    from distilled.packing import pack_table
+    from distilled.teacher_server import TeacherConfig, start_in_thread
+    from distilled.tokenizer import load_tokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-kd-heldout-"))
+    srv = start_in_thread(TeacherConfig(wrong_rate=0.0, seed=seed))
+    try:
+        cfg = GenerateConfig(dataset_name=str(test_jsonl), output_file=str(tmp / "gens.jsonl"), endpoints=[srv.addr],
+                             model="stand-in-teacher", uuid_column="id", num_generations=1, max_tokens=2048,
+                             max_concurrent=16, seed=seed, prompt_template="{prompt}", progress=False)
+        asyncio.run(run_generate(cfg))
+    finally:
+        srv.stop()
+    rows = [json.loads(x) for x in (tmp / "gens.jsonl").read_text().splitlines()]
+    tok = load_tokenizer(tokenizer_dir)
+    convs = [[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": r["problem"]},
+              {"role": "assistant", "content": r["generations"][0]}] for r in rows]
+    packed, _ = pack_table(ChatEncoder(tok).encode(convs).to_arrow(), seq_length, tok.pad_token_id)
+    batches = [packed_batch([r]) for r in packed.to_pylist()]
+    out = {"heldout_answers": len(rows), "heldout_rows": len(batches)}
+    for name, d in model_dirs.items():
+        be = TorchBackend()
+        be.load_hf(d, seq_length=seq_length)
+        tot = cnt = 0.0
+        for b in batches:
+            r = be.forward(b)
+            tot += r.loss_sum
+            cnt += r.num_tokens
+        out[f"{name}_heldout_ce"] = round(tot / cnt, 4)
+    return out
+
+
+def bench_toy(kd_dir: Path, sft_dir: Path) -> dict:
+    """KD vs SFT on the demo's toy task from two `distill demo` runs of equal sizes (same problems,
+    teacher seed, student, steps): held-out accuracy (`distill eval`), held-out CE, training steps."""
+    from distilled.demo_report import eval_summary
+    from distilled.mf_run import read_loss
+
+    out: dict = {}
+    for name, d in (("kd", kd_dir), ("sft", sft_dir)):
+        before = eval_summary(d / "eval-before", d / "data" / "test.jsonl")
+        after = eval_summary(d / "eval-after", d / "data" / "test.jsonl")
+        losses = read_loss(d / "finetune" / "loss.jsonl")
+        out[name] = {"steps": len(losses), "train_loss_first": losses[0]["loss"] if losses else None,
+                     "train_loss_last": losses[-1]["loss"] if losses else None,
+                     "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+                     "answered_after": after["answered"]}
+    out.update(heldout_ce({"kd": kd_dir / "student-final", "sft": sft_dir / "student-final"}, kd_dir / "tokenizer",
+                          kd_dir / "data" / "test.jsonl"))
+    out["note"] = ("training losses are not comparable (KD's is alpha*CE + (1-alpha)*KL); held-out CE is the "
+                   "same measure for both")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=("storage", "preprocess", "step_torch", "step_ms"), action="append")
     p.add_argument("--samples", type=int, default=400, help="preprocess: synthetic samples")
     p.add_argument("--seq", type=int, default=1024, help="step benches: tokens per row")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--toy", nargs=2, metavar=("KD_DEMO_DIR", "SFT_DEMO_DIR"), default=None,
+                   help="compare two finished `distill demo` runs of equal sizes, with --kd and without")
     a = p.parse_args(argv)
     os.environ.setdefault("GLOG_v", "3")
-    todo = a.only or ["storage", "preprocess", "step_torch", "step_ms"]
+    todo = a.only or ([] if a.toy else ["storage", "preprocess", "step_torch", "step_ms"])
     res = {}
+    if a.toy:
+        res["toy"] = bench_toy(Path(a.toy[0]), Path(a.toy[1]))
+        print(json.dumps({"toy": res["toy"]}, indent=1), flush=True)
     for name in todo:
         t0 = time.perf_counter()
         if name == "storage":
