@@ -43,6 +43,7 @@ import numpy as np
 
 from distilled import SYSTEM_PROMPT
 from distilled.formats import FORMATS, GENERATION_POLICIES, THINK_STYLES, DataError, FormatConfig, SkipCounter
+from distilled.io_utils import BadRecord, RowSource, expand_row_sources, location, read_rows
 
 HANDLED_FILE = "handled.arrow"
 REPORT_FILE = "report.json"
@@ -94,156 +95,17 @@ class PreprocessConfig:
 
 # ----------------------------------------------------------------------------- reading
 
-@dataclass
-class Source:
-    """One input file or dataset directory, in command-line order."""
-
-    path: str
-    kind: str  # jsonl | json | parquet | arrow_dir
+Source = RowSource  # one input file or dataset directory (distilled.io_utils.RowSource)
+expand_inputs = expand_row_sources
 
 
-def expand_inputs(inputs: list[str]) -> list[Source]:
-    """Files and directories -> sources. A directory is a ``save_to_disk`` dataset, or holds
-    ``*.parquet``/``*.jsonl``/``*.json`` files (taken in sorted order)."""
-    out: list[Source] = []
-    for raw in inputs:
-        p = Path(raw)
-        if p.is_dir():
-            if (p / "state.json").exists() or (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
-                out.append(Source(str(p), "arrow_dir"))
-                continue
-            files = sorted(f for f in p.iterdir() if f.suffix in (".parquet", ".jsonl", ".json") and f.is_file())
-            if not files:
-                raise FileNotFoundError(f"{p}: no .parquet/.jsonl/.json files and not a save_to_disk dataset")
-            out.extend(expand_inputs([str(f) for f in files]))
-        elif p.is_file():
-            if p.suffix == ".parquet":
-                out.append(Source(str(p), "parquet"))
-            elif p.suffix == ".jsonl":
-                out.append(Source(str(p), "jsonl"))
-            elif p.suffix == ".json":
-                with open(p, "rb") as f:
-                    head = f.read(4096).lstrip()
-                out.append(Source(str(p), "json" if head.startswith(b"[") else "jsonl"))
-            else:
-                raise ValueError(f"{p}: unsupported input type {p.suffix!r} (use .jsonl, .json, .parquet or a "
-                                 "save_to_disk directory)")
-        else:
-            raise FileNotFoundError(f"{p}: input not found")
-    return out
+def iter_source(src: RowSource, shard: int = 0, nshards: int = 1, batch_size: int = 1000) -> Iterator[tuple[str, Any]]:
+    """``(location, row)`` for this shard's slice of ``src``; unreadable records come as ``BadRecord``.
 
-
-def _slice(n: int, i: int, k: int) -> tuple[int, int]:
-    return n * i // k, n * (i + 1) // k
-
-
-class _Bad:
-    """An unreadable record (invalid JSON, not an object)."""
-
-    __slots__ = ("reason", "detail")
-
-    def __init__(self, reason: str, detail: str):
-        self.reason, self.detail = reason, detail
-
-
-def _iter_jsonl(path: str, shard: int, nshards: int) -> Iterator[tuple[str, Any]]:
-    """Records of the lines that *start* inside this shard's byte range, with 1-based line numbers."""
-    size = os.path.getsize(path)
-    start, end = _slice(size, shard, nshards)
-    with open(path, "rb") as f:
-        line_no = 0
-        if start > 0:
-            # count lines before the range (fast byte scan), then skip to the first line start >= start
-            remaining = start - 1
-            while remaining > 0:
-                chunk = f.read(min(1 << 24, remaining))
-                if not chunk:
-                    break
-                line_no += chunk.count(b"\n")
-                remaining -= len(chunk)
-            f.seek(start - 1)
-            if f.read(1) != b"\n":
-                f.readline()  # the rest of a line that started before the range
-            line_no += 1  # the newline ending the line before our first one
-        pos = f.tell()
-        while pos < end:
-            raw = f.readline()
-            if not raw:
-                break
-            pos += len(raw)
-            line_no += 1
-            if not raw.strip():
-                continue
-            loc = f"{path}:{line_no}"
-            try:
-                obj = json.loads(raw)
-            except ValueError as exc:
-                yield loc, _Bad("invalid_json", f"invalid JSON ({getattr(exc, 'msg', exc)})")
-                continue
-            if not isinstance(obj, dict):
-                yield loc, _Bad("bad_type", f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            yield loc, obj
-
-
-def _iter_json_array(path: str, shard: int, nshards: int) -> Iterator[tuple[str, Any]]:
-    with open(path, "rb") as f:
-        try:
-            data = json.load(f)
-        except ValueError as exc:
-            raise DataError(f"{path}: invalid JSON ({exc}); use one object per line (.jsonl) for large data") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
-    a, b = _slice(len(data), shard, nshards)
-    for k in range(a, b):
-        loc = f"{path}: row {k + 1}"
-        obj = data[k]
-        yield (loc, obj) if isinstance(obj, dict) else (loc, _Bad("bad_type", f"expected an object, got {type(obj).__name__}"))
-
-
-def _iter_parquet(path: str, shard: int, nshards: int, batch_size: int) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    a, b = _slice(pf.metadata.num_rows, shard, nshards)
-    base = 0
-    for g in range(pf.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        lo, hi = max(a, base), min(b, base + n)
-        if lo < hi:
-            table = pf.read_row_group(g).slice(lo - base, hi - lo)
-            for off in range(0, table.num_rows, batch_size):
-                for k, row in enumerate(table.slice(off, batch_size).to_pylist()):
-                    yield f"{path}: row {lo + off + k + 1}", row
-        base += n
-        if base >= b:
-            break
-
-
-def _iter_arrow_dir(path: str, shard: int, nshards: int, batch_size: int) -> Iterator[tuple[str, Any]]:
-    import datasets
-
-    ds = datasets.load_from_disk(path)
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"{path}: DatasetDict without a 'train' split ({', '.join(ds)})")
-        ds = ds["train"]
-    a, b = _slice(len(ds), shard, nshards)
-    for off in range(a, b, batch_size):
-        part = ds.select(range(off, min(b, off + batch_size)))
-        for k, row in enumerate(part.to_list()):
-            yield f"{path}: row {off + k + 1}", row
-
-
-def iter_source(src: Source, shard: int = 0, nshards: int = 1, batch_size: int = 1000) -> Iterator[tuple[str, Any]]:
-    """``(location, row)`` for this shard's slice of ``src``; unreadable records come as ``_Bad``."""
-    if src.kind == "jsonl":
-        return _iter_jsonl(src.path, shard, nshards)
-    if src.kind == "json":
-        return _iter_json_array(src.path, shard, nshards)
-    if src.kind == "parquet":
-        return _iter_parquet(src.path, shard, nshards, batch_size)
-    return _iter_arrow_dir(src.path, shard, nshards, batch_size)
+    The reading itself is :func:`distilled.io_utils.read_rows`; this only names each row ``FILE:N``.
+    """
+    for n, row in read_rows(src, shard, nshards, batch_size):
+        yield location(src.path, n), row
 
 
 # ----------------------------------------------------------------------------- worker
@@ -453,10 +315,10 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             """Unreadable records -> skips (or a strict error) before the worker sees them."""
             good_rows, good_locs = [], []
             for r, loc in zip(rows, locs):
-                if isinstance(r, _Bad):
+                if isinstance(r, BadRecord):
                     if cfg.strict:
-                        raise DataError(f"{loc}: {r.detail} [{r.reason}]")
-                    skips.add(r.reason, f"{loc}: {r.detail}")
+                        raise DataError(f"{r} [{r.kind}]")
+                    skips.add(r.kind, str(r))
                 else:
                     good_rows.append(r)
                     good_locs.append(loc)
