@@ -46,7 +46,6 @@ Signatures::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -149,18 +148,13 @@ def _bench_from_rows(rows: list[dict], source: str, text_col: str | None, id_col
 
 
 def _read_bench_file(path: Path, text_col: str | None = None, id_col: str | None = None) -> Benchmark:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    from distilled.io_utils import BadRecord, read_rows
 
-        rows = pq.read_table(path).to_pylist()
-    else:
-        from distilled.io_utils import BadLine, iter_jsonl
-
-        rows = []
-        for _, obj in iter_jsonl(path):
-            if isinstance(obj, BadLine):
-                raise ValueError(f"{obj} in benchmark file")
-            rows.append(obj)
+    rows = []
+    for _, obj in read_rows(path):
+        if isinstance(obj, BadRecord):
+            raise ValueError(f"{obj} in benchmark file")
+        rows.append(obj)
     return _bench_from_rows(rows, str(path), text_col, id_col)
 
 
@@ -555,6 +549,135 @@ def _kind(path: Path) -> str:
     raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
 
 
+class _RowChecker:
+    """What ``decontaminate_file`` does to each batch of rows, whatever the file type: find each
+    row's problem text (or record why there is none), check a batch against the index, and count
+    every drop in the report, so that kept + dropped always adds up to the rows read."""
+
+    def __init__(self, benchmarks: Mapping[str, Sequence[str]], ngram: int, short: str, problem_column: str,
+                 rep: _Report):
+        self.dec = Decontaminator(benchmarks, ngram=ngram, short=short)
+        self.getter = make_problem_getter(problem_column)
+        self.ngram, self.problem_column, self.rep = ngram, problem_column, rep
+        for name, texts in benchmarks.items():
+            rep.benchmarks[name] = {"source": getattr(texts, "source", "") or "in-memory", **self.dec.stats[name]}
+        rep.dropped_by_benchmark = {name: 0 for name in benchmarks}
+
+    def problem_text(self, row: dict, where: dict) -> str | None:
+        """The row's problem, or None after recording why it has none (``where``: line or row)."""
+        text = self.getter(row)
+        if text is None:
+            v = row.get(self.problem_column)
+            why = (
+                f"field {self.problem_column!r} is {type(v).__name__}, expected str"
+                if v is not None
+                else f"no {self.problem_column!r} field and no user turn in messages/conversations"
+            )
+            self.rep.missing_problem.append({**where, "reason": why})
+            self.rep.rows_dropped_bad += 1
+        return text
+
+    def malformed(self, line: int, reason: str) -> None:
+        self.rep.malformed_lines.append({"line": line, "reason": reason})
+        self.rep.rows_dropped_bad += 1
+
+    def keep(self, texts: list[str], rownums: list[int], lines: list[int | None],
+             row_ids: list[str | None]) -> list[bool]:
+        """One bool per text: True = clean. Every hit goes into the report."""
+        rep = self.rep
+        found = self.dec.find(texts, rows=rownums)
+        rep.rows_shorter_than_ngram += int((self.dec.last_word_counts < self.ngram).sum()) if texts else 0
+        keep = []
+        for hs, line, rid in zip(found, lines, row_ids):
+            if hs:
+                rep.rows_dropped_contaminated += 1
+                for name in {h.benchmark for h in hs}:
+                    rep.dropped_by_benchmark[name] += 1
+                for h in hs:
+                    h.line, h.row_id = line, rid
+                    rep.hits.append(h.to_json())
+                    rep.hits_by_rule[h.rule] = rep.hits_by_rule.get(h.rule, 0) + 1
+            keep.append(not hs)
+        return keep
+
+
+def _filter_jsonl(inp: Path, outp: Path, checker: _RowChecker, batch_size: int, progress: bool) -> None:
+    """JSONL -> JSONL, kept lines written back byte for byte (no re-serialisation)."""
+    from tqdm import tqdm
+
+    from distilled.io_utils import BadRecord, atomic_write, iter_jsonl_lines, parse_json_line
+
+    with open(inp, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        raise ValueError(f"{inp}: a JSON array, not JSON Lines (one object per line); convert it to .jsonl")
+    rep = checker.rep
+    pending: list[tuple[bytes, str, int, int, str | None]] = []  # raw, text, line, row, id
+
+    def flush(out) -> None:
+        keep = checker.keep([p[1] for p in pending], [p[3] for p in pending], [p[2] for p in pending],
+                            [p[4] for p in pending])
+        for p, k in zip(pending, keep):
+            if k:
+                out.write(p[0] if p[0].endswith(b"\n") else p[0] + b"\n")
+                rep.rows_kept += 1
+        pending.clear()
+
+    with atomic_write(outp, "wb") as out, tqdm(total=inp.stat().st_size, unit="B", unit_scale=True,
+                                               desc="decontaminate", disable=not progress, mininterval=0.5) as bar:
+        for lineno, raw in iter_jsonl_lines(inp):
+            bar.update(len(raw))
+            rep.rows_read += 1
+            obj = parse_json_line(raw, str(inp), lineno)
+            if isinstance(obj, BadRecord):
+                checker.malformed(lineno, obj.message)
+                continue
+            text = checker.problem_text(obj, {"line": lineno})
+            if text is None:
+                continue
+            pending.append((raw, text, lineno, rep.rows_read - 1, _row_id(obj)))
+            if len(pending) >= batch_size:
+                flush(out)
+        if pending:
+            flush(out)
+
+
+def _filter_parquet(inp: Path, outp: Path, checker: _RowChecker, batch_size: int, progress: bool) -> None:
+    """Parquet -> Parquet by record batch; the kept rows keep the input's Arrow schema (which is
+    why this reads Arrow batches itself instead of the row dicts of ``io_utils.read_rows``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from distilled.io_utils import atomic_write
+
+    rep = checker.rep
+    pf = pq.ParquetFile(inp)
+    with atomic_write(outp, "wb") as out, tqdm(total=pf.metadata.num_rows, unit="row", desc="decontaminate",
+                                               disable=not progress, mininterval=0.5) as bar:
+        writer = pq.ParquetWriter(out, pf.schema_arrow)
+        for batch in pf.iter_batches(batch_size=batch_size):
+            rows = batch.to_pylist()
+            mask, texts, nums, rids, pos = [False] * len(rows), [], [], [], []
+            for i, row in enumerate(rows):
+                rownum = rep.rows_read
+                rep.rows_read += 1
+                text = checker.problem_text(row, {"row": rownum})
+                if text is None:
+                    continue
+                texts.append(text)
+                nums.append(rownum)
+                rids.append(_row_id(row))
+                pos.append(i)
+            for i, k in zip(pos, checker.keep(texts, nums, [None] * len(texts), rids)):
+                mask[i] = k
+            kept = batch.filter(pa.array(mask, type=pa.bool_()))
+            rep.rows_kept += kept.num_rows
+            writer.write_batch(kept)
+            bar.update(len(rows))
+        writer.close()
+
+
 def decontaminate_file(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
@@ -572,10 +695,6 @@ def decontaminate_file(
     are untouched). Malformed lines and rows without a problem text are dropped and listed with
     their line numbers; nothing disappears uncounted.
     """
-    from tqdm import tqdm
-
-    from distilled.io_utils import atomic_write
-
     inp, outp = Path(input_path), Path(output_path)
     kind = _kind(inp)
     if _kind(outp) != kind:
@@ -583,117 +702,9 @@ def decontaminate_file(
     if inp.resolve() == outp.resolve():
         raise ValueError(f"{outp}: output must differ from the input")
     t0 = time.perf_counter()
-    dec = Decontaminator(benchmarks, ngram=ngram, short=short)
-    getter = make_problem_getter(problem_column)
     rep = _Report(str(inp), str(outp), ngram, short, problem_column)
-    for name, texts in benchmarks.items():
-        rep.benchmarks[name] = {"source": getattr(texts, "source", "") or "in-memory", **dec.stats[name]}
-    rep.dropped_by_benchmark = {name: 0 for name in benchmarks}
-
-    def check(texts: list[str | None], rownums: list[int], lines: list[int | None], row_ids: list[str | None]) -> list[bool]:
-        found = dec.find(texts, rows=rownums)
-        rep.rows_shorter_than_ngram += int((dec.last_word_counts < ngram).sum()) if texts else 0
-        keep = []
-        for hs, line, rid in zip(found, lines, row_ids):
-            if hs:
-                rep.rows_dropped_contaminated += 1
-                for name in {h.benchmark for h in hs}:
-                    rep.dropped_by_benchmark[name] += 1
-                for h in hs:
-                    h.line, h.row_id = line, rid
-                    rep.hits.append(h.to_json())
-                    rep.hits_by_rule[h.rule] = rep.hits_by_rule.get(h.rule, 0) + 1
-            keep.append(not hs)
-        return keep
-
-    def bad_problem(row: dict, where: dict) -> str | None:
-        text = getter(row)
-        if text is None:
-            v = row.get(problem_column)
-            why = (
-                f"field {problem_column!r} is {type(v).__name__}, expected str"
-                if v is not None
-                else f"no {problem_column!r} field and no user turn in messages/conversations"
-            )
-            rep.missing_problem.append({**where, "reason": why})
-            rep.rows_dropped_bad += 1
-        return text
-
-    if kind == "jsonl":
-        with open(inp, "rb") as f:
-            head = f.read(4096).lstrip()
-        if head.startswith(b"["):
-            raise ValueError(f"{inp}: a JSON array, not JSON Lines (one object per line); convert it to .jsonl")
-        size = inp.stat().st_size
-        with open(inp, "rb") as f, atomic_write(outp, "wb") as out, tqdm(
-            total=size, unit="B", unit_scale=True, desc="decontaminate", disable=not progress, mininterval=0.5
-        ) as bar:
-            pending: list[tuple[bytes, str, int, int, str | None]] = []
-
-            def flush() -> None:
-                keep = check([p[1] for p in pending], [p[3] for p in pending], [p[2] for p in pending], [p[4] for p in pending])
-                for p, k in zip(pending, keep):
-                    if k:
-                        out.write(p[0] if p[0].endswith(b"\n") else p[0] + b"\n")
-                        rep.rows_kept += 1
-                pending.clear()
-
-            for lineno, raw in enumerate(f, start=1):
-                bar.update(len(raw))
-                if not raw.strip():
-                    continue
-                rep.rows_read += 1
-                try:
-                    obj = json.loads(raw.decode("utf-8-sig"))  # str, not bytes: skips json's encoding sniffing
-                except UnicodeDecodeError as exc:
-                    rep.malformed_lines.append({"line": lineno, "reason": f"invalid UTF-8 at byte offset {exc.start}"})
-                    rep.rows_dropped_bad += 1
-                    continue
-                except json.JSONDecodeError as exc:
-                    rep.malformed_lines.append({"line": lineno, "reason": f"invalid JSON ({exc.msg} at column {exc.colno})"})
-                    rep.rows_dropped_bad += 1
-                    continue
-                if not isinstance(obj, dict):
-                    rep.malformed_lines.append({"line": lineno, "reason": f"expected a JSON object, got {type(obj).__name__}"})
-                    rep.rows_dropped_bad += 1
-                    continue
-                text = bad_problem(obj, {"line": lineno})
-                if text is None:
-                    continue
-                pending.append((raw, text, lineno, rep.rows_read - 1, _row_id(obj)))
-                if len(pending) >= batch_size:
-                    flush()
-            if pending:
-                flush()
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(inp)
-        with atomic_write(outp, "wb") as out, tqdm(
-            total=pf.metadata.num_rows, unit="row", desc="decontaminate", disable=not progress, mininterval=0.5
-        ) as bar:
-            writer = pq.ParquetWriter(out, pf.schema_arrow)
-            for batch in pf.iter_batches(batch_size=batch_size):
-                rows = batch.to_pylist()
-                mask, texts, nums, rids, pos = [False] * len(rows), [], [], [], []
-                for i, row in enumerate(rows):
-                    rownum = rep.rows_read
-                    rep.rows_read += 1
-                    text = bad_problem(row, {"row": rownum})
-                    if text is None:
-                        continue
-                    texts.append(text)
-                    nums.append(rownum)
-                    rids.append(_row_id(row))
-                    pos.append(i)
-                for i, k in zip(pos, check(texts, nums, [None] * len(texts), rids)):
-                    mask[i] = k
-                kept = batch.filter(pa.array(mask, type=pa.bool_()))
-                rep.rows_kept += kept.num_rows
-                writer.write_batch(kept)
-                bar.update(len(rows))
-            writer.close()
+    checker = _RowChecker(benchmarks, ngram, short, problem_column, rep)
+    (_filter_jsonl if kind == "jsonl" else _filter_parquet)(inp, outp, checker, batch_size, progress)
     rep.seconds = round(time.perf_counter() - t0, 3)
     rep.hits.sort(key=lambda h: (h["row"], h["benchmark"], h["benchmark_index"]))
     return asdict(rep)
