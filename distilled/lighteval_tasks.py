@@ -42,6 +42,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+# Not distilled.paths.REPO_ROOT: this file runs inside .venv-eval, where `distilled` is not installed,
+# so the root must be found from this file before `distilled` (paths included) can be imported.
 _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:  # lighteval loads this file by path; make ``distilled`` importable
     sys.path.insert(0, str(_REPO))

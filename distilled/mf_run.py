@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from distilled.paths import REPO_ROOT as REPO
+
 PACKED_COLUMNS = ("input_ids", "labels", "actual_seq_len")
 PLAIN_COLUMNS = ("input_ids", "labels")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from distilled.paths import REPO_ROOT as REPO
 
 OPEN_R1_SYSTEM_PROMPT = (
     "You are Open-R1, a language model trained by Hugging Face to help users. Your role as an assistant "

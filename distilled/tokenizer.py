@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerFast
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from distilled.paths import REPO_ROOT
 CHAT_TEMPLATE_PATH = REPO_ROOT / "configs" / "qwen2_5_chat_template.jinja"
 
 # Qwen2's pre-tokenizer regex (identical to dashscope's PAT_STR and to Qwen2's tokenizer.json):
