@@ -32,12 +32,12 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from distilled.hf_mf_names import (HF_EMBED, LAYER_RE, LM_HEAD, LORA_PARAMS, MF_EMBED, hf_config_from_mf_model_config,
+                                   hf_name_to_mf, is_mf_model_weight, mf_name_to_hf)
+
 __all__ = [
     "hf_to_mf",
     "mf_to_hf",
-    "hf_name_to_mf",
-    "mf_name_to_hf",
-    "is_mf_model_weight",
     "convert_hf_to_mf",
     "convert_mf_to_hf",
     "hf_config_from_mf_yaml",
@@ -50,75 +50,6 @@ __all__ = [
 
 class ConversionError(ValueError):
     """A checkpoint that cannot be converted; the message names the file and tensor."""
-
-
-# Per-layer suffixes: HF (Qwen2) <-> MindFormers legacy Llama. Biases exist on q/k/v only (Qwen2).
-_LAYER_MAP: tuple[tuple[str, str], ...] = (
-    ("self_attn.q_proj.weight", "attention.wq.weight"),
-    ("self_attn.q_proj.bias", "attention.wq.bias"),
-    ("self_attn.k_proj.weight", "attention.wk.weight"),
-    ("self_attn.k_proj.bias", "attention.wk.bias"),
-    ("self_attn.v_proj.weight", "attention.wv.weight"),
-    ("self_attn.v_proj.bias", "attention.wv.bias"),
-    ("self_attn.o_proj.weight", "attention.wo.weight"),
-    ("mlp.gate_proj.weight", "feed_forward.w1.weight"),
-    ("mlp.down_proj.weight", "feed_forward.w2.weight"),
-    ("mlp.up_proj.weight", "feed_forward.w3.weight"),
-    ("input_layernorm.weight", "attention_norm.weight"),
-    ("post_attention_layernorm.weight", "ffn_norm.weight"),
-)
-_GLOBAL_MAP: tuple[tuple[str, str], ...] = (
-    ("model.embed_tokens.weight", "model.tok_embeddings.embedding_weight"),
-    ("model.norm.weight", "model.norm_out.weight"),
-    ("lm_head.weight", "lm_head.weight"),
-)
-_HF2MF_LAYER = dict(_LAYER_MAP)
-_MF2HF_LAYER = {m: h for h, m in _LAYER_MAP}
-_HF2MF_GLOBAL = dict(_GLOBAL_MAP)
-_MF2HF_GLOBAL = {m: h for h, m in _GLOBAL_MAP}
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-HF_EMBED = "model.embed_tokens.weight"
-MF_EMBED = "model.tok_embeddings.embedding_weight"
-LM_HEAD = "lm_head.weight"
-
-
-def hf_name_to_mf(name: str) -> str:
-    """Map one HF Qwen2 parameter name to MindFormers' legacy Llama name (KeyError if unknown).
-
-    >>> hf_name_to_mf("model.layers.3.self_attn.k_proj.bias")
-    'model.layers.3.attention.wk.bias'
-    """
-    if name in _HF2MF_GLOBAL:
-        return _HF2MF_GLOBAL[name]
-    m = _LAYER_RE.match(name)
-    if m and m.group(2) in _HF2MF_LAYER:
-        return f"model.layers.{m.group(1)}.{_HF2MF_LAYER[m.group(2)]}"
-    raise KeyError(name)
-
-
-def mf_name_to_hf(name: str) -> str:
-    """Map one MindFormers legacy Llama parameter name to the HF Qwen2 name (KeyError if unknown).
-
-    >>> mf_name_to_hf("model.tok_embeddings.embedding_weight")
-    'model.embed_tokens.weight'
-    """
-    if name in _MF2HF_GLOBAL:
-        return _MF2HF_GLOBAL[name]
-    m = _LAYER_RE.match(name)
-    if m and m.group(2) in _MF2HF_LAYER:
-        return f"model.layers.{m.group(1)}.{_MF2HF_LAYER[m.group(2)]}"
-    raise KeyError(name)
-
-
-def is_mf_model_weight(name: str) -> bool:
-    """True for a model parameter name, False for optimizer/trainer state that MindFormers saves in
-    the same checkpoint (``adam_m.*``, ``adam_v.*``, ``global_step``, ``scale_sense``, ...)."""
-    try:
-        mf_name_to_hf(name)
-        return True
-    except KeyError:
-        return False
 
 
 def _looks_like_model_param(name: str) -> bool:
@@ -380,33 +311,10 @@ def hf_config_from_mf_yaml(yaml_path: str | os.PathLike, torch_dtype: str = "bfl
         mc = cfg["model"]["model_config"]
     except (KeyError, TypeError) as exc:
         raise ConversionError(f"{yaml_path}: no model.model_config block") from exc
-    need = ["hidden_size", "num_layers", "num_heads", "vocab_size", "intermediate_size"]
-    missing = [k for k in need if mc.get(k) is None]
-    if missing:
-        raise ConversionError(f"{yaml_path}: model.model_config lacks {missing}")
-    heads = int(mc["num_heads"])
-    return {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_act": "silu",
-        "hidden_size": int(mc["hidden_size"]),
-        "intermediate_size": int(mc["intermediate_size"]),
-        "num_hidden_layers": int(mc["num_layers"]),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(mc.get("n_kv_heads") or heads),
-        "vocab_size": int(mc["vocab_size"]),
-        "max_position_embeddings": int(mc.get("max_position_embedding") or mc.get("seq_length") or 32768),
-        "rope_theta": float(mc.get("theta", 10000.0)),
-        "rms_norm_eps": float(mc.get("rms_norm_eps", 1e-6)),
-        "tie_word_embeddings": bool(mc.get("tie_word_embeddings", False)),
-        "bos_token_id": int(mc.get("bos_token_id", 151643)),
-        "eos_token_id": int(mc.get("eos_token_id", 151645)),
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "use_sliding_window": False,
-        "torch_dtype": torch_dtype,
-    }
+    try:
+        return hf_config_from_mf_model_config(mc, torch_dtype, where=f"{yaml_path}: model.model_config")
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from exc
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -454,7 +362,7 @@ def convert_mf_to_hf(src: str | os.PathLike, dst_dir: str | os.PathLike, config:
     if list(emb) != [hf_cfg["vocab_size"], hf_cfg["hidden_size"]]:
         raise ConversionError(f"{src}: embedding shape {emb} does not match config vocab_size/hidden_size "
                               f"[{hf_cfg['vocab_size']}, {hf_cfg['hidden_size']}]")
-    n_layers = len({int(m.group(1)) for n in tensors if (m := _LAYER_RE.match(n)) and is_mf_model_weight(n)})
+    n_layers = len({int(m.group(1)) for n in tensors if (m := LAYER_RE.match(n)) and is_mf_model_weight(n)})
     if n_layers != hf_cfg["num_hidden_layers"]:
         raise ConversionError(f"{src}: checkpoint has {n_layers} layers, config says {hf_cfg['num_hidden_layers']}")
 
@@ -499,8 +407,7 @@ def load_safetensors_np(path: str | os.PathLike) -> dict[str, Any]:
 # LoRA (MindFormers PET / mindpet LoRADense) merge
 # --------------------------------------------------------------------------------------------
 
-LORA_A = ".mindpet_delta_lora_a"
-LORA_B = ".mindpet_delta_lora_b"
+LORA_A, LORA_B = ("." + mf for _hf, mf in LORA_PARAMS)  # ".mindpet_delta_lora_a", ".mindpet_delta_lora_b"
 
 
 def merge_lora(state: dict[str, Any], lora_alpha: float) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from distilled.backends.base import LoraSettings, TrainSettings, lora_targets_from_regex, warmup_steps_from
+from distilled.hf_mf_names import SHAPE_KEYS
 
 # Dotted YAML keys that are read and mapped onto backend settings.
 MAPPED = {
@@ -71,10 +72,9 @@ MAPPED = {
     "model.model_config.kd_temperature": "KD softmax temperature",
     "model.model_config.kd_top_k": "KD: K of the data's top-K columns (checked against the data)",
 }
-# model_config keys checked against the weights' config.json
-MODEL_SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "n_kv_heads", "vocab_size",
-                    "intermediate_size", "rms_norm_eps", "theta", "seq_length", "qkv_has_bias",
-                    "tie_word_embeddings")
+# model_config keys that are applied: the shape keys are checked against the weights' config.json
+# (distilled.hf_mf_names), seq_length against the packed rows; qkv_has_bias is Qwen2's (always on)
+MODEL_SHAPE_KEYS = tuple(k.mf for k in SHAPE_KEYS) + ("seq_length", "qkv_has_bias")
 # Whole sections that describe MindSpore/Ascend execution, not the maths of a step.
 NOT_APPLICABLE = {
     "context": "MindSpore device/graph context",

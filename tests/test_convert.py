@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from distilled.convert import (ConversionError, convert_hf_to_mf, convert_mf_to_hf, hf_config_from_mf_yaml,
-                               hf_name_to_mf, hf_to_mf, load_safetensors_np, mf_name_to_hf, mf_to_hf)
+                               hf_to_mf, load_safetensors_np, mf_to_hf)
+from distilled.hf_mf_names import hf_name_to_mf, mf_name_to_hf
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from distilled.hf_mf_names import MODULE_NAMES  # MindFormers module -> HF module (wq -> q_proj, w1 -> gate_proj)
+
 IGNORE_INDEX = -100
 
 
@@ -279,11 +281,6 @@ class LoraSettings:
         return asdict(self)
 
 
-# MindFormers legacy Llama module names -> HF Qwen2 module names
-MF_TO_HF_MODULE = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
-                   "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
-
-
 def lora_targets_from_regex(regex: str) -> tuple[str, ...]:
     """HF module names matched by a MindFormers ``target_modules`` regex.
 
@@ -292,17 +289,17 @@ def lora_targets_from_regex(regex: str) -> tuple[str, ...]:
     """
     import re
 
-    out = tuple(hf for mf, hf in MF_TO_HF_MODULE.items()
+    out = tuple(hf for mf, hf in MODULE_NAMES.items()
                 if re.match(regex, f"model.layers.0.attention.{mf}") or re.match(regex, f"model.layers.0.feed_forward.{mf}")
                 or re.match(regex, mf))
     if not out:
-        raise ValueError(f"pet_config.target_modules={regex!r} matches none of {sorted(MF_TO_HF_MODULE)}")
+        raise ValueError(f"pet_config.target_modules={regex!r} matches none of {sorted(MODULE_NAMES)}")
     return out
 
 
 def lora_regex_from_targets(targets: Sequence[str]) -> str:
     """The MindFormers ``target_modules`` regex for HF module names."""
-    inv = {v: k for k, v in MF_TO_HF_MODULE.items()}
+    inv = {v: k for k, v in MODULE_NAMES.items()}
     return "|".join(f".*{inv[t]}" for t in targets)
 
 

@@ -28,25 +28,9 @@ import numpy as np
 from distilled.backends.base import (Backend, ForwardResult, LoraSettings, PackedBatch,
                                      StepResult, TrainSettings, as_micro_batches, lora_regex_from_targets,
                                      wants_weight_decay)
-
-_LORA_MF = {"mindpet_delta_lora_a": "lora_A.weight", "mindpet_delta_lora_b": "lora_B.weight"}
-
-
-def _lora_mf_to_hf(name: str) -> str | None:
-    """``model.layers.0.attention.wq.mindpet_delta_lora_a`` -> ``model.layers.0.self_attn.q_proj.lora_A.weight``."""
-    for mf_suffix, hf_suffix in _LORA_MF.items():
-        if name.endswith("." + mf_suffix):
-            module = _mf_name_to_hf(name[: -len(mf_suffix)] + "weight")[: -len("weight")]
-            return module + hf_suffix
-    return None
-
-
-def _lora_hf_to_mf(name: str) -> str | None:
-    for mf_suffix, hf_suffix in _LORA_MF.items():
-        if name.endswith("." + hf_suffix):
-            module = _hf_name_to_mf(name[: -len(hf_suffix)] + "weight")[: -len("weight")]
-            return module + mf_suffix
-    return None
+from distilled.convert import hf_to_mf, mf_to_hf
+from distilled.hf_mf_names import (check_model_config, hf_lora_name_to_mf, hf_name_to_mf, mf_lora_name_to_hf,
+                                   mf_model_config_from_hf)
 
 # MindFormers model_config keys this backend forces, and why (reported, never silent).
 FORCED = {
@@ -58,82 +42,14 @@ FORCED = {
 }
 
 
-def _hf_name_to_mf(name: str) -> str:
-    """HF Qwen2 name -> MindFormers legacy Llama name (the table of ``LlamaForCausalLM.convert_name``)."""
-    n = name
-    for a, b in ((".self_attn.q_proj.", ".attention.wq."), (".self_attn.k_proj.", ".attention.wk."),
-                 (".self_attn.v_proj.", ".attention.wv."), (".self_attn.o_proj.", ".attention.wo."),
-                 (".mlp.gate_proj.", ".feed_forward.w1."), (".mlp.down_proj.", ".feed_forward.w2."),
-                 (".mlp.up_proj.", ".feed_forward.w3."), (".input_layernorm.", ".attention_norm."),
-                 (".post_attention_layernorm.", ".ffn_norm.")):
-        n = n.replace(a, b)
-    if n == "model.embed_tokens.weight":
-        return "model.tok_embeddings.embedding_weight"
-    if n == "model.norm.weight":
-        return "model.norm_out.weight"
-    return n
-
-
-def _mf_name_to_hf(name: str) -> str:
-    n = name
-    for b, a in ((".self_attn.q_proj.", ".attention.wq."), (".self_attn.k_proj.", ".attention.wk."),
-                 (".self_attn.v_proj.", ".attention.wv."), (".self_attn.o_proj.", ".attention.wo."),
-                 (".mlp.gate_proj.", ".feed_forward.w1."), (".mlp.down_proj.", ".feed_forward.w2."),
-                 (".mlp.up_proj.", ".feed_forward.w3."), (".input_layernorm.", ".attention_norm."),
-                 (".post_attention_layernorm.", ".ffn_norm.")):
-        n = n.replace(a, b)
-    if n == "model.tok_embeddings.embedding_weight":
-        return "model.embed_tokens.weight"
-    if n == "model.norm_out.weight":
-        return "model.norm.weight"
-    return n
-
-
 def hf_to_mf_state(state: Mapping[str, np.ndarray], tie_word_embeddings: bool) -> dict[str, np.ndarray]:
-    """HF state -> MindFormers names: ``distilled.convert.hf_to_mf`` when present (the project's
-    converter), else the same renaming done here."""
-    try:
-        from distilled.convert import hf_to_mf
-    except ImportError:
-        hf_to_mf = None
-    if hf_to_mf is not None:
-        out = hf_to_mf(dict(state), tie_word_embeddings)
-        return {k: np.asarray(v) for k, v in out.items()}
-    out = {_hf_name_to_mf(k): np.asarray(v) for k, v in state.items()}
-    if tie_word_embeddings and "lm_head.weight" not in out:
-        out["lm_head.weight"] = out["model.tok_embeddings.embedding_weight"]
-    return out
+    """HF state -> MindFormers names, through the project's converter (unknown names are errors)."""
+    return {k: np.asarray(v) for k, v in hf_to_mf(dict(state), tie_word_embeddings).items()}
 
 
 def mf_to_hf_state(state: Mapping[str, np.ndarray], tie_word_embeddings: bool) -> dict[str, np.ndarray]:
-    """MindFormers names -> HF names (drops ``lm_head.weight`` for tied embeddings)."""
-    try:
-        from distilled.convert import mf_to_hf
-    except ImportError:
-        mf_to_hf = None
-    if mf_to_hf is not None:
-        try:
-            out = mf_to_hf(dict(state), tie_word_embeddings)
-            return {k: np.asarray(v) for k, v in out.items()}
-        except TypeError:
-            pass
-    out = {_mf_name_to_hf(k): np.asarray(v) for k, v in state.items()}
-    if tie_word_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
-
-
-def model_config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
-    """A legacy ``LlamaConfig`` dict for an HF Qwen2 ``config.json`` (when no YAML is given)."""
-    return {
-        "hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
-        "num_heads": hf["num_attention_heads"], "n_kv_heads": hf.get("num_key_value_heads"),
-        "vocab_size": hf["vocab_size"], "intermediate_size": hf["intermediate_size"],
-        "rms_norm_eps": hf.get("rms_norm_eps", 1e-6), "theta": hf.get("rope_theta", 10000.0),
-        "max_position_embedding": hf.get("max_position_embeddings", 4096), "qkv_has_bias": True,
-        "pad_token_id": hf.get("pad_token_id") or 0, "bos_token_id": hf.get("bos_token_id") or 0,
-        "eos_token_id": hf.get("eos_token_id") or 0, "tie_word_embeddings": hf.get("tie_word_embeddings", False),
-    }
+    """MindFormers names -> HF names (tied: no ``lm_head.weight``), through the project's converter."""
+    return {k: np.asarray(v) for k, v in mf_to_hf(dict(state), tie_word_embeddings).items()}
 
 
 class MindSporeBackend(Backend):
@@ -160,7 +76,6 @@ class MindSporeBackend(Backend):
         import mindspore as ms
         from safetensors.numpy import load_file
 
-        from distilled.backends.torch_backend import check_model_config
         from distilled import mindformers_compat as compat
 
         if dtype == "bfloat16" and self.device_target == "CPU":
@@ -182,7 +97,7 @@ class MindSporeBackend(Backend):
         compat.apply_packed_mask_shim(self.packed_shim)
         from mindformers import LlamaConfig, LlamaForCausalLM
 
-        mc = dict(model_config_from_hf(hf))
+        mc = mf_model_config_from_hf(hf)
         if model_config:
             mc.update({k: v for k, v in dict(model_config).items() if k != "type"})
         for k, v in FORCED.items():
@@ -253,7 +168,7 @@ class MindSporeBackend(Backend):
     def named_parameters(self) -> dict[str, np.ndarray]:
         base, lora = {}, {}
         for p in self.model.get_parameters():
-            hf = _lora_mf_to_hf(p.name)
+            hf = mf_lora_name_to_hf(p.name)
             if hf is not None:
                 lora[hf] = p.asnumpy().astype(np.float32).copy()
             else:
@@ -268,7 +183,10 @@ class MindSporeBackend(Backend):
 
         own = {p.name: p for p in self.model.get_parameters()}
         for hf, v in params.items():
-            k = _lora_hf_to_mf(hf) or _hf_name_to_mf(hf)
+            try:
+                k = hf_lora_name_to_mf(hf) or hf_name_to_mf(hf)
+            except KeyError:
+                raise KeyError(f"{hf!r} is not an HF Qwen2 parameter name (distilled.hf_mf_names)") from None
             if k not in own:
                 raise KeyError(f"no parameter {k!r} (HF {hf!r}) in the MindSpore model")
             own[k].set_data(ms.Tensor(np.asarray(v, dtype=np.float32), dtype=own[k].dtype))

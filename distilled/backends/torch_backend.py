@@ -28,38 +28,7 @@ import numpy as np
 
 from distilled.backends.base import (Backend, ForwardResult, LoraSettings, PackedBatch, StepResult,
                                      TrainSettings, as_micro_batches, wants_weight_decay)
-
-# model_config keys of the YAML and the HF config field each must equal
-YAML_TO_HF = {
-    "hidden_size": "hidden_size",
-    "num_layers": "num_hidden_layers",
-    "num_heads": "num_attention_heads",
-    "n_kv_heads": "num_key_value_heads",
-    "vocab_size": "vocab_size",
-    "intermediate_size": "intermediate_size",
-    "rms_norm_eps": "rms_norm_eps",
-    "theta": "rope_theta",
-    "tie_word_embeddings": "tie_word_embeddings",
-}
-
-
-def check_model_config(model_config: Mapping[str, Any] | None, hf_config: Mapping[str, Any], where: str) -> None:
-    """Refuse weights whose shape differs from the YAML's ``model_config`` (names both values)."""
-    if not model_config:
-        return
-    bad = []
-    for yk, hk in YAML_TO_HF.items():
-        if yk in model_config and hk in hf_config:
-            a, b = model_config[yk], hf_config[hk]
-            if isinstance(b, float) or isinstance(a, float):
-                ok = abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(b)))
-            else:
-                ok = a == b
-            if not ok:
-                bad.append(f"model_config.{yk}={a!r} but config.json {hk}={b!r}")
-    if bad:
-        raise ValueError(f"{where}: the YAML's model does not match the weights: " + "; ".join(bad))
-
+from distilled.hf_mf_names import check_model_config
 
 def doc_ids_from_positions(position_ids):
     """Document index of each token: a new document starts wherever the position is 0.
