@@ -629,18 +629,13 @@ def make_loss_callback(output_dir: str, rank: int, tokens_per_step: int):
     return LossJsonlMonitor()
 
 
-def register_project_handlers() -> bool:
-    """Make this project's data handlers visible to MindFormers' HFDataLoader (FACTS section 2:
-    it looks them up as attributes of ``mindformers.dataset.handler`` only)."""
-    try:
-        import handlers
-    except ImportError:
-        return False
-    fn = getattr(handlers, "register_with_mindformers", None)
-    if fn is None:
-        return False
-    fn()
-    return True
+def register_project_handlers() -> None:
+    """Make this project's data handlers visible to MindFormers' HFDataLoader (it looks them up as
+    attributes of ``mindformers.dataset.handler`` only). ``handlers`` ships beside ``distilled``:
+    failing to import it is an error, not a silent "not found"."""
+    import handlers
+
+    handlers.register_with_mindformers()
 
 
 SHIM_FUNCTIONS = {
@@ -696,7 +691,7 @@ def run(argv: list[str] | None = None) -> int:
         else:
             getattr(compat, SHIM_FUNCTIONS[name])()
             applied.append(name)
-    handlers_ok = register_project_handlers()
+    register_project_handlers()
     from distilled.kd import uses_kd
 
     if uses_kd(config):  # logits distillation: registers KDLlamaForCausalLM / KDPackedDataLoader
@@ -705,8 +700,8 @@ def run(argv: list[str] | None = None) -> int:
     if rank == 0:
         for n in notes:
             print(f"run_mindformer.py: {n}", flush=True)
-        print(f"run_mindformer.py: shims {applied or 'none'}; project handlers "
-              f"{'registered' if handlers_ok else 'not found'}; data {facts or 'not checked'}", flush=True)
+        print(f"run_mindformer.py: shims {applied or 'none'}; project handlers registered; "
+              f"data {facts or 'not checked'}", flush=True)
 
     from mindformers.core.context import build_context
     from mindformers.trainer import Trainer
