@@ -45,9 +45,7 @@ from mindspore import ops
 __all__ = [
     "apply_cpu_shims",
     "apply_packed_mask_shim",
-    "apply_packed_rope_shim",
     "packed_mask_shim_enabled",
-    "packed_rope_shim_enabled",
     "shim_global_token_mean_data_parallel",
     "shim_grad_accumulation_data_parallel",
     "shim_disable_fused_rmsnorm",
@@ -287,11 +285,6 @@ def packed_mask_shim_enabled() -> bool:
     from mindformers.models.llama.llama import LlamaModel
 
     return LlamaModel.construct is _packed_llama_model_construct
-
-
-# Old names, kept for callers written before the shim stopped touching RoPE.
-apply_packed_rope_shim = apply_packed_mask_shim
-packed_rope_shim_enabled = packed_mask_shim_enabled
 
 
 # --------------------------------------------------------------------------------------------

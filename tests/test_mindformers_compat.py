@@ -23,7 +23,7 @@ def ms_cpu():
 
     applied = mindformers_compat.apply_cpu_shims()
     yield ms
-    mindformers_compat.apply_packed_rope_shim(False)
+    mindformers_compat.apply_packed_mask_shim(False)
     assert applied
 
 
@@ -130,7 +130,7 @@ def test_packed_row_equals_documents_one_by_one_only_with_shim(tiny_llama):
     docs = _docs()
     cols = _packed_row(docs)
     assert cols[3].tolist()[:12] == list(range(10)) + [0, 1]  # restarting positions from MF (unused)
-    mc.apply_packed_rope_shim(False)
+    mc.apply_packed_mask_shim(False)
     reference = _one_by_one_loss(tiny_llama, docs)
     unshimmed = _packed_loss(tiny_llama, cols)
     assert abs(unshimmed - reference) > 1e-3, "MF 1.9 should get packed rows wrong without the shim"
@@ -139,8 +139,8 @@ def test_packed_row_equals_documents_one_by_one_only_with_shim(tiny_llama):
     assert abs(shimmed - reference) < 1e-5
     # the unpacked path is untouched by the shim
     assert abs(_one_by_one_loss(tiny_llama, docs) - reference) < 1e-6
-    mc.apply_packed_rope_shim(False)
-    assert not mc.packed_rope_shim_enabled()
+    mc.apply_packed_mask_shim(False)
+    assert not mc.packed_mask_shim_enabled()
 
 
 def test_without_shim_packed_mask_leaks_future_tokens(tiny_llama):
@@ -157,16 +157,16 @@ def test_without_shim_packed_mask_leaks_future_tokens(tiny_llama):
         return cols
 
     try:
-        mc.apply_packed_rope_shim(False)
+        mc.apply_packed_mask_shim(False)
         a = _packed_loss(tiny_llama, first_doc_only(_packed_row(docs)))
         b = _packed_loss(tiny_llama, first_doc_only(_packed_row(changed)))
         assert abs(a - b) > 1e-4  # leak: later tokens change an earlier document's loss
-        mc.apply_packed_rope_shim(True)
+        mc.apply_packed_mask_shim(True)
         a = _packed_loss(tiny_llama, first_doc_only(_packed_row(docs)))
         b = _packed_loss(tiny_llama, first_doc_only(_packed_row(changed)))
         assert abs(a - b) < 1e-6
     finally:
-        mc.apply_packed_rope_shim(False)
+        mc.apply_packed_mask_shim(False)
 
 
 def test_packed_shim_rejects_unsliced_inputs(tiny_llama):
@@ -179,12 +179,12 @@ def test_packed_shim_rejects_unsliced_inputs(tiny_llama):
     t = [ms.Tensor(c[None]) for c in cols]
     tiny_llama.input_sliced_sig = False
     try:
-        mc.apply_packed_rope_shim(True)
+        mc.apply_packed_mask_shim(True)
         with pytest.raises((ValueError, RuntimeError), match="input_sliced_sig"):
             tiny_llama(t[0], labels=None, loss_mask=t[2], position_ids=t[3], attention_mask=t[4])
     finally:
         tiny_llama.input_sliced_sig = True
-        mc.apply_packed_rope_shim(False)
+        mc.apply_packed_mask_shim(False)
 
 
 def test_shim_leaves_flash_attention_path_to_mindformers():

@@ -86,7 +86,7 @@ def test_perturbed_weight_fails(setup, tmp_path):
 
 
 def test_packing_check_catches_stock_mindformers(setup):
-    """Without apply_packed_rope_shim, MindFormers 1.9 adds the 0/1 mask to the scores and ignores
+    """Without apply_packed_mask_shim, MindFormers 1.9 adds the 0/1 mask to the scores and ignores
     position_ids: the packed row's loss no longer equals its documents' loss."""
     from distilled.train import load_packed
 
@@ -95,9 +95,9 @@ def test_packing_check_catches_stock_mindformers(setup):
     try:
         res = packing_check("mindspore", weights, rows, max_rows=1, backend_kwargs={"mindspore": {"packed_shim": False}})
     finally:
-        from distilled.mindformers_compat import apply_packed_rope_shim
+        from distilled.mindformers_compat import apply_packed_mask_shim
 
-        apply_packed_rope_shim(True)
+        apply_packed_mask_shim(True)
     assert not res["ok"] and res["max_rel_diff"] > 1e-3
 
 
