@@ -23,17 +23,20 @@ YAML|HF_DIR`` and ``distill convert merge-lora SRC DST_DIR --config LORA_YAML [-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
 import shutil
 import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from distilled.hf_mf_names import (HF_EMBED, LAYER_RE, LM_HEAD, LORA_PARAMS, MF_EMBED, hf_config_from_mf_model_config,
                                    hf_name_to_mf, is_mf_model_weight, mf_name_to_hf)
+from distilled.settings import add_arguments, from_args, option
 
 __all__ = [
     "hf_to_mf",
@@ -499,26 +502,64 @@ def convert_merge_lora(src: str | os.PathLike, dst_dir: str | os.PathLike, confi
 # CLI
 # --------------------------------------------------------------------------------------------
 
-def _tie_arg(args: argparse.Namespace) -> bool | None:
-    return args.tie_word_embeddings
+@dataclass(kw_only=True)
+class CardArgs:
+    """Model card inputs (README.md beside the weights; docs/recipes.md)."""
+
+    eval_run: str | None = option(None, metavar="DIR", help="a `distill eval` output: its results table "
+                                                             "goes into the model card")
+    recipe: str | None = option(None, help="recipe name for the card (default: found from --config's file name)")
+    base_model: str | None = option(None, help="base model id for the card (default: the recipe's student)")
+    data: str | None = option(None, help="training data for the card (default: the recipe's data)")
+
+
+@dataclass(kw_only=True)
+class HfToMfArgs:
+    """``distill convert hf-to-mf`` (``--tie-word-embeddings``/``--untied``: :func:`_tie_flags`)."""
+
+    src: str = option(positional=True, help="HF model directory (config.json + *.safetensors)")
+    dst: str = option(positional=True, help="output .safetensors file, or a directory")
+
+
+@dataclass(kw_only=True)
+class MfToHfArgs:
+    """``distill convert mf-to-hf`` (plus :func:`_tie_flags` and :class:`CardArgs`)."""
+
+    src: str = option(positional=True, help="MindFormers .safetensors file or a directory of unified files")
+    dst: str = option(positional=True, help="output HF model directory (written atomically)")
+    config: str = option(help="the training YAML (model.model_config) or an HF dir/config.json to copy")
+    tokenizer: str | None = option(None, help="directory whose tokenizer files to copy")
+
+
+@dataclass(kw_only=True)
+class MergeLoraArgs:
+    """``distill convert merge-lora`` (plus :class:`CardArgs`)."""
+
+    src: str = option(positional=True, help="MindFormers safetensors file/dir of the LoRA run (adapters, usually + base)")
+    dst: str = option(positional=True, help="output HF model directory (written atomically)")
+    config: str = option(help="the LoRA training YAML (pet_config, model shape) or an HF dir")
+    base: str | None = option(None, help="base weights when SRC holds only adapters (HF dir or MF file/dir)")
+    lora_alpha: float | None = option(None, help="default: the YAML's pet_config.lora_alpha")
+    tokenizer: str | None = option(None, help="directory whose tokenizer files to copy")
+
+
+def _tie_flags(q: argparse.ArgumentParser) -> None:
+    """Two flags for one tri-state value (None: from config.json), so not a settings field."""
+    g = q.add_mutually_exclusive_group()
+    g.add_argument("--tie-word-embeddings", dest="tie_word_embeddings", action="store_true", default=None,
+                   help="embedding and lm_head are one tensor (Qwen2.5 0.5B-3B)")
+    g.add_argument("--untied", dest="tie_word_embeddings", action="store_false",
+                   help="separate lm_head.weight (Qwen2.5-7B; default from config)")
 
 
 def _card_args(args: argparse.Namespace) -> dict:
-    return {"eval_run": args.eval_run, "recipe": args.recipe, "base_model": args.base_model, "data": args.data}
-
-
-def _card_flags(q: argparse.ArgumentParser) -> None:
-    """Model card inputs (README.md beside the weights; docs/recipes.md)."""
-    q.add_argument("--eval-run", default=None, metavar="DIR", help="a `distill eval` output: its results table "
-                                                                   "goes into the model card")
-    q.add_argument("--recipe", default=None, help="recipe name for the card (default: found from --config's file name)")
-    q.add_argument("--base-model", default=None, help="base model id for the card (default: the recipe's student)")
-    q.add_argument("--data", default=None, help="training data for the card (default: the recipe's data)")
+    return dataclasses.asdict(from_args(CardArgs, args))
 
 
 def _cmd_hf_to_mf(args: argparse.Namespace) -> int:
     try:
-        out = convert_hf_to_mf(args.src, args.dst, tie_word_embeddings=_tie_arg(args))
+        a = from_args(HfToMfArgs, args)
+        out = convert_hf_to_mf(a.src, a.dst, tie_word_embeddings=args.tie_word_embeddings)
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -529,8 +570,9 @@ def _cmd_hf_to_mf(args: argparse.Namespace) -> int:
 
 def _cmd_mf_to_hf(args: argparse.Namespace) -> int:
     try:
-        out = convert_mf_to_hf(args.src, args.dst, config=args.config, tie_word_embeddings=_tie_arg(args),
-                               tokenizer_dir=args.tokenizer, **_card_args(args))
+        a = from_args(MfToHfArgs, args)
+        out = convert_mf_to_hf(a.src, a.dst, config=a.config, tie_word_embeddings=args.tie_word_embeddings,
+                               tokenizer_dir=a.tokenizer, **_card_args(args))
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -540,8 +582,9 @@ def _cmd_mf_to_hf(args: argparse.Namespace) -> int:
 
 def _cmd_merge_lora(args: argparse.Namespace) -> int:
     try:
-        out = convert_merge_lora(args.src, args.dst, config=args.config, base=args.base,
-                                 lora_alpha=args.lora_alpha, tokenizer_dir=args.tokenizer, **_card_args(args))
+        a = from_args(MergeLoraArgs, args)
+        out = convert_merge_lora(a.src, a.dst, config=a.config, base=a.base, lora_alpha=a.lora_alpha,
+                                 tokenizer_dir=a.tokenizer, **_card_args(args))
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -554,37 +597,20 @@ def register_cli(sub: Any) -> None:
     p = sub.add_parser("convert", help="convert checkpoints between HF Qwen2 and MindFormers names")
     csub = p.add_subparsers(dest="convert_command", metavar="DIRECTION")
 
-    def tie_flags(q: argparse.ArgumentParser) -> None:
-        g = q.add_mutually_exclusive_group()
-        g.add_argument("--tie-word-embeddings", dest="tie_word_embeddings", action="store_true", default=None,
-                       help="embedding and lm_head are one tensor (Qwen2.5 0.5B-3B)")
-        g.add_argument("--untied", dest="tie_word_embeddings", action="store_false",
-                       help="separate lm_head.weight (Qwen2.5-7B; default from config)")
-
     a = csub.add_parser("hf-to-mf", help="HF Qwen2ForCausalLM dir -> MindFormers safetensors")
-    a.add_argument("src", help="HF model directory (config.json + *.safetensors)")
-    a.add_argument("dst", help="output .safetensors file, or a directory")
-    tie_flags(a)
+    add_arguments(a, HfToMfArgs)
+    _tie_flags(a)
     a.set_defaults(func=_cmd_hf_to_mf)
 
     b = csub.add_parser("mf-to-hf", help="MindFormers safetensors -> HF Qwen2ForCausalLM dir")
-    b.add_argument("src", help="MindFormers .safetensors file or a directory of unified files")
-    b.add_argument("dst", help="output HF model directory (written atomically)")
-    b.add_argument("--config", required=True,
-                   help="the training YAML (model.model_config) or an HF dir/config.json to copy")
-    b.add_argument("--tokenizer", default=None, help="directory whose tokenizer files to copy")
-    tie_flags(b)
-    _card_flags(b)
+    add_arguments(b, MfToHfArgs)
+    _tie_flags(b)
+    add_arguments(b, CardArgs)
     b.set_defaults(func=_cmd_mf_to_hf)
 
     c = csub.add_parser("merge-lora", help="MindFormers LoRA checkpoint -> merged HF Qwen2ForCausalLM dir")
-    c.add_argument("src", help="MindFormers safetensors file/dir of the LoRA run (adapters, usually + base)")
-    c.add_argument("dst", help="output HF model directory (written atomically)")
-    c.add_argument("--config", required=True, help="the LoRA training YAML (pet_config, model shape) or an HF dir")
-    c.add_argument("--base", default=None, help="base weights when SRC holds only adapters (HF dir or MF file/dir)")
-    c.add_argument("--lora-alpha", type=float, default=None, help="default: the YAML's pet_config.lora_alpha")
-    c.add_argument("--tokenizer", default=None, help="directory whose tokenizer files to copy")
-    _card_flags(c)
+    add_arguments(c, MergeLoraArgs)
+    add_arguments(c, CardArgs)
     c.set_defaults(func=_cmd_merge_lora)
 
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

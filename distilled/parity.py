@@ -7,7 +7,7 @@ step 0 the logits, and after N steps every parameter (HF names on both sides).
 
 ``--check packing`` asks a different question on *each* backend: is a packed row's loss equal to
 the token-weighted loss of its documents run one by one, unpacked? It is not when attention leaks
-across documents (MindFormers 1.9 without ``apply_packed_rope_shim``, or torch without the block
+across documents (MindFormers 1.9 without ``apply_packed_mask_shim``, or torch without the block
 mask) or when positions that should restart do not (the torch backend derives its document
 boundaries from ``position_ids``, as flash-attn varlen does).
 
@@ -53,8 +53,11 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from distilled.settings import add_arguments, from_args, option
 
 TOLERANCES: dict[str, dict[str, float]] = {
     "float32": {"loss_rel_step0": 1e-5, "loss_rel": 1e-4, "grad_norm_rel": 1e-3, "logits_rel": 1e-4,
@@ -352,10 +355,26 @@ def write_report(res: Mapping[str, Any], report_dir: str | Path) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+@dataclass(kw_only=True)  # kw_only: required flags may follow --config's default
+class ParityArgs:
+    """The options of ``distill parity``: declared once here, they become the CLI flags."""
+
+    config: str | None = option(None, help="MindFormers finetune YAML (training settings, model_config)")
+    weights: str = option(help="HF safetensors directory loaded into both backends")
+    data: str = option(help="packed Arrow directory")
+    steps: int = option(20, help="training steps to compare (default 20)")
+    dtype: str = option("float32", choices=sorted(TOLERANCES), help="")
+    report: str | None = option(None, help="write parity.json, parity.md and parity_loss.png here")
+    check: str = option("train", choices=["train", "packing", "kd", "all"],
+                        help="train: losses/grads/logits/drift; packing: packed vs per-document loss on each backend")
+    backends: str = option(",".join(DEFAULT_BACKENDS), help="two backends, comma-separated")
+
+
 def _cmd_parity(args: argparse.Namespace) -> int:
+    a = from_args(ParityArgs, args)
     try:
-        res = run_parity(args.config, args.weights, args.data, steps=args.steps, dtype=args.dtype,
-                         report=args.report, check=args.check, backends=tuple(args.backends.split(",")))
+        res = run_parity(a.config, a.weights, a.data, steps=a.steps, dtype=a.dtype,
+                         report=a.report, check=a.check, backends=tuple(a.backends.split(",")))
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -377,13 +396,5 @@ def register_cli(sub: Any) -> None:
     """Register ``distill parity``."""
     p = sub.add_parser("parity", help="check that MindSpore and torch compute the same training run",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="MindFormers finetune YAML (training settings, model_config)")
-    p.add_argument("--weights", required=True, help="HF safetensors directory loaded into both backends")
-    p.add_argument("--data", required=True, help="packed Arrow directory")
-    p.add_argument("--steps", type=int, default=20, help="training steps to compare (default 20)")
-    p.add_argument("--dtype", default="float32", choices=sorted(TOLERANCES))
-    p.add_argument("--report", help="write parity.json, parity.md and parity_loss.png here")
-    p.add_argument("--check", default="train", choices=["train", "packing", "kd", "all"],
-                   help="train: losses/grads/logits/drift; packing: packed vs per-document loss on each backend")
-    p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help="two backends, comma-separated")
+    add_arguments(p, ParityArgs)
     p.set_defaults(func=_cmd_parity)

@@ -25,12 +25,14 @@ import math
 import os
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from distilled.backends.base import LoraSettings, TrainSettings, lora_targets_from_regex, warmup_steps_from
 from distilled.hf_mf_names import SHAPE_KEYS
+from distilled.settings import add_arguments, from_args, option
 
 # Dotted YAML keys that are read and mapped onto backend settings.
 MAPPED = {
@@ -534,10 +536,26 @@ class _RankRows:
         return self.ds[g]
 
 
+@dataclass(kw_only=True)  # kw_only: the required --config may follow --backend's default
+class TrainArgs:
+    """The options of ``distill train``: declared once here, they become the CLI flags."""
+
+    backend: str = option("torch", choices=["torch", "mindspore"],
+                          help="torch (transformers Qwen2) or mindspore (in-process MindFormers model); "
+                               "for MindFormers' own Trainer use run_mindformer.py")
+    config: str = option(help="MindFormers finetune YAML")
+    data: str | None = option(None, help="packed Arrow directory (default: the YAML's dataset_path)")
+    weights: str | None = option(None, help="HF safetensors directory (default: the YAML's load_checkpoint)")
+    output: str | None = option(None, help="output directory (default: the YAML's output_dir)")
+    steps: int | None = option(None, help="train this many steps (default: epochs x rows / global batch)")
+    save_steps: int | None = option(None, help="checkpoint every N steps (default: CheckpointMonitor)")
+    device: str | None = option(None, help="torch device (default: cuda when present, else cpu)")
+    dtype: str | None = option(None, choices=["float32", "bfloat16"], help="default: the YAML's compute_dtype")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     try:
-        run_train(args.config, backend=args.backend, data=args.data, weights=args.weights, output=args.output,
-                  steps=args.steps, save_steps=args.save_steps, device=args.device, dtype=args.dtype)
+        run_train(**dataclasses.asdict(from_args(TrainArgs, args)))
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -545,17 +563,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="torch", choices=["torch", "mindspore"],
-                   help="torch (transformers Qwen2) or mindspore (in-process MindFormers model); "
-                        "for MindFormers' own Trainer use run_mindformer.py")
-    p.add_argument("--config", required=True, help="MindFormers finetune YAML")
-    p.add_argument("--data", help="packed Arrow directory (default: the YAML's dataset_path)")
-    p.add_argument("--weights", help="HF safetensors directory (default: the YAML's load_checkpoint)")
-    p.add_argument("--output", help="output directory (default: the YAML's output_dir)")
-    p.add_argument("--steps", type=int, help="train this many steps (default: epochs x rows / global batch)")
-    p.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: CheckpointMonitor)")
-    p.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the YAML's compute_dtype")
+    add_arguments(p, TrainArgs)
 
 
 def register_cli(sub: Any) -> None:
