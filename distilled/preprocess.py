@@ -118,7 +118,7 @@ def _init_worker(tokenizer_dir: str, fmt: dict, chat_template: str | None, threa
     """Per-process state: the tokenizer and the chat encoder (built once per process)."""
     if not threads:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from distilled.formats import ChatEncoder
+    from distilled.chat import ChatEncoder
 
     tok = tok if tok is not None else _load_tokenizer(tokenizer_dir)
     _W["encoder"] = ChatEncoder(tok, chat_template, engine)
@@ -127,7 +127,7 @@ def _init_worker(tokenizer_dir: str, fmt: dict, chat_template: str | None, threa
 
 def _encode_batch(rows: list[dict], locs: list[str], strict: bool):
     """Worker step: validate + tokenize + mask one batch. Returns (EncodedBatch, owners, skips)."""
-    from distilled.formats import encode_rows
+    from distilled.chat import encode_rows
 
     skips = SkipCounter()
     owners: list[int] = []
@@ -191,10 +191,8 @@ class _Decon:
     """Inline decontamination via ``distilled.decontaminate.filter_rows`` (issue 9)."""
 
     def __init__(self, names: list[str], data_dir: str | None, ngram: int | None):
-        try:
-            from distilled import decontaminate as dc
-        except ImportError as exc:
-            raise SystemExit(f"error: --decontaminate needs distilled.decontaminate, which is not available ({exc})")
+        from distilled import decontaminate as dc
+
         self.dc = dc
         self.benchmarks = dc.load_benchmarks(names, data_dir)
         self.ngram = ngram or dc.DEFAULT_NGRAM
@@ -246,8 +244,165 @@ def _batches(sources: list[Source], cfg: PreprocessConfig) -> Iterator[tuple[lis
             yield rows, locs, si
 
 
+class _Tally:
+    """The running counts of one ``preprocess`` run, and the handled-Arrow writer they go with.
+
+    One place for the per-batch body that the serial and the multiprocess paths share:
+    :meth:`take` turns unreadable records into skips (or a strict error) before a worker sees
+    them, :meth:`add` drops overlong samples, counts everything and appends the batch to
+    ``handled.arrow``.
+    """
+
+    def __init__(self, cfg: PreprocessConfig, nsources: int, decon: "_Decon | None", writer, bar):
+        self.cfg, self.decon, self.writer, self.bar = cfg, decon, writer, bar
+        self.skips = SkipCounter()
+        self.hist = np.zeros(len(HIST_EDGES), np.int64)  # last bin: >= HIST_EDGES[-1]
+        self.totals = dict(rows_in=0, rows_kept=0, samples=0, tokens=0, trained_tokens=0, fallback_rows=0)
+        self.file_rows = [0] * nsources  # samples written per source (merge order)
+        self.engines: set[str] = set()
+
+    def take(self, rows: list, locs: list[str]) -> tuple[list[dict], list[str]]:
+        """Count the batch in; bad records -> skips; contaminated rows -> skips. Returns the rest."""
+        cfg = self.cfg
+        self.totals["rows_in"] += len(rows)
+        good_rows, good_locs = [], []
+        for r, loc in zip(rows, locs):
+            if isinstance(r, BadRecord):
+                if cfg.strict:
+                    raise DataError(f"{r} [{r.kind}]")
+                self.skips.add(r.kind, str(r))
+            else:
+                good_rows.append(r)
+                good_locs.append(loc)
+        if self.decon is not None:
+            good_rows, good_locs = self.decon(good_rows, good_locs, self.skips, cfg.strict)
+        return good_rows, good_locs
+
+    def _drop_overlong(self, enc, owners, glocs: list[str]):
+        cfg = self.cfg
+        if cfg.overlong != "drop" or not len(enc):
+            return enc, owners
+        lengths = enc.lengths
+        over = lengths > cfg.seq_length
+        if not over.any():
+            return enc, owners
+        first = int(np.flatnonzero(over)[0])
+        where = (f"{glocs[owners[first]]}: field 'input_ids': {int(lengths[first])} tokens > "
+                 f"seq_length={cfg.seq_length}")
+        if cfg.strict:
+            raise DataError(f"{where} [overlong] (use --overlong truncate or a larger --seq-length)")
+        self.skips.add("overlong", where, int(over.sum()))
+        return enc.select(~over), owners[~over]
+
+    def add(self, result, nrows: int, si: int, glocs: list[str]) -> None:
+        """One encoded batch (from :func:`_encode_batch`) -> counts + ``handled.arrow``."""
+        enc, owners, bskips, fallback, engine_used = result
+        self.engines.add(engine_used)
+        self.skips.merge(bskips)
+        self.totals["fallback_rows"] += fallback
+        enc, owners = self._drop_overlong(enc, owners, glocs)
+        lengths = enc.lengths
+        self.totals["rows_kept"] += len(np.unique(owners))
+        self.totals["samples"] += len(enc)
+        self.totals["tokens"] += int(lengths.sum())
+        self.totals["trained_tokens"] += int((enc.labels != -100).sum())
+        np.add.at(self.hist, np.searchsorted(HIST_EDGES, lengths, side="right") - 1, 1)
+        self.file_rows[si] += len(enc)
+        if len(enc):
+            self.writer.write_table(enc.to_arrow())
+        self.bar.update(nrows)
+
+
+class _Done:
+    """A result computed in this process, with the ``.get()`` of a pool's ``AsyncResult``."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+def _encode_all(sources: list[RowSource], cfg: PreprocessConfig, tally: _Tally, pool=None) -> None:
+    """Read, encode and tally every batch in input order: in this process (``pool`` None) or on a
+    worker pool with a bounded read-ahead (memory stays flat). The same body for both."""
+    from collections import deque
+
+    ahead = 2 * cfg.num_proc if pool is not None else 0
+    pending: deque = deque()
+    for rows, locs, si in _batches(sources, cfg):
+        good, glocs = tally.take(rows, locs)
+        job = (pool.apply_async(_encode_batch, (good, glocs, cfg.strict)) if pool is not None
+               else _Done(_encode_batch(good, glocs, cfg.strict)))
+        pending.append((job, len(rows), si, glocs))
+        while len(pending) > ahead:
+            job, n, s, gl = pending.popleft()
+            tally.add(job.get(), n, s, gl)
+    while pending:
+        job, n, s, gl = pending.popleft()
+        tally.add(job.get(), n, s, gl)
+
+
+def _run_encoders(sources: list[RowSource], cfg: PreprocessConfig, tally: _Tally, tok_dir: str, fmt: dict,
+                  chat_template: str | None, main_tok) -> None:
+    """One process (the tokenizer itself uses all cores) or ``--num-proc`` forked workers."""
+    if cfg.num_proc <= 1:
+        _init_worker(tok_dir, fmt, chat_template, threads=True, tok=main_tok, engine=cfg.engine)
+        _encode_all(sources, cfg, tally)
+        return
+    import multiprocessing as mp
+
+    if cfg.engine != "hf" and main_tok is not None:
+        from distilled.chat import TiktokenEngine
+
+        TiktokenEngine.from_tokenizer(main_tok)  # built once here; forked workers inherit it
+    ctx = mp.get_context("fork")
+    with ctx.Pool(cfg.num_proc, initializer=_init_worker,
+                  initargs=(tok_dir, fmt, chat_template, False, None, cfg.engine)) as pool:
+        _encode_all(sources, cfg, tally, pool)
+
+
+def _pad_id(cfg: PreprocessConfig, tok, tok_dir: str) -> int:
+    if cfg.pad_id is not None:
+        return cfg.pad_id
+    if tok.pad_token_id is None:
+        raise ValueError(f"{tok_dir}: the tokenizer has no pad token; pass --pad-id")
+    return tok.pad_token_id
+
+
+def _report(cfg: PreprocessConfig, sources: list[RowSource], tally: _Tally, fmt: dict, tok_dir: str, pad_id: int,
+            t_tok: float) -> dict:
+    """``report.json`` before packing (packing adds its own keys)."""
+    skips = tally.skips
+    report = {
+        "inputs": [asdict(s) for s in sources],
+        "format": fmt,
+        "tokenizer": tok_dir,
+        "tokenizer_sha256": _tokenizer_fingerprint(tok_dir),
+        "seq_length": cfg.seq_length,
+        "pad_id": int(pad_id),
+        "overlong": cfg.overlong,
+        "engine": "+".join(sorted(tally.engines)) or None,
+        "shard": {"index": cfg.shard_index, "count": cfg.num_shards},
+        **{k: int(v) for k, v in tally.totals.items()},
+        "rows_skipped": int(skips.total - skips.counts.get("overlong", 0)),
+        "skips": skips.to_dict(),
+        "samples_per_source": tally.file_rows,
+        "length_histogram": {"bin_edges": HIST_EDGES, "counts": tally.hist.tolist(),
+                             "note": "counts[i]: samples with bin_edges[i] <= tokens < bin_edges[i+1] (last: >=)"},
+        "tokenize_elapsed_s": round(t_tok, 3),
+    }
+    if tally.decon is not None:
+        report["decontamination"] = tally.decon.report()
+    return report
+
+
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the chain; returns the report (also written to ``OUTPUT/report.json``).
+
+    Steps: resolve inputs and tokenizer -> :func:`_run_encoders` (read, validate, tokenize+mask,
+    append to ``handled.arrow``) -> :func:`_report` -> :func:`_pack_and_save`, all inside one
+    atomic output directory.
 
     Raises :class:`DataError` in strict mode at the first bad row, and ``ValueError`` when no
     sample is left (an empty dataset is never written silently, except as a shard of a larger run).
@@ -263,18 +418,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     chat_template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
     fmt = asdict(cfg.format)
     main_tok = _load_tokenizer(tok_dir)
-    pad_id = cfg.pad_id
-    if pad_id is None:
-        pad_id = main_tok.pad_token_id
-        if pad_id is None:
-            raise ValueError(f"{tok_dir}: the tokenizer has no pad token; pass --pad-id")
+    pad_id = _pad_id(cfg, main_tok, tok_dir)
     decon = _Decon(cfg.decontaminate, cfg.decontaminate_data, cfg.decontaminate_ngram) if cfg.decontaminate else None
-
-    skips = SkipCounter()
-    hist = np.zeros(len(HIST_EDGES), np.int64)  # last bin: >= HIST_EDGES[-1]
-    totals = dict(rows_in=0, rows_kept=0, samples=0, tokens=0, trained_tokens=0, fallback_rows=0)
-    file_rows = [0] * len(sources)  # samples written per source (merge order)
-    engines: set[str] = set()
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 
     with atomic_dir(cfg.output) as tmp:
@@ -282,110 +427,21 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         sink = pa.OSFile(str(handled_path), "wb")
         writer = pa.ipc.new_file(sink, schema)
         bar = tqdm(desc="preprocess", unit=" rows", disable=not cfg.progress, dynamic_ncols=True)
-
-        def consume(result, nrows: int, si: int, glocs: list[str]) -> None:
-            enc, owners, bskips, fallback, engine_used = result
-            engines.add(engine_used)
-            skips.merge(bskips)
-            totals["fallback_rows"] += fallback
-            lengths = enc.lengths
-            if cfg.overlong == "drop" and len(enc):
-                over = lengths > cfg.seq_length
-                if over.any():
-                    first = int(np.flatnonzero(over)[0])
-                    where = (f"{glocs[owners[first]]}: field 'input_ids': {int(lengths[first])} tokens > "
-                             f"seq_length={cfg.seq_length}")
-                    if cfg.strict:
-                        raise DataError(f"{where} [overlong] (use --overlong truncate or a larger --seq-length)")
-                    skips.add("overlong", where, int(over.sum()))
-                    enc = enc.select(~over)
-                    owners = owners[~over]
-                    lengths = enc.lengths
-            totals["rows_kept"] += len(np.unique(owners))
-            totals["samples"] += len(enc)
-            totals["tokens"] += int(lengths.sum())
-            totals["trained_tokens"] += int((enc.labels != -100).sum())
-            np.add.at(hist, np.searchsorted(HIST_EDGES, lengths, side="right") - 1, 1)
-            file_rows[si] += len(enc)
-            if len(enc):
-                writer.write_table(enc.to_arrow())
-            bar.update(nrows)
-
-        def prepared(rows, locs):
-            """Unreadable records -> skips (or a strict error) before the worker sees them."""
-            good_rows, good_locs = [], []
-            for r, loc in zip(rows, locs):
-                if isinstance(r, BadRecord):
-                    if cfg.strict:
-                        raise DataError(f"{r} [{r.kind}]")
-                    skips.add(r.kind, str(r))
-                else:
-                    good_rows.append(r)
-                    good_locs.append(loc)
-            if decon is not None:
-                good_rows, good_locs = decon(good_rows, good_locs, skips, cfg.strict)
-            return good_rows, good_locs
-
+        tally = _Tally(cfg, len(sources), decon, writer, bar)
         try:
-            if cfg.num_proc <= 1:
-                _init_worker(tok_dir, fmt, chat_template, threads=True, tok=main_tok, engine=cfg.engine)
-                for rows, locs, si in _batches(sources, cfg):
-                    totals["rows_in"] += len(rows)
-                    good, glocs = prepared(rows, locs)
-                    consume(_encode_batch(good, glocs, cfg.strict), len(rows), si, glocs)
-            else:
-                import multiprocessing as mp
-                from collections import deque
-
-                if cfg.engine != "hf" and main_tok is not None:
-                    from distilled.formats import TiktokenEngine
-
-                    TiktokenEngine.from_tokenizer(main_tok)  # built once here; forked workers inherit it
-                ctx = mp.get_context("fork")
-                with ctx.Pool(cfg.num_proc, initializer=_init_worker,
-                              initargs=(tok_dir, fmt, chat_template, False, None, cfg.engine)) as pool:
-                    pending: deque = deque()
-                    for rows, locs, si in _batches(sources, cfg):
-                        totals["rows_in"] += len(rows)
-                        good, glocs = prepared(rows, locs)
-                        pending.append((pool.apply_async(_encode_batch, (good, glocs, cfg.strict)), len(rows), si,
-                                        glocs))
-                        while len(pending) > 2 * cfg.num_proc:  # bounded read-ahead: memory stays flat
-                            fut, n, s, gl = pending.popleft()
-                            consume(fut.get(), n, s, gl)
-                    while pending:
-                        fut, n, s, gl = pending.popleft()
-                        consume(fut.get(), n, s, gl)
+            _run_encoders(sources, cfg, tally, tok_dir, fmt, chat_template, main_tok)
         finally:
             bar.close()
             writer.close()
             sink.close()
-        totals["fallback_rows"] = int(totals["fallback_rows"])
+        tally.totals["fallback_rows"] = int(tally.totals["fallback_rows"])
         t_tok = time.perf_counter() - t0
 
-        if totals["samples"] == 0 and cfg.num_shards == 1:
-            raise ValueError(f"no sample left to pack: {totals['rows_in']} rows read, skipped "
+        if tally.totals["samples"] == 0 and cfg.num_shards == 1:
+            skips = tally.skips
+            raise ValueError(f"no sample left to pack: {tally.totals['rows_in']} rows read, skipped "
                              f"{dict(skips.counts)} (first: {next(iter(skips.first.values()), '-')})")
-        report = {
-            "inputs": [asdict(s) for s in sources],
-            "format": fmt,
-            "tokenizer": tok_dir,
-            "tokenizer_sha256": _tokenizer_fingerprint(tok_dir),
-            "seq_length": cfg.seq_length,
-            "pad_id": int(pad_id),
-            "overlong": cfg.overlong,
-            "engine": "+".join(sorted(engines)) or None,
-            "shard": {"index": cfg.shard_index, "count": cfg.num_shards},
-            **{k: int(v) for k, v in totals.items()},
-            "rows_skipped": int(skips.total - skips.counts.get("overlong", 0)),
-            "skips": skips.to_dict(),
-            "samples_per_source": file_rows,
-            "length_histogram": {"bin_edges": HIST_EDGES, "counts": hist.tolist(),
-                                 "note": "counts[i]: samples with bin_edges[i] <= tokens < bin_edges[i+1] (last: >=)"},
-            "tokenize_elapsed_s": round(t_tok, 3),
-        }
-        if decon is not None:
-            report["decontamination"] = decon.report()
+        report = _report(cfg, sources, tally, fmt, tok_dir, pad_id, t_tok)
         keep = cfg.keep_handled or cfg.num_shards > 1
         kd = None
         if cfg.kd_sidecars:  # logits distillation: top-K columns aligned to the packed labels
