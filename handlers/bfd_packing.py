@@ -122,11 +122,3 @@ class BFDPackingHandler(BaseInstructDataHandler):
         key = repr((getattr(dataset, "_fingerprint", None), "BFDPackingHandler", self.seq_length,
                     self.pad_token, self.overlong, self.boundary_label, self.seed))
         return to_dataset(packed, key)
-
-
-def register() -> None:
-    """Make ``type: BFDPackingHandler`` resolvable by MindFormers' ``HFDataLoader`` (it only looks
-    at attributes of ``mindformers.dataset.handler``). Idempotent."""
-    import mindformers.dataset.handler as mf_handler
-
-    mf_handler.BFDPackingHandler = BFDPackingHandler

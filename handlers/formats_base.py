@@ -21,7 +21,8 @@ from mindformers.dataset.handler.base_handler import BaseInstructDataHandler
 from mindformers.tools.logger import logger
 
 from distilled import SYSTEM_PROMPT
-from distilled.formats import ChatEncoder, FormatConfig, SkipCounter, encode_rows, iter_batch_rows
+from distilled.chat import ChatEncoder, encode_rows
+from distilled.formats import FormatConfig, SkipCounter, iter_batch_rows
 
 _UNSET = object()
 
@@ -162,12 +163,3 @@ class FormatDataHandler(BaseInstructDataHandler):
         logger.info(f"{type(self).__name__}: {len(out)} samples from {len(dataset)} rows; "
                     f"skipped {self.skips.total}: {dict(self.skips.counts)}")
         return out
-
-
-def register(*classes: type) -> None:
-    """Set each class as an attribute of ``mindformers.dataset.handler`` (the only place
-    ``HFDataLoader`` looks a ``type:`` up, FACTS §2). Idempotent."""
-    import mindformers.dataset.handler as mf_handler
-
-    for cls in classes:
-        setattr(mf_handler, cls.__name__, cls)

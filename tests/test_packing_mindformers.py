@@ -18,7 +18,8 @@ mf_packing = pytest.importorskip("mindformers.dataset.handler.packing_handler")
 from mindformers.dataset.dataloader.build_dataloader import build_dataset_loader  # noqa: E402
 from mindformers.dataset.dataloader.hf_dataloader import _get_packed_data  # noqa: E402
 
-from handlers.bfd_packing import BFDPackingHandler, register  # noqa: E402
+from handlers import register_with_mindformers  # noqa: E402
+from handlers.bfd_packing import BFDPackingHandler  # noqa: E402
 
 S = 32
 
@@ -149,7 +150,7 @@ def test_common_dataloader_on_saved_packed_output(tmp_path):
 def test_yaml_bfd_handler_keeps_pad_token_through_hfdataloader(tmp_path):
     import datasets
 
-    register()
+    register_with_mindformers()
     import mindformers.dataset.handler as mf_handler
 
     assert mf_handler.BFDPackingHandler is BFDPackingHandler
