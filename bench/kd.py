@@ -263,7 +263,7 @@ def heldout_ce(model_dirs: dict[str, Path], tokenizer_dir: Path, test_jsonl: Pat
     from distilled import SYSTEM_PROMPT
     from distilled.backends.base import packed_batch
     from distilled.backends.torch_backend import TorchBackend
-    from distilled.formats import ChatEncoder
+    from distilled.chat import ChatEncoder
     from distilled.generate import GenerateConfig, run_generate
     from distilled.packing import pack_table
     from distilled.teacher_server import TeacherConfig, start_in_thread

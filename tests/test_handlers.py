@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-from distilled.formats import ChatEncoder, FormatConfig, SkipCounter, encode_rows
+from distilled.chat import ChatEncoder, encode_rows
+from distilled.formats import FormatConfig, SkipCounter
 
 REPO = Path(__file__).resolve().parents[1]
 
