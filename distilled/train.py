@@ -382,7 +382,7 @@ def load_packed(path: str | os.PathLike):
     if missing:
         raise ValueError(f"{p}: packed data lacks column(s) {missing}; has {ds.column_names} "
                          "(see docs/data-contracts.md §5)")
-    keep = [c for c in PACKED_COLUMNS if c in ds.column_names]
+    keep = [c for c in PACKED_COLUMNS + ("topk_ids", "topk_logprobs") if c in ds.column_names]  # + KD columns
     return ds.select_columns(keep)
 
 
