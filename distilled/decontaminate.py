@@ -56,6 +56,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from distilled.settings import add_arguments, from_args, option
+
 DEFAULT_NGRAM = 8
 SHORT_MODES = ("contained", "exact", "ignore")
 
@@ -726,9 +728,30 @@ def summary_line(rep: dict) -> str:
 # CLI
 
 
+@dataclass
+class DecontaminateArgs:
+    """``distill decontaminate``'s options, declared once (:mod:`distilled.settings` makes the flags)."""
+
+    input: str = option(help="training rows: .jsonl or .parquet")
+    output: str = option(help="kept rows, same type as --input (written atomically)")
+    against: str = option(help="comma-separated: math_500,aime24,aime25,gpqa_diamond or NAME=PATH for your own file")
+    ngram: int = option(DEFAULT_NGRAM, help="n-gram size in words (default 8, as open-r1)")
+    data_dir: str | None = option(None, help="offline benchmark files (math500.jsonl, aime24.jsonl, aime25.jsonl, "
+                                             "gpqa_diamond.jsonl); default: hub")
+    problem_column: str = option("problem", help="column with the problem text (default problem; falls back to the "
+                                                 "first user turn of messages)")
+    short: str = option("contained", choices=SHORT_MODES,
+                        help="benchmark problems shorter than --ngram words: match when contained (default), when "
+                             "equal (exact), or never (ignore = open-r1)")
+    report: str | None = option(None, help="JSON report with every hit")
+    strict: bool = option(False, help="exit 1 when any line is malformed or has no problem")
+    quiet: bool = option(False, help="no progress bar")
+
+
 def _cmd(args: argparse.Namespace) -> int:
     from distilled.io_utils import write_json
 
+    args = from_args(DecontaminateArgs, args)
     try:
         benchmarks = load_benchmarks(args.against, args.data_dir)
         rep = decontaminate_file(
@@ -768,32 +791,5 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
             "benchmark problem (open-r1's scripts/decontaminate.py rule), reporting every hit."
         ),
     )
-    p.add_argument("--input", required=True, help="training rows: .jsonl or .parquet")
-    p.add_argument("--output", required=True, help="kept rows, same type as --input (written atomically)")
-    p.add_argument(
-        "--against",
-        required=True,
-        help="comma-separated: math_500,aime24,aime25,gpqa_diamond or NAME=PATH for your own file",
-    )
-    p.add_argument("--ngram", type=int, default=DEFAULT_NGRAM, help="n-gram size in words (default 8, as open-r1)")
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="offline benchmark files (math500.jsonl, aime24.jsonl, aime25.jsonl, gpqa_diamond.jsonl); default: hub",
-    )
-    p.add_argument(
-        "--problem-column",
-        default="problem",
-        help="column with the problem text (default problem; falls back to the first user turn of messages)",
-    )
-    p.add_argument(
-        "--short",
-        choices=SHORT_MODES,
-        default="contained",
-        help="benchmark problems shorter than --ngram words: match when contained (default), when equal "
-        "(exact), or never (ignore = open-r1)",
-    )
-    p.add_argument("--report", default=None, help="JSON report with every hit")
-    p.add_argument("--strict", action="store_true", help="exit 1 when any line is malformed or has no problem")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_arguments(p, DecontaminateArgs)
     p.set_defaults(func=_cmd)
