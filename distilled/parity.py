@@ -144,10 +144,7 @@ def run_parity(config: str | Path | None, weights: str | Path, data: str | Path,
     ``check``: ``train`` (losses, grad norms, logits, drift), ``packing`` or ``all``.
     ``weights_override`` loads different weights into one backend (tests use it to prove a
     perturbed weight fails the check)."""
-    import numpy as np
-    from tqdm import tqdm
-
-    from distilled.backends.base import compare_parameters, iter_batches, rel_diff
+    from distilled.backends.base import iter_batches
     from distilled.train import load_packed, load_yaml, settings_from_yaml
 
     if dtype not in TOLERANCES:
@@ -210,96 +207,118 @@ def run_parity(config: str | Path | None, weights: str | Path, data: str | Path,
             check = "kd"
 
     if check in ("train", "all"):
-        if len(backends) != 2 or backends[0] == backends[1]:
-            raise ValueError(f"the train check compares exactly two different backends, got {list(backends)} "
-                             "(register a second name for a same-framework comparison)")
-        a_name, b_name = backends
-        ga = plan.grad_accum
-        micro = list(iter_batches(ds, plan.batch_size, steps * ga, where=str(data)))
-        batches = [micro[i * ga:(i + 1) * ga] if ga > 1 else micro[i] for i in range(steps)]
-        first = micro[0]
-        seq = first.seq_length
-        bes = {}
-        for name in backends:
-            be = _make(name, backend_kwargs)
-            be.load_hf(wo.get(name, weights), model_config=plan.model_config, dtype=dtype, seq_length=seq,
-                       batch_size=plan.batch_size)
-            if plan.lora is not None:
-                be.enable_lora(plan.lora)
-            bes[name] = be
-        if plan.lora is not None:
-            # LoRA A is random on each side: start both from the first backend's A (B is 0 on both)
-            init = {k: v for k, v in bes[a_name].named_parameters().items() if ".lora_" in k}
-            if not init:
-                raise ValueError(f"{a_name}: LoRA enabled but no adapter parameters found")
-            bes[b_name].load_named_parameters(init)
-            out["lora"] = plan.lora.to_dict()
-        fa = bes[a_name].forward(first, return_logits=True)
-        fb = bes[b_name].forward(first, return_logits=True)
-        scale = float(max(1.0, np.max(np.abs(fb.logits))))
-        logits_abs = float(np.max(np.abs(fa.logits.astype(np.float64) - fb.logits.astype(np.float64))))
-        del fa, fb
-        init_drift = compare_parameters(bes[a_name].named_parameters(), bes[b_name].named_parameters())
-        for be in bes.values():
-            be.setup_training(plan.settings)
-        rows = []
-        bar = tqdm(batches, desc="parity", disable=quiet, unit="step")
-        for batch in bar:
-            ra = bes[a_name].train_step(batch)
-            rb = bes[b_name].train_step(batch)
-            rows.append({"step": ra.step, f"loss_{a_name}": ra.loss, f"loss_{b_name}": rb.loss,
-                         "loss_rel_diff": rel_diff(rb.loss, ra.loss),
-                         f"grad_norm_{a_name}": ra.grad_norm, f"grad_norm_{b_name}": rb.grad_norm,
-                         "grad_norm_rel_diff": rel_diff(rb.grad_norm, ra.grad_norm),
-                         f"lr_{a_name}": ra.lr, f"lr_{b_name}": rb.lr, "loss_tokens": ra.tokens})
-            bar.set_postfix(rel=f"{rows[-1]['loss_rel_diff']:.1e}")
-        bar.close()
-        drift = compare_parameters(bes[b_name].named_parameters(), bes[a_name].named_parameters())
-        summary = {
-            "steps": steps, "batch_size": plan.batch_size, "gradient_accumulation_steps": ga,
-            "global_batch_rows": plan.global_batch, "seq_length": seq, "settings": plan.settings.to_dict(),
-            "logits_max_abs_diff_step0": logits_abs, "logits_scale": scale, "logits_rel_step0": logits_abs / scale,
-            "loss_rel_diff_step0": rows[0]["loss_rel_diff"],
-            "loss_rel_diff_max": max(r["loss_rel_diff"] for r in rows),
-            "grad_norm_rel_diff_max": max(r["grad_norm_rel_diff"] for r in rows),
-            "lr_max_abs_diff": max(abs(r[f"lr_{a_name}"] - r[f"lr_{b_name}"]) for r in rows),
-            "initial_param_diff": init_drift["max_abs"], "param_drift": drift,
-        }
-        out["train"] = {"summary": summary, "steps": rows}
-        f = out["failures"]
-        if init_drift["only_in_first"] or init_drift["only_in_second"]:
-            f.append(f"parameter names differ: only {a_name}: {init_drift['only_in_first'][:5]}, "
-                     f"only {b_name}: {init_drift['only_in_second'][:5]}")
-        checks = [("loss_rel_diff_step0", "loss_rel_step0", "step-0 loss relative difference"),
-                  ("loss_rel_diff_max", "loss_rel", "largest per-step loss relative difference"),
-                  ("grad_norm_rel_diff_max", "grad_norm_rel", "largest grad-norm relative difference"),
-                  ("logits_rel_step0", "logits_rel", "step-0 logits max-abs difference / max|logit|")]
-        for key, tkey, what in checks:
-            v = summary[key]
-            if not (v <= tol[tkey]):
-                f.append(f"{what} {v:.3g} > tolerance {tol[tkey]:g}")
-        if not (drift["global_rel"] <= tol["param_drift_rel"]):
-            f.append(f"parameter drift after {steps} steps ||a-b||/||b|| {drift['global_rel']:.3g} > "
-                     f"{tol['param_drift_rel']:g} (worst tensor {drift['max_rel_param']})")
-        over = []
-        bounds = {}
-        for name, rel in sorted(drift["per_tensor_rel"].items()):
-            bound = tensor_drift_bound(name, dtype, tol["tensor_drift_rel"])
-            bounds[name] = bound
-            if bound is not None and not (rel <= bound):
-                over.append((name, rel, bound))
-        summary["tensor_drift_bounds"] = bounds
-        summary["tensors_over_bound"] = [n for n, _, _ in over]
-        if over:
-            f.append(f"per-tensor drift after {steps} steps: {len(over)} tensor(s) past their bound: " + "; ".join(
-                f"{n} {r:.3g} > {b:g}" for n, r, b in over[:6]) + (" ..." if len(over) > 6 else ""))
-        if summary["lr_max_abs_diff"] > 1e-6 * max(1e-12, plan.settings.learning_rate) + 1e-12:
-            f.append(f"learning-rate schedules differ by {summary['lr_max_abs_diff']:.3g}")
+        _train_check(out, plan, ds, data, weights, wo, backends, backend_kwargs, dtype, steps, tol, quiet)
     out["ok"] = not out["failures"]
     out["seconds"] = time.perf_counter() - t0
     if report:
         write_report(out, report)
     return out
+
+
+def _train_check(out: dict[str, Any], plan: Any, ds: Any, data: str | Path, weights: str | Path,
+                 wo: Mapping[str, str | Path], backends: Sequence[str],
+                 backend_kwargs: Mapping[str, Mapping[str, Any]] | None, dtype: str, steps: int,
+                 tol: Mapping[str, float], quiet: bool) -> None:
+    """The train check: both backends load the same weights, run the same ``steps`` batches; fills
+    ``out["train"]`` (per-step rows + summary) and appends to ``out["failures"]``."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from distilled.backends.base import compare_parameters, iter_batches, rel_diff
+
+    if len(backends) != 2 or backends[0] == backends[1]:
+        raise ValueError(f"the train check compares exactly two different backends, got {list(backends)} "
+                         "(register a second name for a same-framework comparison)")
+    a_name, b_name = backends
+    ga = plan.grad_accum
+    micro = list(iter_batches(ds, plan.batch_size, steps * ga, where=str(data)))
+    batches = [micro[i * ga:(i + 1) * ga] if ga > 1 else micro[i] for i in range(steps)]
+    first = micro[0]
+    seq = first.seq_length
+    bes = {}
+    for name in backends:
+        be = _make(name, backend_kwargs)
+        be.load_hf(wo.get(name, weights), model_config=plan.model_config, dtype=dtype, seq_length=seq,
+                   batch_size=plan.batch_size)
+        if plan.lora is not None:
+            be.enable_lora(plan.lora)
+        bes[name] = be
+    if plan.lora is not None:
+        # LoRA A is random on each side: start both from the first backend's A (B is 0 on both)
+        init = {k: v for k, v in bes[a_name].named_parameters().items() if ".lora_" in k}
+        if not init:
+            raise ValueError(f"{a_name}: LoRA enabled but no adapter parameters found")
+        bes[b_name].load_named_parameters(init)
+        out["lora"] = plan.lora.to_dict()
+    fa = bes[a_name].forward(first, return_logits=True)
+    fb = bes[b_name].forward(first, return_logits=True)
+    scale = float(max(1.0, np.max(np.abs(fb.logits))))
+    logits_abs = float(np.max(np.abs(fa.logits.astype(np.float64) - fb.logits.astype(np.float64))))
+    del fa, fb
+    init_drift = compare_parameters(bes[a_name].named_parameters(), bes[b_name].named_parameters())
+    for be in bes.values():
+        be.setup_training(plan.settings)
+    rows = []
+    bar = tqdm(batches, desc="parity", disable=quiet, unit="step")
+    for batch in bar:
+        ra = bes[a_name].train_step(batch)
+        rb = bes[b_name].train_step(batch)
+        rows.append({"step": ra.step, f"loss_{a_name}": ra.loss, f"loss_{b_name}": rb.loss,
+                     "loss_rel_diff": rel_diff(rb.loss, ra.loss),
+                     f"grad_norm_{a_name}": ra.grad_norm, f"grad_norm_{b_name}": rb.grad_norm,
+                     "grad_norm_rel_diff": rel_diff(rb.grad_norm, ra.grad_norm),
+                     f"lr_{a_name}": ra.lr, f"lr_{b_name}": rb.lr, "loss_tokens": ra.tokens})
+        bar.set_postfix(rel=f"{rows[-1]['loss_rel_diff']:.1e}")
+    bar.close()
+    drift = compare_parameters(bes[b_name].named_parameters(), bes[a_name].named_parameters())
+    summary = {
+        "steps": steps, "batch_size": plan.batch_size, "gradient_accumulation_steps": ga,
+        "global_batch_rows": plan.global_batch, "seq_length": seq, "settings": plan.settings.to_dict(),
+        "logits_max_abs_diff_step0": logits_abs, "logits_scale": scale, "logits_rel_step0": logits_abs / scale,
+        "loss_rel_diff_step0": rows[0]["loss_rel_diff"],
+        "loss_rel_diff_max": max(r["loss_rel_diff"] for r in rows),
+        "grad_norm_rel_diff_max": max(r["grad_norm_rel_diff"] for r in rows),
+        "lr_max_abs_diff": max(abs(r[f"lr_{a_name}"] - r[f"lr_{b_name}"]) for r in rows),
+        "initial_param_diff": init_drift["max_abs"], "param_drift": drift,
+    }
+    out["train"] = {"summary": summary, "steps": rows}
+    out["failures"] += _train_failures(summary, drift, init_drift, a_name, b_name, steps, dtype, tol,
+                                       plan.settings.learning_rate)
+
+
+def _train_failures(summary: dict[str, Any], drift: Mapping[str, Any], init_drift: Mapping[str, Any], a_name: str,
+                    b_name: str, steps: int, dtype: str, tol: Mapping[str, float], learning_rate: float) -> list[str]:
+    """What the train check found wrong, one message each; also records the per-tensor bounds in ``summary``."""
+    f: list[str] = []
+    if init_drift["only_in_first"] or init_drift["only_in_second"]:
+        f.append(f"parameter names differ: only {a_name}: {init_drift['only_in_first'][:5]}, "
+                 f"only {b_name}: {init_drift['only_in_second'][:5]}")
+    checks = [("loss_rel_diff_step0", "loss_rel_step0", "step-0 loss relative difference"),
+              ("loss_rel_diff_max", "loss_rel", "largest per-step loss relative difference"),
+              ("grad_norm_rel_diff_max", "grad_norm_rel", "largest grad-norm relative difference"),
+              ("logits_rel_step0", "logits_rel", "step-0 logits max-abs difference / max|logit|")]
+    for key, tkey, what in checks:
+        v = summary[key]
+        if not (v <= tol[tkey]):
+            f.append(f"{what} {v:.3g} > tolerance {tol[tkey]:g}")
+    if not (drift["global_rel"] <= tol["param_drift_rel"]):
+        f.append(f"parameter drift after {steps} steps ||a-b||/||b|| {drift['global_rel']:.3g} > "
+                 f"{tol['param_drift_rel']:g} (worst tensor {drift['max_rel_param']})")
+    over = []
+    bounds = {}
+    for name, rel in sorted(drift["per_tensor_rel"].items()):
+        bound = tensor_drift_bound(name, dtype, tol["tensor_drift_rel"])
+        bounds[name] = bound
+        if bound is not None and not (rel <= bound):
+            over.append((name, rel, bound))
+    summary["tensor_drift_bounds"] = bounds
+    summary["tensors_over_bound"] = [n for n, _, _ in over]
+    if over:
+        f.append(f"per-tensor drift after {steps} steps: {len(over)} tensor(s) past their bound: " + "; ".join(
+            f"{n} {r:.3g} > {b:g}" for n, r, b in over[:6]) + (" ..." if len(over) > 6 else ""))
+    if summary["lr_max_abs_diff"] > 1e-6 * max(1e-12, learning_rate) + 1e-12:
+        f.append(f"learning-rate schedules differ by {summary['lr_max_abs_diff']:.3g}")
+    return f
 
 
 def write_report(res: Mapping[str, Any], report_dir: str | Path) -> None:
