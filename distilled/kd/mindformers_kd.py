@@ -9,8 +9,8 @@
   ``model.model_config``: ``kd_alpha`` (0.5), ``kd_temperature`` (1.0), ``kd_top_k`` (required:
   the K of the data) and MindFormers' own ``calculate_per_token_loss``: when true it returns
   ``(numerator, denominator)`` like MF's ``CrossEntropyLoss``, so ``MFTrainOneStepCell`` and
-  ``GradAccumulationCellWithTwoOutput`` normalise per token over the global batch (issue 12). With
-  no top-K inputs (evaluation, prediction) it is exactly ``LlamaForCausalLM``.
+  ``GradAccumulationCellWithTwoOutput`` normalise per token over the global batch (issue 12). It is
+  a training model only: evaluate or predict with ``LlamaForCausalLM`` (same weights and names).
 * :class:`KDPackedDataLoader` -- registered under ``DATASET_LOADER``; MindFormers' ``HFDataLoader``
   (same YAML keys) whose packed samples also carry the two top-K columns. Why: in packed mode
   (``create_attention_mask: True``) ``HFDataset`` returns a fixed list of five columns and drops
@@ -62,13 +62,12 @@ class KDLlamaForCausalLM(LlamaForCausalLM):
                   block_tables=None, slot_mapping=None, prefix_keys_values=None, llm_boost_inputs=None,
                   q_seq_lens=None, loss_mask=None, gather_index=None, seq_range=None, actual_seq_len=None,
                   topk_ids=None, topk_logprobs=None):
-        r"""Training with top-K inputs: the KD loss; anything else: ``LlamaForCausalLM.construct``."""
-        if topk_ids is None or topk_logprobs is None or not self.training or labels is None:
-            return LlamaForCausalLM.construct(self, input_ids, labels, input_position, position_ids, attention_mask,
-                                              input_embeds, init_reset, batch_valid_length, batch_index,
-                                              zactivate_len, block_tables, slot_mapping, prefix_keys_values,
-                                              llm_boost_inputs, q_seq_lens, loss_mask, gather_index, seq_range,
-                                              actual_seq_len)
+        r"""The KD training loss, straight-line. An earlier version with an early ``return`` into
+        ``LlamaForCausalLM.construct`` (for calls without top-K inputs) compiled and trained in one
+        process but failed to compile under msrun data parallel on CPU ("Input[0] must be a
+        Primitive ValueNode, but get ValueNode<FuncGraph> ...KDLlamaForCausalLM_construct"), so
+        this construct has no such branch. Evaluate or predict with ``LlamaForCausalLM`` (same
+        weights and checkpoint names)."""
         output = self.model(input_ids, None, None, None, None, None, None, None, attention_mask, position_ids,
                             None, seq_range, actual_seq_len)
         logits = self.lm_head(output)
