@@ -398,9 +398,8 @@ def run_train(config: str, backend: str = "torch", data: str | None = None, weig
     checkpoints (``checkpoint-STEP/``, and ``final/``)."""
     from tqdm import tqdm
 
-    from distilled.backends import get_backend
     from distilled.backends.base import iter_batches
-    from distilled.io_utils import JsonlAppender, write_json
+    from distilled.io_utils import write_json
 
     cfg = load_yaml(config)
     rank, world = _dist_info()
@@ -420,16 +419,7 @@ def run_train(config: str, backend: str = "torch", data: str | None = None, weig
     if rank == 0 and not quiet:
         print(plan.describe(), file=sys.stderr)
 
-    kw: dict[str, Any] = {}
-    if backend == "torch":
-        kw = {"device": device, "ddp": world > 1}
-        if world > 1:
-            import torch
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
-    be = get_backend(backend, **kw)
+    be = _make_backend(backend, device, world)
     seq_length = len(ds[0]["input_ids"])
     if plan.model_config.get("seq_length") not in (None, seq_length) and rank == 0:
         print(f"note: model_config.seq_length={plan.model_config['seq_length']} but the packed rows of {data} "
@@ -441,12 +431,7 @@ def run_train(config: str, backend: str = "torch", data: str | None = None, weig
     be.setup_training(plan.settings)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    log = JsonlAppender(out / "loss.jsonl") if rank == 0 else None
-    if log is not None and log.path.stat().st_size:
-        # a fresh run: keep the old log beside, never mix two runs in one file
-        log.close()
-        os.replace(out / "loss.jsonl", out / f"loss.{int(time.time())}.jsonl")
-        log = JsonlAppender(out / "loss.jsonl")
+    log = _fresh_loss_log(out) if rank == 0 else None
     ga = plan.grad_accum
     rows = _RankRows(ds, rank, world, plan.batch_size * ga, seed=plan.settings.seed if plan.shuffle else None,
                      epochs=plan.epochs)
@@ -491,6 +476,34 @@ def run_train(config: str, backend: str = "torch", data: str | None = None, weig
             print(f"trained {n_steps} steps on {backend}: loss {first:.4f} -> {last:.4f}, "
                   f"{summary['tokens_per_s']:.0f} tokens/s, checkpoint {final}", file=sys.stderr)
     return summary
+
+
+def _make_backend(backend: str, device: str | None, world: int):
+    """The backend; torch under torchrun (``world`` > 1) joins the process group first (DDP)."""
+    from distilled.backends import get_backend
+
+    kw: dict[str, Any] = {}
+    if backend == "torch":
+        kw = {"device": device, "ddp": world > 1}
+        if world > 1:
+            import torch
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
+    return get_backend(backend, **kw)
+
+
+def _fresh_loss_log(out: Path):
+    """``OUTPUT/loss.jsonl`` for this run: an old non-empty log is moved aside, never mixed in."""
+    from distilled.io_utils import JsonlAppender
+
+    log = JsonlAppender(out / "loss.jsonl")
+    if log.path.stat().st_size:
+        log.close()
+        os.replace(out / "loss.jsonl", out / f"loss.{int(time.time())}.jsonl")
+        log = JsonlAppender(out / "loss.jsonl")
+    return log
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
