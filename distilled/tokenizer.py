@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerFast
 
 from distilled.paths import REPO_ROOT
+from distilled.settings import add_arguments, from_args, option
 CHAT_TEMPLATE_PATH = REPO_ROOT / "configs" / "qwen2_5_chat_template.jinja"
 
 # Qwen2's pre-tokenizer regex (identical to dashscope's PAT_STR and to Qwen2's tokenizer.json):
@@ -350,9 +352,20 @@ def load_tokenizer(path: str | os.PathLike) -> "PreTrainedTokenizerFast":
 
 # ----------------------------------------------------------------------------- CLI
 
+@dataclass
+class Qwen25TokenizerArgs:
+    """``distill tokenizer qwen2.5``'s options, declared once (:mod:`distilled.settings` makes the flags)."""
+
+    output: str = option(help="directory to write (replaced atomically)")
+    bpe_tokens: int | None = option(None, metavar="N",
+                                    help="trim to the N lowest-ranked BPE tokens (tiny CPU students; ids below N are "
+                                         "the real Qwen2.5 ids, the added tokens follow at N..N+21). Default: all 151643")
+
+
 def _cmd_qwen(args: argparse.Namespace) -> int:
     import time
 
+    args = from_args(Qwen25TokenizerArgs, args)
     t0 = time.perf_counter()
     out = build_qwen2_5_tokenizer(args.output, bpe_tokens=args.bpe_tokens)
     tok = load_tokenizer(out)
@@ -373,10 +386,7 @@ def register_cli(sub) -> None:
     q = tsub.add_parser("qwen2.5", help="the real Qwen2.5 tokenizer from dashscope's BPE ranks",
                         description="Write tokenizer.json, vocab.json, merges.txt and tokenizer_config.json "
                                     "of Qwen2.5 (official chat template, eos <|im_end|>, pad <|endoftext|>).")
-    q.add_argument("--output", required=True, help="directory to write (replaced atomically)")
-    q.add_argument("--bpe-tokens", type=int, default=None, metavar="N",
-                   help="trim to the N lowest-ranked BPE tokens (tiny CPU students; ids below N are the "
-                        "real Qwen2.5 ids, the added tokens follow at N..N+21). Default: all 151643")
+    add_arguments(q, Qwen25TokenizerArgs)
     q.set_defaults(func=_cmd_qwen)
 
     def _need_name(_args: argparse.Namespace) -> int:
