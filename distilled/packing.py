@@ -253,6 +253,48 @@ def packed_schema() -> "pa.Schema":
     return pa.schema([(c, pa.list_(pa.int32())) for c in PACKED_COLUMNS])
 
 
+def _check_pack_args(seq_length: int, pad_id: int, overlong: str, boundary_label: str) -> tuple[int, int]:
+    """Step 1 of :func:`pack_table`: refuse settings that cannot pack (``seq_length``, ``pad_id`` as ints)."""
+    seq_length = int(seq_length)
+    if seq_length < 2:
+        raise ValueError(f"seq_length must be >= 2, got {seq_length}")
+    if overlong not in ("drop", "truncate"):
+        raise ValueError(f"overlong must be 'drop' or 'truncate', got {overlong!r}")
+    if boundary_label not in ("ignore", "pad"):
+        raise ValueError(f"boundary_label must be 'ignore' or 'pad', got {boundary_label!r}")
+    pad_id = int(pad_id)
+    if not -(2**31) <= pad_id < 2**31:
+        raise ValueError(f"pad_id {pad_id} does not fit int32")
+    return seq_length, pad_id
+
+
+def _to_arrow(out_ids: np.ndarray, out_lab: np.ndarray, out_pos: np.ndarray, end_in_row: np.ndarray,
+              row_doc_start: np.ndarray, n_rows: int, S: int) -> "pa.Table":
+    """Last step of :func:`pack_table`: the packed Arrow table, zero-copy over the numpy buffers."""
+    import pyarrow as pa
+
+    seq_ends = end_in_row.astype(np.int32)
+    rows_per_chunk = max(1, _CHUNK_TOKENS // S)
+    batches = []
+    schema = packed_schema()
+    for r0 in range(0, n_rows, rows_per_chunk):
+        r1 = min(n_rows, r0 + rows_per_chunk)
+        fixed_off = pa.array(np.arange(0, (r1 - r0) * S + 1, S, dtype=np.int32))
+        a, b = r0 * S, r1 * S
+        d0, d1 = int(row_doc_start[r0]), int(row_doc_start[r1])
+        seq_off = pa.array((row_doc_start[r0:r1 + 1] - d0).astype(np.int32))
+        batches.append(pa.RecordBatch.from_arrays(
+            [
+                pa.ListArray.from_arrays(fixed_off, pa.array(out_ids[a:b])),
+                pa.ListArray.from_arrays(fixed_off, pa.array(out_lab[a:b])),
+                pa.ListArray.from_arrays(seq_off, pa.array(seq_ends[d0:d1])),
+                pa.ListArray.from_arrays(fixed_off, pa.array(out_pos[a:b])),
+            ],
+            schema=schema,
+        ))
+    return pa.Table.from_batches(batches, schema=schema)
+
+
 def pack_table(
     table: "pa.Table",
     seq_length: int,
@@ -284,19 +326,8 @@ def pack_table(
     non-integer-list column, a null row or token, or ``labels`` whose length differs from
     ``input_ids``.
     """
-    import pyarrow as pa
-
     t0 = time.perf_counter()
-    seq_length = int(seq_length)
-    if seq_length < 2:
-        raise ValueError(f"seq_length must be >= 2, got {seq_length}")
-    if overlong not in ("drop", "truncate"):
-        raise ValueError(f"overlong must be 'drop' or 'truncate', got {overlong!r}")
-    if boundary_label not in ("ignore", "pad"):
-        raise ValueError(f"boundary_label must be 'ignore' or 'pad', got {boundary_label!r}")
-    pad_id = int(pad_id)
-    if not -(2**31) <= pad_id < 2**31:
-        raise ValueError(f"pad_id {pad_id} does not fit int32")
+    seq_length, pad_id = _check_pack_args(seq_length, pad_id, overlong, boundary_label)
     x_label = IGNORE_INDEX if boundary_label == "ignore" else pad_id
     S = seq_length
 
@@ -405,27 +436,7 @@ def pack_table(
         np.count_nonzero(out_lab[a:a + block] != IGNORE_INDEX) for a in range(0, total, block)
     ))
 
-    # --- Arrow output, zero-copy over the numpy buffers --------------------------------------
-    seq_ends = end_in_row.astype(np.int32)
-    rows_per_chunk = max(1, _CHUNK_TOKENS // S)
-    batches = []
-    schema = packed_schema()
-    for r0 in range(0, n_rows, rows_per_chunk):
-        r1 = min(n_rows, r0 + rows_per_chunk)
-        fixed_off = pa.array(np.arange(0, (r1 - r0) * S + 1, S, dtype=np.int32))
-        a, b = r0 * S, r1 * S
-        d0, d1 = int(row_doc_start[r0]), int(row_doc_start[r1])
-        seq_off = pa.array((row_doc_start[r0:r1 + 1] - d0).astype(np.int32))
-        batches.append(pa.RecordBatch.from_arrays(
-            [
-                pa.ListArray.from_arrays(fixed_off, pa.array(out_ids[a:b])),
-                pa.ListArray.from_arrays(fixed_off, pa.array(out_lab[a:b])),
-                pa.ListArray.from_arrays(seq_off, pa.array(seq_ends[d0:d1])),
-                pa.ListArray.from_arrays(fixed_off, pa.array(out_pos[a:b])),
-            ],
-            schema=schema,
-        ))
-    packed = pa.Table.from_batches(batches, schema=schema)
+    packed = _to_arrow(out_ids, out_lab, out_pos, end_in_row, row_doc_start, n_rows, S)
     stats.elapsed_s = time.perf_counter() - t0
     return packed, stats
 
