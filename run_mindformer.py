@@ -2,7 +2,7 @@
 """MindFormers-compatible training entry for this project (same CLI as MindFormers' run_mindformer.py).
 
     python run_mindformer.py --config configs/finetune_qwen2_5_tiny_cpu.yaml --run_mode finetune
-    bash scripts/msrun_launcher.sh "run_mindformer.py --config configs/finetune_qwen_2_5_7b.yaml --run_mode finetune" 8
+    bash scripts/msrun_launcher.sh "run_mindformer.py --config configs/finetune_qwen2_5_7b_32k.yaml --run_mode finetune" 8
 
 On top of MindFormers' own script it registers this project's data handlers, applies the CPU
 shims only when context.device_target is CPU, fixes packed-row RoPE positions and masks, checks

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-BIG = REPO / "configs" / "finetune_qwen_2_5_7b.yaml"
+BIG = REPO / "configs" / "finetune_qwen2_5_7b_32k.yaml"
 TINY = REPO / "configs" / "finetune_qwen2_5_tiny_cpu.yaml"
 LAUNCHER = REPO / "scripts" / "msrun_launcher.sh"
 PY = sys.executable
@@ -69,7 +69,7 @@ def test_7b_yaml_has_the_issue_settings():
     assert raw["context"]["mode"] == 0  # graph mode
 
 
-@pytest.mark.parametrize("name", ["finetune_qwen_2_5_7b.yaml", "finetune_qwen2_5_7b_lora.yaml",
+@pytest.mark.parametrize("name", ["finetune_qwen2_5_7b_32k.yaml", "finetune_qwen2_5_7b_32k_lora.yaml",
                                   "finetune_qwen2_5_tiny_cpu.yaml", "finetune_qwen2_5_tiny_cpu_lora.yaml"])
 def test_yamls_graph_mode_per_token_loss_and_shims(name):
     """Every finetune YAML: graph mode, both per-token keys; the packed-mask shim only off flash."""

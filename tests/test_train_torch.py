@@ -195,7 +195,7 @@ def test_global_batch_is_mindformers_and_world_size_is_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"4 torch ranks .*parallel_config.data_parallel \(2\).*"
                                           r"gradient_accumulation_steps \(3\)"):
         settings_from_yaml(cfg, num_rows=48, world_size=4)
-    seven_b = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "finetune_qwen_2_5_7b.yaml")
+    seven_b = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "finetune_qwen2_5_7b_32k.yaml")
     p7 = settings_from_yaml(seven_b, world_size=1)
     assert p7.global_batch == p7.batch_size * p7.data_parallel * p7.yaml_grad_accum
     if p7.data_parallel * p7.yaml_grad_accum % 8:
