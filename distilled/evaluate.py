@@ -25,13 +25,14 @@ import json
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from distilled.eval_engines import BudgetConfig, EngineError, GenOutput, GenRequest, stable_seed
 from distilled.eval_tasks import (PROMPT_VERSION, SCORING_RULE, Problem, Task, TaskError, load_task,
                                   parse_task_names)
+from distilled.settings import add_arguments, from_args, option
 
 OPEN_R1_N = {"aime24": 64, "aime25": 64, "math_500": 4, "gpqa_diamond": 8}
 """Samples per problem in open-r1's published evaluations (``--n auto``)."""
@@ -81,46 +82,73 @@ class EvalError(RuntimeError):
 
 @dataclass
 class EvalConfig:
-    """Every setting of one eval run (the CLI flags map one to one)."""
+    """Every setting of one eval run; each documented field is also its ``distill eval`` flag
+    (:mod:`distilled.settings`), in this order in ``--help``.
 
-    tasks: list[str]
-    engine: str = "openai"
-    api_addr: list[str] = field(default_factory=list)
-    model: str | None = None
-    model_name: str | None = None
-    n: int | str = 4
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_tokens: int = 32768
-    system_prompt: str | None = None
-    data_dir: str | None = None
-    task_file: str | None = None
-    output: str = "runs/eval"
-    limit: int | None = None
-    seed: int = 0
-    batch_size: int = 8
-    max_concurrent: int = 64
-    max_retries: int = 8
-    request_timeout: float = 600.0
-    api_key_env: str | None = None
-    tokenizer: str | None = None
-    verify_workers: int = 2
-    verify_timeout: float = 5.0
-    min_think_tokens: int | None = None
-    max_think_tokens: int | None = None
-    tensor_parallel_size: int = 1
-    prompt_version: str = PROMPT_VERSION
-    prompt_template: str | None = None
-    preset: str | None = None  # recorded only: resolve_preset() already filled the flags it sets
-    skip_incomplete: bool = False
+    The four generation settings (``n``, ``temperature``, ``top_p``, ``max_tokens``) default to
+    None and are filled after construction: from ``preset`` when given, else from
+    ``_GEN_DEFAULTS``. Why not plain defaults: an explicit ``--max-tokens`` must win over the preset.
+    """
+
+    tasks: str | Sequence[str] | None = option(
+        None, help="comma list of math_500, aime24, aime25, gpqa_diamond, synth, jsonl:PATH")
+    engine: str = option("openai", help="", choices=["openai", "transformers", "vllm"])
+    api_addr: list[str] = option([], help="HOST:PORT (or base URL) of OpenAI-compatible servers")
+    model: str | None = option(None, help="HF model folder (transformers/vllm engines)")
+    model_name: str | None = option(None, help="served model id (openai) / display name in reports")
+    preset: str | None = option(
+        None, choices=sorted(PRESETS),
+        help="named settings: open-r1 = T 0.6, top_p 0.95, 32768 new tokens, n 64 AIME / 4 MATH-500 / "
+             "8 GPQA-D (explicit flags override)")
+    n: int | str | None = option(
+        None, help="samples per problem, or 'auto' (AIME 64, MATH-500 4, GPQA 8); default 4")
+    temperature: float | None = option(None, help="default 0.6")
+    top_p: float | None = option(None, help="default 0.95")
+    max_tokens: int | None = option(None, help="max new tokens per sample (default 32768)")
+    system_prompt: str | None = option(None, help="")
+    prompt_template: str | None = option(
+        None, help="math tasks: a str.format template with {prompt} instead of the pinned lighteval prompt "
+                   "(e.g. the one the model was trained with); recorded as the prompt version")
+    data_dir: str | None = option(
+        None, help="folder with math500.jsonl, aime24.jsonl, aime25.jsonl, gpqa_diamond.jsonl")
+    task_file: str | None = option(None, help="problems file (id, problem, answer) for the synth task")
+    output: str = option("runs/eval", help="")
+    limit: int | None = option(None, help="first K problems of each task")
+    seed: int = option(0, help="")
+    batch_size: int = option(8, help="transformers batch / judging batch")
+    max_concurrent: int = option(64, help="openai: requests in flight")
+    max_retries: int = option(8, help="")
+    request_timeout: float = option(600.0, help="")
+    api_key_env: str | None = option(None, help="environment variable holding the API key")
+    tokenizer: str | None = option(
+        None, help="openai + budget forcing: the served model's tokenizer folder (default: --model when given)")
+    verify_workers: int = option(2, help="")
+    verify_timeout: float = option(5.0, help="")
+    min_think_tokens: int | None = option(None, help="budget forcing: replace an earlier </think> with 'Wait'")
+    max_think_tokens: int | None = option(None, help="budget forcing: cut thinking and force </think>")
+    tensor_parallel_size: int = option(1, help="vllm engine")
+    server_kind: str = option(
+        "openai", choices=["openai", "vllm", "transformers"],
+        help="openai engine + budget forcing: openai = standard fields only (the stop string is not "
+             "returned); vllm = also send include_stop_str_in_output; transformers = `transformers "
+             "serve` (returns the stop string)")
+    """openai engine + budget forcing: ``openai`` sends standard fields only; ``vllm`` adds
+    ``include_stop_str_in_output``; ``transformers`` (``transformers serve``) returns stop strings."""
+    skip_incomplete: bool = option(
+        False, help="leave problems with a failed sample out of pass@1 (the old behaviour; labelled in the "
+                    "report). Default: a failed sample counts as wrong")
     """Old behaviour: leave a problem with a failed (missing) sample out of pass@1. Default: that
     sample counts as wrong, because failures are the long, hard generations and dropping their
     problems biases pass@1 upwards."""
-    server_kind: str = "openai"
-    """openai engine + budget forcing: ``openai`` sends standard fields only; ``vllm`` adds
-    ``include_stop_str_in_output``; ``transformers`` (``transformers serve``) returns stop strings."""
+    prompt_version: str = PROMPT_VERSION  # internal (no flag): set from prompt_template below
 
     def __post_init__(self) -> None:
+        preset = PRESETS.get(self.preset, {}) if self.preset else {}
+        for key, default in _GEN_DEFAULTS.items():
+            if getattr(self, key) is None:
+                setattr(self, key, preset.get(key, default))
+        if isinstance(self.n, str) and self.n.isdigit():
+            self.n = int(self.n)
         if self.prompt_template is not None:
             if "{prompt}" not in self.prompt_template:
                 raise EvalError("--prompt-template must contain {prompt}")
@@ -133,6 +161,15 @@ class EvalConfig:
         if self.n == "auto":
             return OPEN_R1_N.get(task, 4)
         return int(self.n)
+
+
+@dataclass
+class CompareConfig:
+    """``distill eval compare``: one table across eval runs (each field is its flag)."""
+
+    runs: list[str] = option(help="eval output folders or results.json files", positional=True)
+    reference: bool = option(False, help="add the published reference rows (FACTS §5)")
+    output: str | None = option(None, help="write the markdown table here (and a PNG beside it)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -696,27 +733,9 @@ def compare(runs: Sequence[str], reference: bool = False, output: str | None = N
 # ------------------------------------------------------------------------------------------------
 
 
-def resolve_preset(a: argparse.Namespace) -> None:
-    """Fill the generation flags left unset: from ``--preset`` if given, else the defaults.
-    Why not argparse defaults: an explicit ``--max-tokens`` must win over the preset."""
-    preset = PRESETS[a.preset] if getattr(a, "preset", None) else {}
-    for key, default in _GEN_DEFAULTS.items():
-        if getattr(a, key, None) is None:
-            setattr(a, key, preset.get(key, default))
-
-
 def _cfg_from_args(a: argparse.Namespace) -> EvalConfig:
-    resolve_preset(a)
-    return EvalConfig(
-        tasks=a.tasks, engine=a.engine, api_addr=a.api_addr or [], model=a.model, model_name=a.model_name,
-        n=int(a.n) if str(a.n).isdigit() else a.n, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, system_prompt=a.system_prompt,
-        prompt_template=a.prompt_template,
-        data_dir=a.data_dir, task_file=a.task_file, output=a.output, limit=a.limit, seed=a.seed,
-        batch_size=a.batch_size, max_concurrent=a.max_concurrent, max_retries=a.max_retries,
-        request_timeout=a.request_timeout, api_key_env=a.api_key_env, tokenizer=a.tokenizer,
-        verify_workers=a.verify_workers, verify_timeout=a.verify_timeout, min_think_tokens=a.min_think_tokens,
-        max_think_tokens=a.max_think_tokens, tensor_parallel_size=a.tensor_parallel_size,
-        skip_incomplete=a.skip_incomplete, preset=getattr(a, "preset", None), server_kind=a.server_kind)
+    """The parsed ``distill eval`` flags as an :class:`EvalConfig` (the preset is applied there)."""
+    return from_args(EvalConfig, a)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -739,7 +758,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def cmd_compare(a: argparse.Namespace) -> int:
     try:
-        text = compare(a.runs, a.reference, a.output)
+        cfg = from_args(CompareConfig, a)
+        text = compare(cfg.runs, cfg.reference, cfg.output)
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -751,50 +771,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model on MATH-500 / AIME / GPQA-Diamond (pass@1 over n samples)",
                        description="Evaluate a model: `distill eval --tasks math_500,aime24 --engine openai "
                                    "--api-addr HOST:PORT --model-name NAME`, or `distill eval compare RUN1 RUN2`.")
-    p.add_argument("--tasks", help="comma list of math_500, aime24, aime25, gpqa_diamond, synth, jsonl:PATH")
-    p.add_argument("--engine", default="openai", choices=["openai", "transformers", "vllm"])
-    p.add_argument("--api-addr", nargs="+", help="HOST:PORT (or base URL) of OpenAI-compatible servers")
-    p.add_argument("--model", help="HF model folder (transformers/vllm engines)")
-    p.add_argument("--model-name", help="served model id (openai) / display name in reports")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="named settings: open-r1 = T 0.6, top_p 0.95, 32768 new tokens, n 64 AIME / 4 MATH-500 / "
-                        "8 GPQA-D (explicit flags override)")
-    p.add_argument("--n", default=None, help="samples per problem, or 'auto' (AIME 64, MATH-500 4, GPQA 8); default 4")
-    p.add_argument("--temperature", type=float, default=None, help="default 0.6")
-    p.add_argument("--top-p", type=float, default=None, help="default 0.95")
-    p.add_argument("--max-tokens", type=int, default=None, help="max new tokens per sample (default 32768)")
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument("--prompt-template", default=None,
-                   help="math tasks: a str.format template with {prompt} instead of the pinned lighteval prompt "
-                        "(e.g. the one the model was trained with); recorded as the prompt version")
-    p.add_argument("--data-dir", help="folder with math500.jsonl, aime24.jsonl, aime25.jsonl, gpqa_diamond.jsonl")
-    p.add_argument("--task-file", help="problems file (id, problem, answer) for the synth task")
-    p.add_argument("--output", default="runs/eval")
-    p.add_argument("--limit", type=int, help="first K problems of each task")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="transformers batch / judging batch")
-    p.add_argument("--max-concurrent", type=int, default=64, help="openai: requests in flight")
-    p.add_argument("--max-retries", type=int, default=8)
-    p.add_argument("--request-timeout", type=float, default=600.0)
-    p.add_argument("--api-key-env", help="environment variable holding the API key")
-    p.add_argument("--tokenizer", help="openai + budget forcing: the served model's tokenizer folder "
-                                       "(default: --model when given)")
-    p.add_argument("--verify-workers", type=int, default=2)
-    p.add_argument("--verify-timeout", type=float, default=5.0)
-    p.add_argument("--min-think-tokens", type=int, help="budget forcing: replace an earlier </think> with 'Wait'")
-    p.add_argument("--max-think-tokens", type=int, help="budget forcing: cut thinking and force </think>")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm engine")
-    p.add_argument("--server-kind", default="openai", choices=["openai", "vllm", "transformers"],
-                   help="openai engine + budget forcing: openai = standard fields only (the stop string is not "
-                        "returned); vllm = also send include_stop_str_in_output; transformers = `transformers "
-                        "serve` (returns the stop string)")
-    p.add_argument("--skip-incomplete", action="store_true",
-                   help="leave problems with a failed sample out of pass@1 (the old behaviour; labelled in the "
-                        "report). Default: a failed sample counts as wrong")
+    add_arguments(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
     esub = p.add_subparsers(dest="eval_command", metavar="{compare}")
     c = esub.add_parser("compare", help="one table across eval runs (base vs distilled)")
-    c.add_argument("runs", nargs="+", help="eval output folders or results.json files")
-    c.add_argument("--reference", action="store_true", help="add the published reference rows (FACTS §5)")
-    c.add_argument("--output", help="write the markdown table here (and a PNG beside it)")
+    add_arguments(c, CompareConfig)
     c.set_defaults(func=cmd_compare)

@@ -33,15 +33,17 @@ _MISSING = dataclasses.MISSING
 
 
 def option(default: Any = _MISSING, *, help: str, flag: str | None = None, choices: Sequence[Any] | None = None,
-           metavar: str | None = None, aliases: Sequence[str] = (), nargs: str | None = None) -> Any:
+           metavar: str | None = None, aliases: Sequence[str] = (), nargs: str | None = None,
+           positional: bool = False) -> Any:
     """A dataclass field that is also a CLI flag.
 
     ``default`` missing makes the flag required. ``flag`` overrides the spelling (``--field-name`` by
     default); a bool field whose flag starts with ``--no-`` is switched off by it. A list default is
-    copied per instance (``default_factory``), so instances never share it.
+    copied per instance (``default_factory``), so instances never share it. ``positional`` makes it
+    an argument named after the field (``distill eval compare RUN...``) instead of a flag.
     """
     meta = {"help": help, "flag": flag, "choices": tuple(choices) if choices is not None else None,
-            "metavar": metavar, "aliases": tuple(aliases), "nargs": nargs}
+            "metavar": metavar, "aliases": tuple(aliases), "nargs": nargs, "positional": positional}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -73,10 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str
         if "help" not in meta or f.name in skip:
             continue
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
-        names = [flag, *meta["aliases"]]
+        positional = meta.get("positional", False)
+        names = [f.name] if positional else [flag, *meta["aliases"]]
         default = _default_of(f)
         tp, _optional = _unwrap(hints[f.name])
-        kw: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
+        kw: dict[str, Any] = {"help": meta["help"]} if positional else {"dest": f.name, "help": meta["help"]}
         if meta["metavar"]:
             kw["metavar"] = meta["metavar"]
         if tp is bool:
@@ -99,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str
         if meta["choices"] is not None:
             kw["choices"] = meta["choices"]
         if default is _MISSING:
-            kw["required"] = True
+            if not positional:  # a positional without a default is required already
+                kw["required"] = True
         else:
             kw["default"] = default
         parser.add_argument(*names, **kw)

@@ -70,3 +70,18 @@ def test_overrides_win():
 
 def test_module_doctest():
     assert doctest.testmod(settings).failed == 0
+
+
+@dataclass
+class WithPositional:
+    runs: list[str] = option(help="result folders", positional=True)
+    output: str | None = option(None, help="table file")
+
+
+def test_positional_field_is_an_argument_named_after_it():
+    p = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(p, WithPositional)
+    assert from_args(WithPositional, p.parse_args(["a", "b", "--output", "t.md"])) == WithPositional(["a", "b"], "t.md")
+    assert "--runs" not in p.format_help() and "result folders" in p.format_help()
+    with pytest.raises(SystemExit):
+        p.parse_args([])  # at least one run
