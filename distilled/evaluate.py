@@ -213,11 +213,9 @@ def load_tasks(cfg: EvalConfig) -> list[Task]:
 
 
 def _messages(cfg: EvalConfig, p: Problem) -> list[dict]:
-    msgs = []
-    if cfg.system_prompt:
-        msgs.append({"role": "system", "content": cfg.system_prompt})
-    msgs.append({"role": "user", "content": p.user_prompt})
-    return msgs
+    from distilled.prompts import build_messages  # the build generate and the training formats use
+
+    return build_messages(p.user_prompt, cfg.system_prompt)
 
 
 def problems_digest(tasks: Sequence[Task]) -> dict[str, str]:

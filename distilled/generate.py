@@ -46,10 +46,8 @@ from typing import Any, Iterator
 
 from distilled.client import DEFAULT_IDLE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_AFTER_MAX
 from distilled.io_utils import BadLine, JsonlAppender, atomic_write, iter_jsonl
+from distilled.prompts import DEFAULT_PROMPT_TEMPLATE, build_messages, render_prompt  # noqa: F401 (re-exported)
 
-# open-r1's default template (written for str.format, hence the doubled braces).
-DEFAULT_PROMPT_TEMPLATE = ("You will be given a problem. Please reason step by step, and put your final answer "
-                           "within \\boxed{{}}:\n{prompt}")
 EXIT_OK, EXIT_SOME_FAILED, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # Columns every output row adds. An input column of the same name would be overwritten, so it is
@@ -225,15 +223,6 @@ def check_settings(cfg: GenerateConfig, rows_done: int, warn) -> dict:
     rec["settings"] = now
     rec["runs"].append({"started": stamp, "rows_before": rows_done, "settings": now, "changed": diff})
     return rec
-
-
-def render_prompt(template: str, prompt: str) -> str:
-    """Apply ``--prompt-template``: ``str.format(prompt=...)`` like open-r1 (so ``\\boxed{{}}``
-    works), falling back to replacing ``{prompt}`` literally when the template has other braces."""
-    try:
-        return template.format(prompt=prompt)
-    except (KeyError, IndexError, ValueError):
-        return template.replace("{prompt}", prompt)
 
 
 def _iter_input(cfg: GenerateConfig, warn) -> Iterator[tuple[str, dict | BadLine]]:
@@ -462,11 +451,6 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
 
     it = pairs()
 
-    def messages(p: _Problem) -> list[dict]:
-        m = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-        m.append({"role": "user", "content": p.prompt})
-        return m
-
     def fail(p: _Problem, g: int, reason: str, attempts: int) -> None:
         summ.failed_generations += 1
         failed_log.write({"uuid": p.key, "generation_index": g, "reason": reason, "attempts": attempts})
@@ -482,8 +466,8 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
                 continue
             seed = None if cfg.seed is None else cfg.seed * 100_003 + g
             try:
-                r = await client.chat(messages(p), max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                      top_p=cfg.top_p, seed=seed,
+                r = await client.chat(build_messages(p.prompt, cfg.system_prompt), max_tokens=cfg.max_tokens,
+                                      temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
                                       extra=capture.request_extra() if capture is not None else None)
             except RetriesExhausted as exc:
                 fail(p, g, exc.reason, exc.attempts)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from distilled.io_utils import BadLine, JsonlAppender, atomic_write, iter_jsonl, write_json
+from distilled.prompts import build_messages
 
 KEEP_MODES = ("first", "shortest", "all")
 JOURNAL_VERSION = 1
@@ -301,8 +302,7 @@ def run_reject(cfg: RejectConfig) -> dict:
             prompt = _prompt_of(cfg, obj)
             for i in chosen:
                 row = dict(out)
-                row["messages"] = [{"role": "user", "content": prompt},
-                                   {"role": "assistant", "content": gens[i]}]
+                row["messages"] = build_messages(prompt, None) + [{"role": "assistant", "content": gens[i]}]
                 row["kept_generation_index"] = i
                 kept_f.write(_dumps(row))
                 rep["rows_written"] += 1
