@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from distilled import SYSTEM_PROMPT
+from distilled.paths import REPO_ROOT as REPO
+from distilled.settings import add_arguments, from_args, option
 
 if TYPE_CHECKING:  # pragma: no cover
     from distilled.tiny_model import TinyQwen2Shape
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT_TEMPLATE = "{prompt}"
 """The teacher is asked the bare problem, and the student is evaluated on the same prompt format
 (with the MindSpore docs' system prompt, which the handlers add in training): a model must be
@@ -55,30 +56,32 @@ class DemoConfig:
     budget holds ~2 epochs of ~4,000 distinct problems (one generation each: distinct problems
     teach more than a second wording of the same one)."""
 
-    output: Path = Path("runs/demo")
-    n_train: int = 4000
-    n_test: int = 100
-    num_generations: int = 1
-    wrong_rate: float = 0.2
-    seq_length: int = 1024
-    vocab_size: int = 2048
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    n_kv_heads: int = 2
-    rope_theta: float = 10000.0
-    epochs: int = 2
-    learning_rate: float = 5e-3
-    workers: int = 2
-    parity_steps: int = 3
-    eval_max_tokens: int = 256
-    seed: int = 0
-    force: bool = False
+    output: Path = option(Path("runs/demo"), help="output directory (default: %(default)s)")
+    n_train: int = option(4000, help="synthetic training problems")
+    n_test: int = option(100, help="held-out synthetic test problems")
+    num_generations: int = option(1, help="teacher generations per problem")
+    wrong_rate: float = 0.2  # no flag: the stand-in teacher's share of wrong answers
+    seq_length: int = option(1024, help="packed row length")
+    vocab_size: int = option(2048, help="student vocabulary: the Qwen2.5 BPE trimmed to this many ids (151665 = all)")
+    hidden_size: int = option(128, help="student hidden size (MLP: 4x)")
+    num_layers: int = option(2, help="student decoder layers")
+    num_heads: int = option(4, help="student attention heads")
+    n_kv_heads: int = option(2, help="student key/value heads (GQA)")
+    rope_theta: float = option(10000.0, help="student RoPE base")
+    epochs: int = option(2, help="fine-tuning epochs")
+    learning_rate: float = option(
+        5e-3, help="peak learning rate of the tiny student (the YAML's linear warm-up/decay schedule)")
+    workers: int = option(2, help="msrun workers / verifier processes")
+    parity_steps: int = option(3, help="")
+    eval_max_tokens: int = option(256, help="")
+    seed: int = option(0, help="")
     # logits distillation (docs/logits-distillation.md): capture the stand-in teacher's top-K,
     # preprocess with aligned top-K columns, fine-tune KDLlamaForCausalLM (configs/*_kd.yaml)
-    kd: bool = False
-    kd_top_k: int = 8
-    kd_alpha: float = 0.5
+    kd: bool = option(False, help="logits distillation: capture the teacher's top-K log-probabilities and "
+                                  "fine-tune on alpha * CE + (1 - alpha) * KL (docs/logits-distillation.md)")
+    kd_top_k: int = option(8, help="with --kd: K (<= 20)")
+    kd_alpha: float = option(0.5, help="with --kd: weight of CE (1 = plain SFT)")
+    force: bool = option(False, help="start over: delete the output directory and redo every stage")
 
     @property
     def python(self) -> str:
@@ -482,40 +485,14 @@ class Demo:
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     """``distill demo``: run the whole pipeline at toy scale (``make demo``)."""
-    d = DemoConfig()
     p = sub.add_parser("demo", help="run the whole distillation pipeline offline on CPU at toy scale",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", type=Path, default=d.output, help="output directory (default: %(default)s)")
-    p.add_argument("--n-train", type=int, default=d.n_train, help="synthetic training problems")
-    p.add_argument("--n-test", type=int, default=d.n_test, help="held-out synthetic test problems")
-    p.add_argument("--num-generations", type=int, default=d.num_generations, help="teacher generations per problem")
-    p.add_argument("--seq-length", type=int, default=d.seq_length, help="packed row length")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size,
-                   help="student vocabulary: the Qwen2.5 BPE trimmed to this many ids (151665 = all)")
-    p.add_argument("--hidden-size", type=int, default=d.hidden_size, help="student hidden size (MLP: 4x)")
-    p.add_argument("--num-layers", type=int, default=d.num_layers, help="student decoder layers")
-    p.add_argument("--num-heads", type=int, default=d.num_heads, help="student attention heads")
-    p.add_argument("--n-kv-heads", type=int, default=d.n_kv_heads, help="student key/value heads (GQA)")
-    p.add_argument("--rope-theta", type=float, default=d.rope_theta, help="student RoPE base")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="fine-tuning epochs")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate,
-                   help="peak learning rate of the tiny student (the YAML's linear warm-up/decay schedule)")
-    p.add_argument("--workers", type=int, default=d.workers, help="msrun workers / verifier processes")
-    p.add_argument("--parity-steps", type=int, default=d.parity_steps)
-    p.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--kd", action="store_true",
-                   help="logits distillation: capture the teacher's top-K log-probabilities and fine-tune on "
-                        "alpha * CE + (1 - alpha) * KL (docs/logits-distillation.md)")
-    p.add_argument("--kd-top-k", type=int, default=d.kd_top_k, help="with --kd: K (<= 20)")
-    p.add_argument("--kd-alpha", type=float, default=d.kd_alpha, help="with --kd: weight of CE (1 = plain SFT)")
-    p.add_argument("--force", action="store_true",
-                   help="start over: delete the output directory and redo every stage")
+    add_arguments(p, DemoConfig)
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__})
+    cfg = from_args(DemoConfig, args)
     if cfg.kd and cfg.output == DemoConfig.output:  # keep the plain demo's results beside the KD one
         cfg.output = Path("runs/demo-kd")
     return run_demo(cfg)
