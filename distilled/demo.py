@@ -480,7 +480,7 @@ class Demo:
     def write_report(self) -> None:
         from distilled.demo_report import write_demo_report
 
-        write_demo_report(self)
+        write_demo_report(self.out)
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:

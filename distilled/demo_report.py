@@ -9,15 +9,30 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import SimpleNamespace
+from typing import Any
 
 from distilled.io_utils import atomic_write, iter_jsonl, write_json
 from distilled.report import histogram, line_plot, md_table
 
-if TYPE_CHECKING:  # pragma: no cover
-    from distilled.demo import Demo
+STAGES = ("problems", "tokenizer", "generate", "reject", "preprocess", "student", "eval-before", "finetune",
+          "parity", "eval-after")
+"""The stage table's order (``Demo.run_all``); with ``--kd`` the tokenizer stage runs before generate."""
+
+
+def read_run(out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The demo's settings (``demo_settings.json``) and its stage results (``stages/NAME.json``), in run
+    order. Why from disk: the report is a recipe over the stages' outputs, so it can be rebuilt for
+    a finished run without the orchestrator (``write_demo_report(Path("runs/demo"))``)."""
+    settings = json.loads((out_dir / "demo_settings.json").read_text())
+    order = list(STAGES)
+    if settings.get("kd"):
+        order.remove("tokenizer")
+        order.insert(1, "tokenizer")
+    stages = [json.loads((out_dir / "stages" / f"{n}.json").read_text()) for n in order
+              if (out_dir / "stages" / f"{n}.json").exists()]
+    return settings, stages
 
 
 def eval_summary(run_dir: Path, problems: Path | None = None) -> dict[str, Any]:
@@ -72,10 +87,12 @@ def _kind_cell(summary: dict[str, Any], kind: str) -> str:
     return f"{c['correct']} / {c['samples']}" if c else ""
 
 
-def write_demo_report(demo: "Demo") -> Path:
-    """Collect the stages' outputs into ``report.json``, then render ``report.md`` and PNGs."""
-    out = demo.out
-    by = {r.name: r for r in demo.results}
+def write_demo_report(out_dir: Path) -> Path:
+    """Collect the stages' outputs under ``out_dir`` into ``report.json``, then render ``report.md`` and PNGs."""
+    out = Path(out_dir)
+    settings, results = read_run(out)
+    cfg = SimpleNamespace(**settings)
+    by = {r["name"]: SimpleNamespace(**r) for r in results}
     rej = json.loads((out / "data" / "reject_report.json").read_text())
     gen = _generation_stats(out / "data" / "generations.jsonl")
     pre = by["preprocess"].extra
@@ -84,13 +101,13 @@ def write_demo_report(demo: "Demo") -> Path:
     before, after = by["eval-before"].extra, by["eval-after"].extra
     data = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(demo.cfg).items()},
-        "stages": [{k: v for k, v in asdict(r).items() if k != "extra"} for r in demo.results],
+        "config": {"output": str(out), **settings},
+        "stages": [{k: v for k, v in r.items() if k != "extra"} for r in results],
         "generation": gen,
         "rejection": {k: rej[k] for k in ("rows_in", "rows_kept", "rows_rejected", "rows_written", "generations_in",
                                            "generations_correct", "rejections_by_reason", "generations_per_s")},
         "packing": {k: pre[k] for k in ("handled", "documents", "packed_rows", "fill")}
-        | {"seq_length": demo.cfg.seq_length},
+        | {"seq_length": cfg.seq_length},
         "finetune": {"steps": len(ft["losses"]), "first_loss": ft["losses"][0][1], "last_loss": ft["losses"][-1][1],
                      "checkpoint": ft["checkpoint"]},
         "parity": {"ok": par["ok"], "failures": par["failures"],
@@ -102,7 +119,7 @@ def write_demo_report(demo: "Demo") -> Path:
     write_json(out / "report.json", data)
 
     histogram(out / "lengths.png", pre["doc_lengths"], title=f"tokens per training sample (fill {pre['fill']:.1%})",
-              xlabel="tokens", vline=demo.cfg.seq_length)
+              xlabel="tokens", vline=cfg.seq_length)
     line_plot(out / "loss.png", {"MindSpore (msrun, rank 0)": ([s for s, _ in ft["losses"]], [l for _, l in ft["losses"]])},
               title="fine-tuning loss", xlabel="step", ylabel="loss")
 
@@ -110,8 +127,8 @@ def write_demo_report(demo: "Demo") -> Path:
         "# distilled demo report", "",
         f"Created {data['created']}. Toy scale, CPU only, offline. The teacher is the built-in stand-in "
         "(`distill serve-teacher`), **not DeepSeek-R1**, and the student is a random-initialised "
-        f"{demo.cfg.num_layers}-layer, hidden-{demo.cfg.hidden_size} Qwen2.5-architecture model "
-        f"({demo.cfg.vocab_size}-id trimmed vocabulary): the numbers show the pipeline working on toy "
+        f"{cfg.num_layers}-layer, hidden-{cfg.hidden_size} Qwen2.5-architecture model "
+        f"({cfg.vocab_size}-id trimmed vocabulary): the numbers show the pipeline working on toy "
         "arithmetic, not a useful model.", "",
         "## Stages", "",
         md_table(["stage", "rows in", "rows out", "time (s)", "throughput", "summary"],
@@ -128,7 +145,7 @@ def write_demo_report(demo: "Demo") -> Path:
         ] + [[f"rejected: {k}", v] for k, v in rej["rejections_by_reason"].items() if v]),
         "## Packing", "",
         f"{pre['handled']} tokenized samples ({pre['documents']} documents) packed into {pre['packed_rows']} rows of "
-        f"{demo.cfg.seq_length} tokens with best-fit-decreasing: **{pre['fill']:.2%}** of all row tokens are real.", "",
+        f"{cfg.seq_length} tokens with best-fit-decreasing: **{pre['fill']:.2%}** of all row tokens are real.", "",
         "![sample lengths](lengths.png)", "",
         "## Fine-tuning (MindFormers Trainer, msrun, CPU)", "",
         f"{data['finetune']['steps']} steps, loss {data['finetune']['first_loss']:.4f} -> "
@@ -156,7 +173,7 @@ def write_demo_report(demo: "Demo") -> Path:
                  [[k, _kind_cell(before, k), _kind_cell(after, k)]
                   for k in sorted(set(before.get("by_kind", {})) | set(after.get("by_kind", {})))]),
         "Greedy decoding, one sample per problem, up to "
-        f"{demo.cfg.eval_max_tokens} new tokens, same prompt format as the training data (the bare problem "
+        f"{cfg.eval_max_tokens} new tokens, same prompt format as the training data (the bare problem "
         "after the MindSpore docs' system prompt).", "",
     ]
     with atomic_write(out / "report.md") as f:
