@@ -42,7 +42,11 @@ class KDLlamaForCausalLM(LlamaForCausalLM):
     """``LlamaForCausalLM`` trained with the KD loss on packed rows with aligned top-K columns."""
 
     def __init__(self, config=None):
-        super().__init__(config)
+        # `config=` by keyword: MindFormers' @lazy_inline wrapper of LlamaForCausalLM.__init__ reads
+        # `disable_lazy_inline` (set by the Trainer) from kwargs["config"] only. Passed positionally,
+        # lazy inline stayed on under msrun data parallel and the CPU graph failed to compile
+        # ("Input[0] must be a Primitive ValueNode, but get ValueNode<FuncGraph> ...CR_..._construct").
+        super().__init__(config=config)
         self.kd_alpha = float(getattr(config, "kd_alpha", 0.5))
         self.kd_temperature = float(getattr(config, "kd_temperature", 1.0))
         self.kd_top_k = int(getattr(config, "kd_top_k", 0) or 0)
@@ -62,12 +66,8 @@ class KDLlamaForCausalLM(LlamaForCausalLM):
                   block_tables=None, slot_mapping=None, prefix_keys_values=None, llm_boost_inputs=None,
                   q_seq_lens=None, loss_mask=None, gather_index=None, seq_range=None, actual_seq_len=None,
                   topk_ids=None, topk_logprobs=None):
-        r"""The KD training loss, straight-line. An earlier version with an early ``return`` into
-        ``LlamaForCausalLM.construct`` (for calls without top-K inputs) compiled and trained in one
-        process but failed to compile under msrun data parallel on CPU ("Input[0] must be a
-        Primitive ValueNode, but get ValueNode<FuncGraph> ...KDLlamaForCausalLM_construct"), so
-        this construct has no such branch. Evaluate or predict with ``LlamaForCausalLM`` (same
-        weights and checkpoint names)."""
+        r"""The KD training loss (training only: evaluate or predict with ``LlamaForCausalLM``,
+        same weights and checkpoint names)."""
         output = self.model(input_ids, None, None, None, None, None, None, None, attention_mask, position_ids,
                             None, seq_range, actual_seq_len)
         logits = self.lm_head(output)
