@@ -104,7 +104,7 @@ def test_cli_train_and_bad_config(setup, tmp_path, capsys):
 def test_torchrun_two_cpu_workers(setup, tmp_path):
     """DDP through torchrun (gloo on CPU): 2 ranks, each its own rows, one log and checkpoint."""
     d, weights, data = setup
-    cfg = write_yaml(tmp_path / "c.yaml", data=data, weights=weights, batch_size=1)
+    cfg = write_yaml(tmp_path / "c.yaml", data=data, weights=weights, batch_size=1, data_parallel=2)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "distilled.train", "--backend", "torch", "--config", str(cfg), "--output", str(tmp_path / "o"),
