@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from distilled.io_utils import BadLine, JsonlAppender, atomic_write, iter_jsonl, write_json
 from distilled.prompts import build_messages
@@ -147,6 +147,15 @@ def _journal_header(cfg: RejectConfig) -> dict:
         "kind": cfg.kind,
         "timeout": cfg.timeout,
     }
+
+
+class SavedVerdict(NamedTuple):
+    """One generation's verdict as the journal keeps it (a JSON list in this field order)."""
+
+    correct: bool
+    reason: str
+    extracted: Any
+    complete: bool
 
 
 def _load_journal(path: Path, header: dict) -> dict[int, list] | None:
@@ -269,7 +278,7 @@ def run_reject(cfg: RejectConfig) -> dict:
                 buf = []
                 bar.update(1)
                 continue
-            buf.append([v.correct, v.reason, v.extracted, v.complete])
+            buf.append(list(SavedVerdict(v.correct, v.reason, v.extracted, v.complete)))
         killed = pool.killed_workers
         bar.update(max(0, bar.total - bar.n))  # blank lines are not rows
     judge_s = time.perf_counter() - t0
@@ -282,16 +291,16 @@ def run_reject(cfg: RejectConfig) -> dict:
         for line, obj in iter_jsonl(cfg.src):
             if isinstance(obj, BadLine) or line not in done:
                 continue
-            vs = done[line]
+            vs = [SavedVerdict(*v) for v in done[line]]
             gens = obj[cfg.generations_column]
-            correct = [bool(v[0]) for v in vs]
+            correct = [bool(v.correct) for v in vs]
             out = dict(obj)
             out["correctness_math_verify"] = correct
-            out["is_reasoning_complete"] = [bool(v[3]) for v in vs]
+            out["is_reasoning_complete"] = [bool(v.complete) for v in vs]
             rep["rows_in"] += 1
             rep["generations_in"] += len(vs)
             rep["generations_correct"] += sum(correct)
-            reasons.update(v[1] for v in vs if not v[0])
+            reasons.update(v.reason for v in vs if not v.correct)
             chosen = _choose(cfg.keep, gens, correct)
             if not chosen:
                 rep["rows_rejected"] += 1
