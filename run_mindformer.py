@@ -7,14 +7,14 @@
 On top of MindFormers' own script it registers this project's data handlers, applies the CPU
 shims only when context.device_target is CPU, fixes packed-row RoPE positions and masks, checks
 the YAML against the data before training (errors name the YAML key), and writes
-<output_dir>/loss.jsonl. The logic lives in distilled/mf_run.py (see docs/finetune.md).
+<output_dir>/loss.jsonl. The logic lives in distilled/train/mindformers_run.py (see docs/finetune.md).
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from distilled.mf_run import run  # noqa: E402
+from distilled.train.mindformers_run import run  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run())

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distilled.decontaminate import (  # noqa: E402
+from distilled.data.decontaminate import (  # noqa: E402
     Benchmark,
     Decontaminator,
     decontaminate_file,

@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
-    from distilled.eval_metrics import cluster_answers, cons_correct, majority_vote
+    from distilled.eval.metrics import cluster_answers, cons_correct, majority_vote
     from distilled.verify import VerifierPool
 
     rng = random.Random(a.seed)

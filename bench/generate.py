@@ -4,7 +4,7 @@
 Side by side in one run, against `distill serve-teacher --capacity 64` with heavy-tailed latency
 (log-normal, sigma 1.0: p99 = 10.2x median), same problems, same N, same concurrency budget:
 
-1. ours: `distilled.generate.run_generate` (request-level concurrency, one request per generation);
+1. ours: `distilled.generate.runner.run_generate` (request-level concurrency, one request per generation);
 2. open-r1 batch-of-500: our re-implementation of open-r1 ``scripts/generate_reasoning.py``'s
    scheduling (a task per problem that ``asyncio.gather``s its N generations, each preceded by a
    0-0.1 s random sleep, a fixed 10 s sleep after any exception, an aiohttp connector limited to
@@ -44,8 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distilled.generate import GenerateConfig, run_generate  # noqa: E402
-from distilled.problems import synth  # noqa: E402
+from distilled.generate.runner import GenerateConfig, run_generate  # noqa: E402
+from distilled.generate.problems import synth  # noqa: E402
 
 
 # --- server management --------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def throughput_scenario(a, tmp: Path) -> dict:
 
 def cpu_scenario(a, tmp: Path) -> dict:
     """Client CPU per request against a zero-latency server (its CPU is in another process)."""
-    from distilled.client import ChatClient, map_requests
+    from distilled.generate.client import ChatClient, map_requests
 
     srv = Server("--seed", "0")
     out = {}

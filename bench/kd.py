@@ -46,15 +46,15 @@ DISTILLKIT_BYTES_PER_TOKEN = 300  # DistillKit's compressed top-128 (its README 
 
 
 def _tokenizer():
-    from distilled.tokenizer import cached_qwen2_5_tokenizer_dir, load_tokenizer
+    from distilled.data.tokenizer import cached_qwen2_5_tokenizer_dir, load_tokenizer
 
     return load_tokenizer(cached_qwen2_5_tokenizer_dir())
 
 
 def standin_answers(n: int, seed: int = 0) -> list[str]:
     """R1-style answers of the stand-in teacher to synthetic problems (real text, real tokens)."""
-    from distilled.problems import synth
-    from distilled.teacher_server import compose_answer, r1_text
+    from distilled.generate.problems import synth
+    from distilled.generate.teacher_server import compose_answer, r1_text
 
     rng = random.Random(seed)
     out = []
@@ -100,7 +100,7 @@ def bench_preprocess(samples: int = 400, k: int = 20, seq_length: int = 16384, s
     from distilled.kd.align import trained_span
     from distilled.kd.dataset import pack_table_with_sidecars
     from distilled.kd.sidecar import SidecarWriter, TokenTopK
-    from distilled.packing import pack_table
+    from distilled.data.packing import pack_table
 
     lengths = synthetic_lengths(samples, seed=seed)
     table = synthetic_table(lengths, seed=seed)
@@ -201,7 +201,7 @@ def bench_step_ms(seq: int = 1024, k: int = 20, steps: int = 6) -> dict:
     import mindspore as ms
     from mindspore import nn
 
-    from distilled import mindformers_compat
+    from distilled.train import mindformers_compat
 
     mindformers_compat.apply_cpu_shims()
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
@@ -261,13 +261,13 @@ def heldout_ce(model_dirs: dict[str, Path], tokenizer_dir: Path, test_jsonl: Pat
     import asyncio
 
     from distilled import SYSTEM_PROMPT
-    from distilled.backends.base import packed_batch
-    from distilled.backends.torch_backend import TorchBackend
-    from distilled.chat import ChatEncoder
-    from distilled.generate import GenerateConfig, run_generate
-    from distilled.packing import pack_table
-    from distilled.teacher_server import TeacherConfig, start_in_thread
-    from distilled.tokenizer import load_tokenizer
+    from distilled.train.backends.base import packed_batch
+    from distilled.train.backends.torch_backend import TorchBackend
+    from distilled.data.chat import ChatEncoder
+    from distilled.generate.runner import GenerateConfig, run_generate
+    from distilled.data.packing import pack_table
+    from distilled.generate.teacher_server import TeacherConfig, start_in_thread
+    from distilled.data.tokenizer import load_tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-kd-heldout-"))
     srv = start_in_thread(TeacherConfig(wrong_rate=0.0, seed=seed))
@@ -300,8 +300,8 @@ def heldout_ce(model_dirs: dict[str, Path], tokenizer_dir: Path, test_jsonl: Pat
 def bench_toy(kd_dir: Path, sft_dir: Path) -> dict:
     """KD vs SFT on the demo's toy task from two `distill demo` runs of equal sizes (same problems,
     teacher seed, student, steps): held-out accuracy (`distill eval`), held-out CE, training steps."""
-    from distilled.demo_report import eval_summary
-    from distilled.mf_run import read_loss
+    from distilled.demo.report import eval_summary
+    from distilled.train.mindformers_run import read_loss
 
     out: dict = {}
     for name, d in (("kd", kd_dir), ("sft", sft_dir)):

@@ -92,7 +92,7 @@ def run_bare(path: str, tok_dir: str) -> dict:
     """Bare tokenizers encode_batch over the rendered texts (rendering not timed)."""
     from tokenizers import Tokenizer
 
-    from distilled.tokenizer import load_tokenizer
+    from distilled.data.tokenizer import load_tokenizer
 
     hf = load_tokenizer(tok_dir)
     texts = []
@@ -131,7 +131,7 @@ def run_docs(path: str, tok_dir: str, seq_length: int) -> dict:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import datasets
 
-    from distilled.tokenizer import load_tokenizer
+    from distilled.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
     cache = tempfile.mkdtemp(prefix="docs-style-")
@@ -149,12 +149,12 @@ def run_ours(path: str, tok_dir: str, seq_length: int, out_dir: str, num_proc: i
     """`distill preprocess` end to end (read, validate, tokenize+mask, pack, save, report).
 
     Timed from the call, after the imports a CLI run pays once (transformers, datasets)."""
-    from distilled.tokenizer import load_tokenizer
+    from distilled.data.tokenizer import load_tokenizer
 
     load_tokenizer(tok_dir)  # import transformers & co. outside the timer, as the other methods do
     os.environ.setdefault("TQDM_DISABLE", "1")
-    from distilled.formats import FormatConfig
-    from distilled.preprocess import PreprocessConfig, preprocess
+    from distilled.data.formats import FormatConfig
+    from distilled.data.preprocess import PreprocessConfig, preprocess
 
     t = time.perf_counter()
     rep = preprocess(PreprocessConfig(inputs=[path], tokenizer=tok_dir, seq_length=seq_length, output=out_dir,
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the results here as JSON")
     args = p.parse_args(argv)
 
-    from distilled.tokenizer import cached_qwen2_5_tokenizer_dir, load_tokenizer
+    from distilled.data.tokenizer import cached_qwen2_5_tokenizer_dir, load_tokenizer
 
     tok_dir = str(cached_qwen2_5_tokenizer_dir())
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-preprocess-"))

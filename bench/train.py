@@ -61,9 +61,9 @@ def make_rows(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
 
 
 def in_process(backend: str, weights: Path, data: Path, steps: int, warmup: int) -> dict:
-    from distilled.backends import get_backend
-    from distilled.backends.base import iter_batches
-    from distilled.train import load_packed, load_yaml, settings_from_yaml
+    from distilled.train.backends import get_backend
+    from distilled.train.backends.base import iter_batches
+    from distilled.train.loop import load_packed, load_yaml, settings_from_yaml
 
     plan = settings_from_yaml(load_yaml(CONFIG), steps=steps)
     ds = load_packed(data)
@@ -90,7 +90,7 @@ def in_process(backend: str, weights: Path, data: Path, steps: int, warmup: int)
 def trainer(workers: int, weights: Path, data: Path, out: Path, steps: int, warmup: int, mode: int = 0) -> dict:
     """MindFormers' Trainer via run_mindformer.py; ``steps`` rows per worker (epochs: 1).
     ``mode`` is ``context.mode``: 0 graph (the YAML's), 1 PyNative."""
-    from distilled.mf_run import read_loss
+    from distilled.train.mindformers_run import read_loss
 
     py = sys.executable
     args = ["run_mindformer.py", "--config", str(CONFIG), "--run_mode", "finetune", "--mode", str(mode),
@@ -135,14 +135,14 @@ def bench_tiny_mf(workers: int, steps: int = 6, seq_length: int = 512, workdir: 
     Data: random token ids in the Qwen2.5 vocabulary, packed 4 documents per row (``seq_length``
     tokens each), enough rows for ``steps`` steps per worker. 1 worker runs with plain python,
     2+ through scripts/msrun_launcher.sh. Checkpointing is switched off so only training is timed.
-    (Moved here from ``distilled.mf_run``: the library holds no benchmark recipes.)
+    (Moved here from ``distilled.train.mindformers_run``: the library holds no benchmark recipes.)
     Returns ``{workers, steps, seq_length, tokens_per_s (all workers, median step after the first),
     step_time_s, peak_rss_mb (largest worker), first_loss, last_loss}``.
     """
     import datasets
     import numpy as np
 
-    from distilled.mf_run import read_loss
+    from distilled.train.mindformers_run import read_loss
 
     work = Path(workdir) / f"w{workers}"
     data = work / "packed"
@@ -207,8 +207,8 @@ def main() -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2))
         return 0
-    from distilled.tiny_model import TinyQwen2Shape, make_tiny_qwen2
-    from distilled.train import load_yaml
+    from distilled.train.tiny_model import TinyQwen2Shape, make_tiny_qwen2
+    from distilled.train.loop import load_yaml
 
     import datasets
 

@@ -16,19 +16,19 @@ import argparse
 import sys
 from typing import Callable
 
-from distilled import convert
-from distilled import decontaminate
-from distilled import demo
-from distilled import evaluate
-from distilled import generate
-from distilled import parity
-from distilled import preprocess
-from distilled import problems
+from distilled.train import convert
+from distilled.data import decontaminate
+from distilled.demo import runner as demo
+from distilled.eval import runner as evaluate
+from distilled.generate import runner as generate
+from distilled.train import parity
+from distilled.data import preprocess
+from distilled.generate import problems
 from distilled import recipes
-from distilled import reject
-from distilled import teacher_server
-from distilled import tokenizer
-from distilled import train
+from distilled.generate import reject
+from distilled.generate import teacher_server
+from distilled.data import tokenizer
+from distilled.train import loop as train
 from distilled.kd import score as kd_score
 
 Register = Callable[[argparse._SubParsersAction], None]

@@ -322,7 +322,7 @@ TABLE_HEADERS = ["recipe", "source", "student", "data", "seq length", "global ba
 # ------------------------------------------------------------------------------ CLI
 
 def _cmd_list(a: argparse.Namespace) -> int:
-    from distilled.report import md_table
+    from distilled.plots import md_table
 
     print(md_table(TABLE_HEADERS, table_rows()))
     return 0

@@ -1,4 +1,4 @@
-"""``BFDPackingHandler``: MindFormers 1.9 dataset-level handler over :func:`distilled.packing.pack_table`.
+"""``BFDPackingHandler``: MindFormers 1.9 dataset-level handler over :func:`distilled.data.packing.pack_table`.
 
 Why not MindFormers' ``PackingHandler``: it packs next-fit in a Python loop (83% fill, slow), and
 ``HFDataLoader``'s ``process_legacy_args`` rewrites any ``PackingHandler`` entry to only
@@ -28,7 +28,7 @@ from typing import Any
 from mindformers.dataset.handler.base_handler import BaseInstructDataHandler
 from mindformers.tools.logger import logger
 
-from distilled.packing import QWEN_PAD_ID, PackStats, pack_table, to_dataset
+from distilled.data.packing import QWEN_PAD_ID, PackStats, pack_table, to_dataset
 
 
 class BFDPackingHandler(BaseInstructDataHandler):
@@ -45,7 +45,7 @@ class BFDPackingHandler(BaseInstructDataHandler):
         **kwargs: MindFormers' base handler arguments (``tokenizer``, ``pad_token_id``,
             ``ignore_token_id``...).
 
-    After a call, ``self.stats`` holds the :class:`~distilled.packing.PackStats` of the run.
+    After a call, ``self.stats`` holds the :class:`~distilled.data.packing.PackStats` of the run.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Shared base of the format handlers: MindFormers 1.9 dataset-level API over ``distilled.formats``.
+"""Shared base of the format handlers: MindFormers 1.9 dataset-level API over ``distilled.data.formats``.
 
 Why not the MindSpore docs' handler: it is written for the r1.5 per-example API
 (``format_func``/``tokenize_func``), which MindFormers 1.9 cannot instantiate (FACTS §2), and it
@@ -21,8 +21,8 @@ from mindformers.dataset.handler.base_handler import BaseInstructDataHandler
 from mindformers.tools.logger import logger
 
 from distilled import SYSTEM_PROMPT
-from distilled.chat import ChatEncoder, encode_rows
-from distilled.formats import FormatConfig, SkipCounter, iter_batch_rows
+from distilled.data.chat import ChatEncoder, encode_rows
+from distilled.data.formats import FormatConfig, SkipCounter, iter_batch_rows
 
 _UNSET = object()
 
@@ -37,7 +37,7 @@ class FormatDataHandler(BaseInstructDataHandler):
             tokenizer is then loaded from the folder holding ``vocab_file``.
         system_prompt: system turn added when a row has none; ``null``/``""`` disables it.
             Default: "Please reason step by step, and put your final answer within \\boxed{}."
-        generation_policy / think_style / messages_column: see ``distilled.formats.FormatConfig``.
+        generation_policy / think_style / messages_column: see ``distilled.data.formats.FormatConfig``.
         domains / domain_column: keep only rows whose ``domain_column`` (default ``source``) value is
             listed (``"math,code=0.5"``, a list, or ``{value: fraction}``); see ``FormatConfig``.
         seq_length: accepted for YAML compatibility; over-length samples are left to the packing
@@ -87,7 +87,7 @@ class FormatDataHandler(BaseInstructDataHandler):
         Python ``Qwen2Tokenizer``; the folder holding ``vocab_file`` has ``tokenizer.json`` too."""
         if config is None:
             return None
-        from distilled.tokenizer import load_tokenizer
+        from distilled.data.tokenizer import load_tokenizer
 
         config = dict(config)
         folder = config.get("pretrained_model_dir") or config.get("path")

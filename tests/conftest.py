@@ -15,14 +15,14 @@ SHARED = REPO.parent / "shared"
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir() -> Path:
     """Directory with the real Qwen2.5 tokenizer files, built from dashscope's BPE ranks."""
-    from distilled.tokenizer import cached_qwen2_5_tokenizer_dir
+    from distilled.data.tokenizer import cached_qwen2_5_tokenizer_dir
 
     return cached_qwen2_5_tokenizer_dir()
 
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer(qwen_tokenizer_dir):
-    from distilled.tokenizer import load_tokenizer
+    from distilled.data.tokenizer import load_tokenizer
 
     return load_tokenizer(qwen_tokenizer_dir)
 
@@ -30,7 +30,7 @@ def qwen_tokenizer(qwen_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory, qwen_tokenizer_dir) -> Path:
     """A tiny random Qwen2ForCausalLM (HF safetensors + tokenizer files), seed 0."""
-    from distilled.tiny_model import make_tiny_qwen2
+    from distilled.train.tiny_model import make_tiny_qwen2
 
     return make_tiny_qwen2(tmp_path_factory.mktemp("tiny") / "student", tokenizer_dir=qwen_tokenizer_dir)
 

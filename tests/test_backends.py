@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from backend_helpers import make_small_qwen2, packed_rows, rows_with_trained_tokens
-from distilled.backends import get_backend
-from distilled.backends.base import (PackedDataError, TrainSettings, linear_warmup_lr, packed_batch,
+from distilled.train.backends import get_backend
+from distilled.train.backends.base import (PackedDataError, TrainSettings, linear_warmup_lr, packed_batch,
                                      split_documents, warmup_steps_from)
 
 

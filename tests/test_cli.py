@@ -25,10 +25,10 @@ def test_the_table_names_every_command_in_help_order():
 def test_a_stage_that_fails_to_import_stops_the_cli():
     # The old importlib loop skipped a ModuleNotFoundError whose name was the stage module itself,
     # so `distill reject` silently disappeared. sys.modules[name] = None raises exactly that error.
-    code = "import sys; sys.modules['distilled.reject'] = None; import distilled.cli"
+    code = "import sys; sys.modules['distilled.generate.reject'] = None; import distilled.cli"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert p.returncode != 0
-    assert "distilled.reject" in p.stderr and "ModuleNotFoundError" in p.stderr
+    assert "distilled.generate.reject" in p.stderr and "ModuleNotFoundError" in p.stderr
 
 
 def test_no_command_prints_help_and_exits_2(capsys):

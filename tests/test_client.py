@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from distilled.client import (ChatClient, FatalAPIError, RetriesExhausted, map_requests, merge_reasoning,
+from distilled.generate.client import (ChatClient, FatalAPIError, RetriesExhausted, map_requests, merge_reasoning,
                               normalize_endpoint)
-from distilled.problems import synth
-from distilled.teacher_server import FAULT_KINDS, TeacherConfig, start_in_thread
+from distilled.generate.problems import synth
+from distilled.generate.teacher_server import FAULT_KINDS, TeacherConfig, start_in_thread
 
 MSG = [{"role": "user", "content": "What is 20% of 45?"}]
 

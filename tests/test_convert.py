@@ -11,23 +11,23 @@ import numpy as np
 import pytest
 import yaml
 
-from distilled.convert import (ConversionError, convert_hf_to_mf, convert_mf_to_hf, hf_config_from_mf_yaml,
+from distilled.train.convert import (ConversionError, convert_hf_to_mf, convert_mf_to_hf, hf_config_from_mf_yaml,
                                hf_to_mf, load_safetensors_np, mf_to_hf)
-from distilled.hf_mf_names import hf_name_to_mf, mf_name_to_hf
+from distilled.train.hf_mf_names import hf_name_to_mf, mf_name_to_hf
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def hf_untied(tmp_path_factory) -> Path:
-    from distilled.tiny_model import make_tiny_qwen2
+    from distilled.train.tiny_model import make_tiny_qwen2
 
     return make_tiny_qwen2(tmp_path_factory.mktemp("conv") / "untied", seed=1)
 
 
 @pytest.fixture(scope="module")
 def hf_tied(tmp_path_factory) -> Path:
-    from distilled.tiny_model import TinyQwen2Shape, make_tiny_qwen2
+    from distilled.train.tiny_model import TinyQwen2Shape, make_tiny_qwen2
 
     return make_tiny_qwen2(tmp_path_factory.mktemp("conv") / "tied", TinyQwen2Shape(tie_word_embeddings=True), seed=2)
 
@@ -175,7 +175,7 @@ def test_mindformers_model_loads_converted_weights_with_hf_logits(hf_untied):
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from distilled.mindformers_compat import apply_cpu_shims
+    from distilled.train.mindformers_compat import apply_cpu_shims
 
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
     apply_cpu_shims()
@@ -206,8 +206,8 @@ def test_merge_lora_equals_mindformers_lora_forward(hf_untied, tmp_path):
     from safetensors.numpy import save_file
     from transformers import Qwen2ForCausalLM
 
-    from distilled.convert import convert_merge_lora
-    from distilled.mindformers_compat import apply_cpu_shims
+    from distilled.train.convert import convert_merge_lora
+    from distilled.train.mindformers_compat import apply_cpu_shims
     from distilled.cli import main
 
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")

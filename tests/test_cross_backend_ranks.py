@@ -7,7 +7,7 @@ by the two ranks in a step hold very different numbers of trained tokens (10 vs 
 mean of per-rank means (torch DDP's and stock MindFormers' default) would visibly differ from the
 global per-token mean both sides claim. AdamW with a large constant-then-linear lr, gradient
 clipping and 3 steps make any difference in schedule, optimizer or token weighting show in the
-weights. Both runs read one YAML file (torch through ``distilled.train``, MindFormers through
+weights. Both runs read one YAML file (torch through ``distilled.train.loop``, MindFormers through
 run_mindformer.py) with no command-line overrides of the training keys.
 """
 
@@ -81,7 +81,7 @@ def _worker_tail(out: Path) -> str:
 
 
 def _mf_weights(out: Path, rank: int = 0) -> dict:
-    from distilled.convert import load_safetensors_np
+    from distilled.train.convert import load_safetensors_np
 
     cks = sorted((out / "checkpoint" / f"rank_{rank}").glob("*.safetensors"))
     assert cks, f"no checkpoint under {out / 'checkpoint' / f'rank_{rank}'}"
@@ -89,7 +89,7 @@ def _mf_weights(out: Path, rank: int = 0) -> dict:
 
 
 def _torch_weights_as_mf(out: Path, tied: bool) -> dict:
-    from distilled.convert import hf_to_mf, load_safetensors_np
+    from distilled.train.convert import hf_to_mf, load_safetensors_np
 
     return hf_to_mf(load_safetensors_np(out / "final"), tie_word_embeddings=tied)
 
@@ -129,8 +129,8 @@ def test_two_torch_ranks_equal_two_msrun_workers(tmp_path, tiny_qwen2_dir):
     """2 torchrun ranks (distill train, gloo) == 2 msrun CPU workers (MindFormers' Trainer, graph
     mode) on the same YAML, packed rows (10 vs 400 trained tokens per step) and init weights:
     per-step loss, grad norm and the weights after 3 AdamW steps agree to fp32 rounding."""
-    from distilled.convert import hf_to_mf, load_safetensors_np
-    from distilled.mf_run import read_loss
+    from distilled.train.convert import hf_to_mf, load_safetensors_np
+    from distilled.train.mindformers_run import read_loss
 
     data = _rows(tmp_path / "rows")
     cfg = _yaml(tmp_path, data, tiny_qwen2_dir, lr=1e-2)
@@ -138,7 +138,7 @@ def test_two_torch_ranks_equal_two_msrun_workers(tmp_path, tiny_qwen2_dir):
     th_out = tmp_path / "torch"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
-                        "-m", "distilled.train", "--backend", "torch", "--config", str(cfg), "--output", str(th_out),
+                        "-m", "distilled.train.loop", "--backend", "torch", "--config", str(cfg), "--output", str(th_out),
                         "--device", "cpu"], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     th = _torch_losses(th_out)
@@ -188,10 +188,10 @@ def test_tied_student_mindformers_trainer_equals_torch_and_exports_tied(tmp_path
     from transformers import Qwen2ForCausalLM
 
     from distilled.cli import main
-    from distilled.convert import hf_to_mf, load_safetensors_np
-    from distilled.mf_run import read_loss
-    from distilled.tiny_model import TinyQwen2Shape, make_tiny_qwen2
-    from distilled.train import run_train
+    from distilled.train.convert import hf_to_mf, load_safetensors_np
+    from distilled.train.mindformers_run import read_loss
+    from distilled.train.tiny_model import TinyQwen2Shape, make_tiny_qwen2
+    from distilled.train.loop import run_train
 
     student = make_tiny_qwen2(tmp_path / "tied_student", TinyQwen2Shape.tied(), tokenizer_dir=qwen_tokenizer_dir)
     init_hf = load_safetensors_np(student)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from distilled.decontaminate import (
+from distilled.data.decontaminate import (
     Benchmark,
     Decontaminator,
     decontaminate_file,
@@ -352,7 +352,7 @@ def test_real_benchmarks_planted(shared_dir):
 
 
 def test_module_import_stays_light():
-    code = ("import sys, distilled.decontaminate; "
+    code = ("import sys, distilled.data.decontaminate; "
             "bad = [m for m in ('torch', 'mindspore', 'mindformers', 'transformers', 'datasets') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

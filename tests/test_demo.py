@@ -119,7 +119,7 @@ def test_demo_rerun_skips_finished_stages(demo_dir: Path) -> None:
 
 def test_eval_summary_reads_pass_at_1_as_a_percentage(tmp_path: Path) -> None:
     """1 correct answer in 100 is pass@1 1.0 (percent) in results.json: 1% accuracy, not 100%."""
-    from distilled.demo_report import eval_summary
+    from distilled.demo.report import eval_summary
 
     kinds = ["arithmetic", "linear"] * 50
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "kind": k}) + "\n"

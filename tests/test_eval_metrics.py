@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from distilled.eval_metrics import (aggregate, cluster_answers, default_ks, majority_vote, mean_and_stderr,
+from distilled.eval.metrics import (aggregate, cluster_answers, default_ks, majority_vote, mean_and_stderr,
                                     pass_at_k, score_problem)
 
 
@@ -126,7 +126,7 @@ def test_aggregate_percentages_and_stderr():
 def test_cons_correct_equals_full_clustering_vote():
     """The shortcut gives the same cons@n as voting over full clusters, on random problems where
     answers are residues and 'equivalent' means equal mod 5 (so distinct strings do merge)."""
-    from distilled.eval_metrics import cons_correct
+    from distilled.eval.metrics import cons_correct
 
     calls = {"pairs": 0}
 
@@ -153,7 +153,7 @@ def test_cons_correct_equals_full_clustering_vote():
 
 
 def test_cons_correct_skips_equivalence_when_it_cannot_matter():
-    from distilled.eval_metrics import cons_correct
+    from distilled.eval.metrics import cons_correct
 
     def never(pairs):
         raise AssertionError("no equivalence check was needed")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from distilled.eval_metrics import pass_at_k
-from distilled.evaluate import EvalConfig, EvalError, compare, run_eval
-from distilled.problems import synth
-from distilled.teacher_server import TeacherConfig, start_in_thread
+from distilled.eval.metrics import pass_at_k
+from distilled.eval.runner import EvalConfig, EvalError, compare, run_eval
+from distilled.generate.problems import synth
+from distilled.generate.teacher_server import TeacherConfig, start_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -260,7 +260,7 @@ def test_failed_samples_count_as_wrong_and_are_reported(problems_file, tmp_path)
     """Issue 13 item 4: a problem with a failed sample is no longer dropped from pass@1 (that
     biased it upwards); the sample counts as wrong and the table, compare and CLI line say so.
     ``--skip-incomplete`` restores the old rule, labelled."""
-    from distilled.evaluate import render_report
+    from distilled.eval.runner import render_report
 
     srv = start_in_thread(TeacherConfig(latency_ms=1, latency_dist="fixed", wrong_rate=0.3, seed=4,
                                         fault_rate=0.25, faults=("500",)))
@@ -310,7 +310,7 @@ def test_budget_forcing_sends_only_standard_fields_and_counts_tokens(problems_fi
     """Issue 13 item 7: against a server that 422s unknown fields (like `transformers serve`),
     budget forcing used to stop at once (include_stop_str_in_output). Now only standard fields go
     out unless --server-kind vllm; think/completion tokens are the tokenizer's, </think> once."""
-    from distilled.tokenizer import load_tokenizer
+    from distilled.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(qwen_tokenizer_dir))
     srv = start_in_thread(TeacherConfig(latency_ms=1, latency_dist="fixed", strict_fields=True, seed=3))
@@ -344,7 +344,7 @@ def test_text_segment_reads_a_stop_by_server_kind():
     """A standard server does not return the stop string it matched: a 'stop' in the thinking
     phase is the </think> stop. Servers that return it (vllm with the extension, transformers
     serve) make a 'stop' without </think> an end of sequence."""
-    from distilled.eval_engines import _text_segment
+    from distilled.eval.engines import _text_segment
 
     enc = lambda t: list(range(len(t)))  # noqa: E731 - one "token" per character, to check the counting
     s = _text_segment("abc", "stop", 99, True, 50, enc, stop_returned=False)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from distilled.eval_tasks import MATH_PROMPT_TEMPLATE, load_task
-from distilled.evaluate import EvalConfig, EvalError
+from distilled.eval.tasks import MATH_PROMPT_TEMPLATE, load_task
+from distilled.eval.runner import EvalConfig, EvalError
 
 
 def _write(tmp_path):

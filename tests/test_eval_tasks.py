@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from distilled.eval_tasks import (GPQA_INSTRUCTION, MATH_PROMPT_TEMPLATE, TaskError, gpqa_shuffle, load_task,
+from distilled.eval.tasks import (GPQA_INSTRUCTION, MATH_PROMPT_TEMPLATE, TaskError, gpqa_shuffle, load_task,
                                   parse_task_names)
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from distilled.eval_engines import (THINK_CLOSE, BudgetConfig, Segment, budget_machine, classify_ids,
+from distilled.eval.engines import (THINK_CLOSE, BudgetConfig, Segment, budget_machine, classify_ids,
                                     drive_machines)
-from distilled.evaluate import EvalConfig, EvalError, run_eval
-from distilled.problems import synth
+from distilled.eval.runner import EvalConfig, EvalError, run_eval
+from distilled.generate.problems import synth
 
 
 @pytest.fixture()

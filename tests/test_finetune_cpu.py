@@ -27,14 +27,14 @@ PY = sys.executable
 # ------------------------------------------------------------------------------------------ YAMLs
 
 def test_both_yamls_pass_mindformers_config_classes():
-    from distilled.mf_run import yaml_problems
+    from distilled.train.mindformers_run import yaml_problems
 
     assert yaml_problems(BIG) == []
     assert yaml_problems(TINY) == []
 
 
 def test_yaml_checker_catches_unknown_keys(tmp_path):
-    from distilled.mf_run import yaml_problems
+    from distilled.train.mindformers_run import yaml_problems
 
     raw = yaml.safe_load(BIG.read_text())
     raw["runner_config"]["epoch"] = 3
@@ -75,7 +75,7 @@ def test_yamls_graph_mode_per_token_loss_and_shims(name):
     """Every finetune YAML: graph mode, both per-token keys; the packed-mask shim only off flash."""
     from mindformers.tools.register import MindFormerConfig
 
-    from distilled.mf_run import check_per_token_loss, shims_for
+    from distilled.train.mindformers_run import check_per_token_loss, shims_for
 
     path = REPO / "configs" / name
     raw = yaml.safe_load(path.read_text())
@@ -97,7 +97,7 @@ def test_yamls_graph_mode_per_token_loss_and_shims(name):
 
 
 def test_tiny_yaml_matches_tiny_student_shape():
-    from distilled.tiny_model import TinyQwen2Shape
+    from distilled.train.tiny_model import TinyQwen2Shape
 
     s = TinyQwen2Shape()
     big = yaml.safe_load(BIG.read_text())
@@ -216,7 +216,7 @@ def build_packed_dataset(tokenizer, out_dir: Path, n_samples: int, seq_length: i
     import datasets
     import pyarrow as pa
 
-    from distilled.packing import pack_table
+    from distilled.data.packing import pack_table
 
     samples = _chat_samples(tokenizer, n_samples, seed)
     t = pa.table({"input_ids": pa.array([s[0] for s in samples], pa.list_(pa.int32())),
@@ -245,7 +245,7 @@ def _config(overrides: dict):
 
 
 def test_preflight_accepts_good_setup_and_names_keys_on_bad_input(packed64, tmp_path, tiny_qwen2_dir):
-    from distilled.mf_run import FinetuneConfigError, validate_config
+    from distilled.train.mindformers_run import FinetuneConfigError, validate_config
 
     ok = {"train_dataset.data_loader.dataset_path": str(packed64), "model.model_config.seq_length": 64,
           "load_checkpoint": str(tiny_qwen2_dir)}
@@ -326,7 +326,7 @@ def _msrun_train(out: Path, data: Path, port: int, extra: str = "") -> subproces
 
 
 def _losses(out: Path, rank: int) -> list[dict]:
-    from distilled.mf_run import read_loss
+    from distilled.train.mindformers_run import read_loss
 
     return read_loss(out / f"loss_rank_{rank}.jsonl")
 
@@ -338,7 +338,7 @@ def _worker_tail(out: Path) -> str:
 
 @pytest.mark.slow
 def test_two_worker_msrun_finetune_resume_and_export(tmp_path, qwen_tokenizer, tiny_qwen2_dir):
-    from distilled.convert import convert_mf_to_hf, load_safetensors_np
+    from distilled.train.convert import convert_mf_to_hf, load_safetensors_np
 
     data = build_packed_dataset(qwen_tokenizer, tmp_path / "packed", 12, 64, seed=1)
     import datasets
@@ -404,7 +404,7 @@ def test_two_worker_msrun_finetune_resume_and_export(tmp_path, qwen_tokenizer, t
 def test_two_worker_lora_trains_only_adapters_and_merges(tmp_path, qwen_tokenizer, tiny_qwen2_dir):
     """The tiny PET-LoRA twin through the same launcher: base weights stay bit-identical to the
     loaded HF student, the adapters move, and `merge-lora` gives an HF model that transformers loads."""
-    from distilled.convert import convert_merge_lora, hf_to_mf, load_safetensors_np
+    from distilled.train.convert import convert_merge_lora, hf_to_mf, load_safetensors_np
 
     lora_yaml = REPO / "configs" / "finetune_qwen2_5_tiny_cpu_lora.yaml"
     data = build_packed_dataset(qwen_tokenizer, tmp_path / "packed", 8, 64, seed=2)
@@ -488,7 +488,7 @@ def _run_one_process(cfg: Path, data: Path, out: Path, weights: Path, *extra: st
 
 
 def _trained_weights(out: Path, rank: int = 0) -> dict:
-    from distilled.convert import load_safetensors_np
+    from distilled.train.convert import load_safetensors_np
 
     (ck,) = sorted((out / "checkpoint" / f"rank_{rank}").glob("*.safetensors"))
     return {k: v for k, v in load_safetensors_np(ck).items() if k.startswith(("model.", "lm_head."))}
@@ -513,7 +513,7 @@ def batch2_reference(tmp_path_factory, tiny_qwen2_dir):
 def test_grad_accumulation_is_per_token_through_the_trainer(tmp_path, tiny_qwen2_dir, batch2_reference):
     """batch 1 x GA 2 == batch 2 x GA 1 through MindFormers' Trainer (graph mode, fp32, one SGD
     step) on rows with 10 and 400 trained tokens; per-micro-batch averaging (MF's default) differs."""
-    from distilled.convert import hf_to_mf, load_safetensors_np
+    from distilled.train.convert import hf_to_mf, load_safetensors_np
 
     data, cfg, b2, wb2 = batch2_reference
     w0 = hf_to_mf(load_safetensors_np(tiny_qwen2_dir), tie_word_embeddings=False)

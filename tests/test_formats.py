@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from distilled import SYSTEM_PROMPT
-from distilled.chat import ChatEncoder, TemplateError, encode_rows
-from distilled.formats import (DataError, FormatConfig, RowError, SkipCounter, row_to_conversations,
+from distilled.data.chat import ChatEncoder, TemplateError, encode_rows
+from distilled.data.formats import (DataError, FormatConfig, RowError, SkipCounter, row_to_conversations,
                                rows_to_conversations, stratos_to_r1)
 
 IM_END = "<|im_end|>"
@@ -269,7 +269,7 @@ def test_content_dependent_template_refused_naming_first_diverging_row(qwen_toke
         encode_rows(rows, cfg, ChatEncoder(qwen_tokenizer, chat_template=R1_DISTILL_TPL, engine="hf"),
                     SkipCounter(), locs)
     # a row past CHECK_ROWS_PER_LAYOUT rows is still checked when its class is new
-    from distilled.chat import CHECK_ROWS_PER_LAYOUT
+    from distilled.data.chat import CHECK_ROWS_PER_LAYOUT
 
     many = [{"messages": _conv(f"Plain answer {i}.")} for i in range(CHECK_ROWS_PER_LAYOUT + 5)] + rows[3:4]
     with pytest.raises(TemplateError, match=rf"^row {len(many)}: "):
@@ -324,7 +324,7 @@ def _tiny_bpe(merges_in_id_order: bool, extra: bool = False):
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
-    from distilled.tokenizer import QWEN2_PAT, bytes_to_unicode
+    from distilled.data.tokenizer import QWEN2_PAT, bytes_to_unicode
 
     enc = bytes_to_unicode()
     vocab = {enc[b]: b for b in range(256)}
@@ -341,7 +341,7 @@ def _tiny_bpe(merges_in_id_order: bool, extra: bool = False):
 
 
 def test_tiktoken_engine_only_when_provably_equal(qwen_tokenizer):
-    from distilled.chat import TiktokenEngine
+    from distilled.data.chat import TiktokenEngine
 
     ok = TiktokenEngine.from_tokenizer(_tiny_bpe(True))
     assert ok is not None and ok.encode_batch(["abc abd"]) == [[257, 32, 256, 100]]

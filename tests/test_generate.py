@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from distilled.generate import GenerateConfig, failed_path, render_prompt, run_generate, settings_path
+from distilled.generate.runner import GenerateConfig, failed_path, render_prompt, run_generate, settings_path
 from distilled.io_utils import JsonlAppender
-from distilled.problems import synth
-from distilled.teacher_server import TeacherConfig, start_in_thread
+from distilled.generate.problems import synth
+from distilled.generate.teacher_server import TeacherConfig, start_in_thread
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from distilled.problems import synth
-from distilled.teacher_server import TeacherConfig, start_in_thread
+from distilled.generate.problems import synth
+from distilled.generate.teacher_server import TeacherConfig, start_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
 

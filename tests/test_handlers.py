@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-from distilled.chat import ChatEncoder, encode_rows
-from distilled.formats import FormatConfig, SkipCounter
+from distilled.data.chat import ChatEncoder, encode_rows
+from distilled.data.formats import FormatConfig, SkipCounter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_openr1_handler_matches_formats(openr1_jsonl, qwen_tokenizer_dir, qwen_t
 def test_cot_handler_strict_names_row(tmp_path, qwen_tokenizer_dir):
     import datasets
 
-    from distilled.formats import DataError
+    from distilled.data.formats import DataError
     from handlers import CoTJsonlDataHandler
 
     ds = datasets.Dataset.from_list([
@@ -213,7 +213,7 @@ def test_skip_counts_exact_with_num_proc_and_agree_with_distill_preprocess(tmp_p
     """Issue 13 item 2: counters mutated inside ``datasets.map`` workers used to be lost (report
     said 0 skipped with num_proc 8). 16 rows, 8 bad, num_proc 2, batch_size 3 (so batches land on
     both workers): the toolkit's report.json and ``distill preprocess`` count the same skips."""
-    from distilled import preprocess as pp
+    from distilled.data import preprocess as pp
     from toolkit.data_preprocess.huggingface.datasets_preprocess import main
 
     good = _openr1_rows(8)

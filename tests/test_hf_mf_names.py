@@ -1,4 +1,4 @@
-"""distilled.hf_mf_names: the one HF <-> MindFormers table round-trips every key and name."""
+"""distilled.train.hf_mf_names: the one HF <-> MindFormers table round-trips every key and name."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import doctest
 
 import pytest
 
-from distilled import hf_mf_names as names
-from distilled.hf_mf_names import (CONFIG_KEYS, GLOBAL_PARAMS, LAYER_PARAMS, LORA_PARAMS, MODULE_NAMES, SHAPE_KEYS,
+from distilled.train import hf_mf_names as names
+from distilled.train.hf_mf_names import (CONFIG_KEYS, GLOBAL_PARAMS, LAYER_PARAMS, LORA_PARAMS, MODULE_NAMES, SHAPE_KEYS,
                                    check_model_config, hf_config_from_mf_model_config, hf_lora_name_to_mf,
                                    hf_name_to_mf, is_mf_model_weight, mf_lora_name_to_hf, mf_model_config_from_hf,
                                    mf_name_to_hf)

@@ -7,11 +7,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from distilled.chat import ChatEncoder
+from distilled.data.chat import ChatEncoder
 from distilled.kd.align import build_topk_arrays, pack_with_topk, sample_topk, trained_span
 from distilled.kd.logprobs import StudentVocab
 from distilled.kd.standin import synth_top_logprobs
-from distilled.packing import IGNORE_INDEX, pack_table
+from distilled.data.packing import IGNORE_INDEX, pack_table
 
 K = 4
 

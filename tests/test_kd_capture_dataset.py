@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distilled.chat import ChatEncoder
+from distilled.data.chat import ChatEncoder
 from distilled.kd.capture import Capture
 from distilled.kd.dataset import SidecarIndex, pack_table_with_sidecars
 from distilled.kd.logprobs import StudentVocab, VocabularyMismatch

@@ -17,7 +17,7 @@ S, VOCAB, K = 32, 512, 4
 def ms_graph():
     import mindspore as ms
 
-    from distilled import mindformers_compat
+    from distilled.train import mindformers_compat
 
     mindformers_compat.apply_cpu_shims()
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
@@ -135,7 +135,7 @@ def test_registered_and_loader_feeds_topk_columns(ms_graph, tmp_path, qwen_token
     from distilled.kd.align import build_topk_arrays, pack_with_topk
     from distilled.kd.mindformers_kd import KDPackedDataLoader
     from distilled.kd.standin import synth_top_logprobs
-    from distilled.chat import ChatEncoder
+    from distilled.data.chat import ChatEncoder
 
     assert MindFormerRegister.get_cls(MindFormerModuleType.MODELS, "KDLlamaForCausalLM") is not None
     assert MindFormerRegister.get_cls(MindFormerModuleType.DATASET_LOADER, "KDPackedDataLoader") is KDPackedDataLoader

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distilled.generate import GenerateConfig, run_generate
+from distilled.generate.runner import GenerateConfig, run_generate
 from distilled.kd.logprobs import StudentVocab, check_sampled
 from distilled.kd.sidecar import SidecarReader, sidecar_path
-from distilled.problems import synth
-from distilled.teacher_server import TeacherConfig, start_in_thread
+from distilled.generate.problems import synth
+from distilled.generate.teacher_server import TeacherConfig, start_in_thread
 
 K = 6
 
@@ -80,7 +80,7 @@ def test_generate_top_logprobs_writes_sidecar_and_resumes(tmp_path, srv, qwen_to
 
 def test_generate_refuses_a_teacher_with_another_vocabulary(tmp_path, qwen_tokenizer_dir):
     """The student uses a 2048-token trimmed Qwen2.5 vocabulary; the teacher the full one."""
-    from distilled.tokenizer import build_qwen2_5_tokenizer
+    from distilled.data.tokenizer import build_qwen2_5_tokenizer
 
     trimmed = build_qwen2_5_tokenizer(tmp_path / "trim", bpe_tokens=2048)
     s = start_in_thread(TeacherConfig(latency_ms=1, seed=0, tokenizer=str(qwen_tokenizer_dir)))

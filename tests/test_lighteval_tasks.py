@@ -1,4 +1,4 @@
-"""distilled/lighteval_tasks.py, the lighteval custom task file. lighteval cannot share .venv
+"""distilled/eval/lighteval_tasks.py, the lighteval custom task file. lighteval cannot share .venv
 (FACTS §1), so these tests drive it in `.venv-eval` (built by `make eval-env`) through a
 subprocess, and skip with a clear reason when that environment is absent."""
 
@@ -60,8 +60,8 @@ CASES = [
 
 
 def test_main_package_never_imports_the_task_file():
-    code = ("import sys, distilled.cli as c; c.build_parser(); import distilled.evaluate; "
-            "print('distilled.lighteval_tasks' in sys.modules, 'lighteval' in sys.modules)")
+    code = ("import sys, distilled.cli as c; c.build_parser(); import distilled.eval.runner; "
+            "print('distilled.eval.lighteval_tasks' in sys.modules, 'lighteval' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split() == ["False", "False"]
@@ -70,7 +70,7 @@ def test_main_package_never_imports_the_task_file():
 @needs_eval_env
 @pytest.mark.slow  # importing lighteval in .venv-eval alone takes ~30 s on 2 busy cores
 def test_scorers_agree_on_fixed_outputs_and_prompts_match(tmp_path):
-    from distilled.eval_tasks import load_task
+    from distilled.eval.tasks import load_task
     from distilled.verify import judge
 
     ours = [1.0 if judge(g, gold, None, kind).correct else 0.0 for g, gold, kind in CASES]
@@ -105,7 +105,7 @@ print(json.dumps({"scores": scores, "gpqa": [[d.query, d.gold_index] for d in gq
 def test_accelerate_backend_scores_tiny_model(tiny_qwen2_dir, tmp_path):
     """`lighteval accelerate` (through the offline-safe launcher) on 3 problems: it must load the
     task file, use our prompt, and score each output exactly as distill's verifier does."""
-    from distilled.eval_tasks import math_prompt
+    from distilled.eval.tasks import math_prompt
     from distilled.verify import judge
 
     rows = [{"problem": "What is $2+3$?", "answer": "5"}, {"problem": "What is $\\frac{1}{2}+\\frac{1}{2}$?",
@@ -162,7 +162,7 @@ PLANTED_WANT = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0]
 
 
 def _eval_verdicts() -> list[float]:
-    from distilled.evaluate import score_samples
+    from distilled.eval.runner import score_samples
     from distilled.verify import VerifierPool
 
     with VerifierPool(workers=1) as pool:

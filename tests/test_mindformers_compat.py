@@ -19,7 +19,7 @@ def ms_cpu():
     import mindspore as ms
 
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
-    from distilled import mindformers_compat
+    from distilled.train import mindformers_compat
 
     applied = mindformers_compat.apply_cpu_shims()
     yield ms
@@ -86,7 +86,7 @@ def _one_by_one_loss(model, docs):
 
 
 def test_apply_cpu_shims_is_idempotent_and_named(ms_cpu):
-    from distilled import mindformers_compat as mc
+    from distilled.train import mindformers_compat as mc
 
     first = mc.apply_cpu_shims()
     assert first == mc.apply_cpu_shims() == ["disable_fused_rmsnorm", "finite_overflow_check",
@@ -125,7 +125,7 @@ def test_overflow_check_is_a_real_finite_test(ms_cpu):
 
 
 def test_packed_row_equals_documents_one_by_one_only_with_shim(tiny_llama):
-    from distilled import mindformers_compat as mc
+    from distilled.train import mindformers_compat as mc
 
     docs = _docs()
     cols = _packed_row(docs)
@@ -146,7 +146,7 @@ def test_packed_row_equals_documents_one_by_one_only_with_shim(tiny_llama):
 def test_without_shim_packed_mask_leaks_future_tokens(tiny_llama):
     """Which MF bug the shim fixes besides RoPE: the non-flash path adds the 0/1 mask, so the
     loss of document 1 depends on document 2's tokens (it must not)."""
-    from distilled import mindformers_compat as mc
+    from distilled.train import mindformers_compat as mc
 
     docs = _docs()
     changed = [docs[0], (docs[1] + 7) % (VOCAB - 1) + 1, docs[2]]
@@ -173,7 +173,7 @@ def test_packed_shim_rejects_unsliced_inputs(tiny_llama):
     """input_sliced_sig False would cut a token off input_ids but not off position_ids."""
     import mindspore as ms
 
-    from distilled import mindformers_compat as mc
+    from distilled.train import mindformers_compat as mc
 
     cols = _packed_row(_docs())
     t = [ms.Tensor(c[None]) for c in cols]
@@ -192,7 +192,7 @@ def test_shim_leaves_flash_attention_path_to_mindformers():
     construct: run_mindformer.py does not even install it there (see test_finetune_cpu)."""
     import inspect
 
-    from distilled import mindformers_compat as mc
+    from distilled.train import mindformers_compat as mc
 
     src = inspect.getsource(mc._packed_llama_model_construct)
     assert "self.use_flash_attention" in src and "self.use_eod_attn_mask_compression" in src
@@ -230,7 +230,7 @@ def test_graph_mode_compiles_shimmed_forward_and_grad(ms_cpu):
     """GRAPH_MODE (what every YAML runs): the packed-mask construct compiles, gives the
     one-by-one loss, and value_and_grad through it compiles and gives finite, non-zero grads."""
     ms = ms_cpu
-    from distilled import mindformers_compat as mc
+    from distilled.train import mindformers_compat as mc
 
     docs = _docs()
     cols = _packed_row(docs)

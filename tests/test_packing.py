@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distilled import packing
-from distilled.packing import IGNORE_INDEX, bfd_assign, pack_table
+from distilled.data import packing
+from distilled.data.packing import IGNORE_INDEX, bfd_assign, pack_table
 
 PAD = 151643
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from distilled.packing import IGNORE_INDEX, QWEN_PAD_ID, pack_table
+from distilled.data.packing import IGNORE_INDEX, QWEN_PAD_ID, pack_table
 
 mf_packing = pytest.importorskip("mindformers.dataset.handler.packing_handler")
 from mindformers.dataset.dataloader.build_dataloader import build_dataset_loader  # noqa: E402

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from backend_helpers import make_small_qwen2, packed_rows, rows_with_trained_tokens, write_packed, write_yaml
-from distilled.backends import BACKENDS, register_backend
-from distilled.backends.base import StepResult, as_micro_batches
-from distilled.backends.torch_backend import TorchBackend
-from distilled.parity import TOLERANCES, packing_check, run_parity
+from distilled.train.backends import BACKENDS, register_backend
+from distilled.train.backends.base import StepResult, as_micro_batches
+from distilled.train.backends.torch_backend import TorchBackend
+from distilled.train.parity import TOLERANCES, packing_check, run_parity
 
 
 @pytest.fixture(scope="module")
@@ -88,21 +88,21 @@ def test_perturbed_weight_fails(setup, tmp_path):
 def test_packing_check_catches_stock_mindformers(setup):
     """Without apply_packed_mask_shim, MindFormers 1.9 adds the 0/1 mask to the scores and ignores
     position_ids: the packed row's loss no longer equals its documents' loss."""
-    from distilled.train import load_packed
+    from distilled.train.loop import load_packed
 
     d, weights, data, cfg = setup
     rows = load_packed(data)
     try:
         res = packing_check("mindspore", weights, rows, max_rows=1, backend_kwargs={"mindspore": {"packed_shim": False}})
     finally:
-        from distilled.mindformers_compat import apply_packed_mask_shim
+        from distilled.train.mindformers_compat import apply_packed_mask_shim
 
         apply_packed_mask_shim(True)
     assert not res["ok"] and res["max_rel_diff"] > 1e-3
 
 
 def test_packing_check_catches_torch_leaks(setup):
-    from distilled.train import load_packed
+    from distilled.train.loop import load_packed
 
     d, weights, data, cfg = setup
     rows = load_packed(data)
@@ -138,8 +138,8 @@ def test_parity_with_lora_on_both_sides(setup, tmp_path):
 
 
 def test_mindspore_lora_trains_only_adapters(setup):
-    from distilled.backends import get_backend
-    from distilled.backends.base import LoraSettings, TrainSettings, packed_batch
+    from distilled.train.backends import get_backend
+    from distilled.train.backends.base import LoraSettings, TrainSettings, packed_batch
 
     d, weights, data, _ = setup
     be = get_backend("mindspore")
@@ -159,8 +159,8 @@ def test_mindspore_lora_trains_only_adapters(setup):
 
 
 def test_bf16_packing_check_on_torch_and_clear_mindspore_cpu_error(setup):
-    from distilled.backends import get_backend
-    from distilled.train import load_packed
+    from distilled.train.backends import get_backend
+    from distilled.train.loop import load_packed
 
     d, weights, data, cfg = setup
     rows = load_packed(data)
@@ -267,7 +267,7 @@ class FrozenBiasMindSpore:
 
     @staticmethod
     def make(**kw):
-        from distilled.backends.mindspore_backend import MindSporeBackend
+        from distilled.train.backends.mindspore_backend import MindSporeBackend
 
         class _Frozen(MindSporeBackend):
             def setup_training(self, settings):

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distilled import preprocess as pp
-from distilled.formats import DataError, FormatConfig
+from distilled.data import preprocess as pp
+from distilled.data.formats import DataError, FormatConfig
 
 SEQ = 512
 
@@ -230,7 +230,7 @@ def test_openr1_policy_truncate_and_cli(tmp_path, qwen_tokenizer_dir):
 
 
 def test_decontaminate_hook(data, tmp_path, qwen_tokenizer_dir):
-    pytest.importorskip("distilled.decontaminate")
+    pytest.importorskip("distilled.data.decontaminate")
     _, _, parquet, _, rows_b = data
     bench = tmp_path / "bench.jsonl"
     bench.write_text(json.dumps({"problem": rows_b[4]["problem"] + " Give the answer as an integer please."}) + "\n")

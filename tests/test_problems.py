@@ -8,7 +8,7 @@ import subprocess
 import sys
 from fractions import Fraction
 
-from distilled.problems import KINDS, latex_number, parse_problem, solve, synth
+from distilled.generate.problems import KINDS, latex_number, parse_problem, solve, synth
 
 
 def _value(latex: str) -> Fraction:

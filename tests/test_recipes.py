@@ -39,7 +39,7 @@ def _raw(path: str) -> dict:
 
 @pytest.mark.parametrize("rec", RECIPES, ids=lambda r: r.name)
 def test_recipe_yamls_pass_mindformers_config_classes(rec):
-    from distilled.mf_run import yaml_problems
+    from distilled.train.mindformers_run import yaml_problems
 
     assert yaml_problems(REPO / rec.config) == []
     assert yaml_problems(REPO / rec.twin) == []
@@ -309,7 +309,7 @@ def test_mixture_of_thoughts_domain_filter_and_mix(tmp_path, qwen_tokenizer_dir,
     rep2 = _preprocess(rec, src, tmp_path / "c", qwen_tokenizer_dir, 2048, "--domains", "math,code=0.5")
     assert rep2["rows_kept"] == rep["rows_kept"]  # deterministic (content hash, not a random draw)
     assert _trained_texts(qwen_tokenizer, tmp_path / "c")[0] == _trained_texts(qwen_tokenizer, tmp_path / "b")[0]
-    from distilled.formats import FormatConfig
+    from distilled.data.formats import FormatConfig
 
     with pytest.raises(ValueError, match="fractions must be in"):
         FormatConfig("messages", domains="math=1.5")
@@ -370,9 +370,9 @@ def test_packed_global_batch_gradient_equals_unpacked(tmp_path):
     sys.path.insert(0, str(REPO / "tests"))
     from backend_helpers import VOCAB, make_small_qwen2
 
-    from distilled.backends import TrainSettings, get_backend, packed_batch
-    from distilled.backends.base import split_documents
-    from distilled.packing import pack_table
+    from distilled.train.backends import TrainSettings, get_backend, packed_batch
+    from distilled.train.backends.base import split_documents
+    from distilled.data.packing import pack_table
 
     rng = np.random.default_rng(5)
     ids, labels = [], []
@@ -423,7 +423,7 @@ def test_packed_global_batch_gradient_equals_unpacked(tmp_path):
 
 def test_eval_preset_open_r1_and_explicit_flags_win():
     from distilled.cli import build_parser
-    from distilled.evaluate import _cfg_from_args
+    from distilled.eval.runner import _cfg_from_args
 
     p = build_parser()
     cfg = _cfg_from_args(p.parse_args(["eval", "--preset", "open-r1", "--tasks", "aime24,math_500,gpqa_diamond"]))
@@ -449,7 +449,7 @@ PUBLISHED = {  # label fragment -> (aime24, math_500, gpqa_diamond) as published
 
 
 def test_compare_reference_rows_per_recipe(tmp_path):
-    from distilled.evaluate import compare
+    from distilled.eval.runner import compare
 
     run = tmp_path / "run"
     run.mkdir()
@@ -468,7 +468,7 @@ def test_compare_reference_rows_per_recipe(tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert tuple(cells[1:]) == want, (label, cells)
         assert "(reported)" in cells[0]
-    from distilled.evaluate import _ref_cell
+    from distilled.eval.runner import _ref_cell
 
     refs = [[c.strip() for c in ln.strip("|").split("|")] for ln in text.splitlines() if "(reported)" in ln]
     for r in RECIPES:  # every recipe's published numbers are one reference row
@@ -535,8 +535,8 @@ def _fake_eval_run(d: Path) -> Path:
 
 
 def test_model_card_names_base_recipe_data_settings_and_results(tmp_path):
-    from distilled.convert import hf_config_from_mf_yaml
-    from distilled.model_card import generation_config, model_card
+    from distilled.train.convert import hf_config_from_mf_yaml
+    from distilled.train.model_card import generation_config, model_card
 
     rec = recipes.get("openr1-distill-7b")
     hf_cfg = hf_config_from_mf_yaml(REPO / rec.config)
@@ -556,8 +556,8 @@ def test_model_card_names_base_recipe_data_settings_and_results(tmp_path):
 
 def test_mf_to_hf_writes_generation_config_and_card_and_stops_at_im_end(tmp_path, qwen_tokenizer_dir):
     from distilled.cli import main
-    from distilled.convert import convert_hf_to_mf
-    from distilled.tiny_model import TinyQwen2Shape, make_tiny_qwen2
+    from distilled.train.convert import convert_hf_to_mf
+    from distilled.train.tiny_model import TinyQwen2Shape, make_tiny_qwen2
 
     rec = recipes.get("openr1-distill-7b")
     hf = make_tiny_qwen2(tmp_path / "student", TinyQwen2Shape(rope_theta=300000.0), tokenizer_dir=qwen_tokenizer_dir)
@@ -577,7 +577,7 @@ def test_mf_to_hf_writes_generation_config_and_card_and_stops_at_im_end(tmp_path
 # ------------------------------------------------------------------------------ README, docs
 
 def test_readme_recipe_table_is_the_registry():
-    from distilled.report import md_table
+    from distilled.plots import md_table
 
     readme = (REPO / "README.md").read_text()
     assert md_table(recipes.TABLE_HEADERS, recipes.table_rows()) in readme
@@ -636,9 +636,9 @@ def test_recipe_end_to_end_on_its_cpu_twin(rec, tmp_path, qwen_tokenizer_dir):
     import datasets
 
     from distilled.cli import main
-    from distilled.convert import load_safetensors_np
-    from distilled.mf_run import read_loss
-    from distilled.tiny_model import TinyQwen2Shape, make_tiny_qwen2
+    from distilled.train.convert import load_safetensors_np
+    from distilled.train.mindformers_run import read_loss
+    from distilled.train.tiny_model import TinyQwen2Shape, make_tiny_qwen2
 
     twin = _raw(rec.twin)
     tm = twin["model"]["model_config"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from distilled.reject import RejectConfig, RejectError, journal_path, run_reject
+from distilled.generate.reject import RejectConfig, RejectError, journal_path, run_reject
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -241,7 +241,7 @@ def test_choice_kind(tmp_path):
 
 
 def test_distill_help_lists_reject_without_heavy_imports():
-    code = ("import sys, argparse, distilled.reject as r, distilled.verify; "
+    code = ("import sys, argparse, distilled.generate.reject as r, distilled.verify; "
             "r.register_cli(argparse.ArgumentParser().add_subparsers()); "
             "print(sorted(m for m in ('math_verify', 'sympy', 'torch', 'mindspore') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

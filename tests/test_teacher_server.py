@@ -14,8 +14,8 @@ import urllib.request
 
 import pytest
 
-from distilled.problems import synth
-from distilled.teacher_server import TeacherConfig, count_tokens, start_in_thread
+from distilled.generate.problems import synth
+from distilled.generate.teacher_server import TeacherConfig, count_tokens, start_in_thread
 
 
 @pytest.fixture

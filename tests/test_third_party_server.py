@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from distilled.problems import synth
+from distilled.generate.problems import synth
 from serve_helpers import REPO, require_serve_env, transformers_serve
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import unicodedata
 
 import pytest
 
-from distilled import tokenizer as qt
+from distilled.data import tokenizer as qt
 
 
 def test_pinned_ids(qwen_tokenizer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distilled.tokenizer import build_qwen2_5_tokenizer, load_tokenizer
+from distilled.data.tokenizer import build_qwen2_5_tokenizer, load_tokenizer
 
 N = 12000
 

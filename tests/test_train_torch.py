@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from backend_helpers import make_small_qwen2, packed_rows, write_packed, write_yaml
-from distilled.backends.base import linear_warmup_lr
-from distilled.train import ConfigError, load_yaml, run_train, settings_from_yaml
+from distilled.train.backends.base import linear_warmup_lr
+from distilled.train.loop import ConfigError, load_yaml, run_train, settings_from_yaml
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_torchrun_two_cpu_workers(setup, tmp_path):
     cfg = write_yaml(tmp_path / "c.yaml", data=data, weights=weights, batch_size=1, data_parallel=2)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "distilled.train", "--backend", "torch", "--config", str(cfg), "--output", str(tmp_path / "o"),
+           "-m", "distilled.train.loop", "--backend", "torch", "--config", str(cfg), "--output", str(tmp_path / "o"),
            "--steps", "2", "--device", "cpu"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -167,7 +167,7 @@ def test_mindspore_backend_trains_the_same_checkpoint(setup, tmp_path):
 def test_shuffle_is_a_seeded_permutation_per_epoch():
     """shuffle: True (the 7B YAMLs) -> every row once per epoch, a new order each epoch, the same
     order on every rank, and each rank its own rows."""
-    from distilled.train import _RankRows
+    from distilled.train.loop import _RankRows
 
     ds = [{"i": k} for k in range(12)]
     r0 = _RankRows(ds, 0, 2, 2, seed=42, epochs=2)
@@ -221,7 +221,7 @@ def test_two_torch_ranks_equal_one_rank_with_accumulation(tmp_path):
                     seq_length=420)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-           "-m", "distilled.train", "--backend", "torch", "--config", str(dp2), "--output", str(tmp_path / "ranks"),
+           "-m", "distilled.train.loop", "--backend", "torch", "--config", str(dp2), "--output", str(tmp_path / "ranks"),
            "--steps", "2", "--device", "cpu"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -1,7 +1,7 @@
 """Top-K columns aligned to the trained (label) positions of packed rows.
 
 Why this shape: packed rows hold ``labels`` already shifted by one (``labels[p]`` is the token the
-model must predict from position ``p``, :mod:`distilled.packing`). The teacher's top-K at
+model must predict from position ``p``, :mod:`distilled.data.packing`). The teacher's top-K at
 generation step ``j`` is its distribution for *generated token* ``j``, so it belongs exactly where
 ``labels[p] == generated token j``. Two extra columns per packed row carry it:
 
@@ -121,7 +121,7 @@ def pack_with_topk(table: "pa.Table", topk_ids: np.ndarray, topk_logprobs: np.nd
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from distilled.packing import pack_table
+    from distilled.data.packing import pack_table
 
     packed, stats = pack_table(table, seq_length, pad_id, overlong, boundary_label=boundary_label, seed=seed,
                                progress=progress)

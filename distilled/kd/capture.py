@@ -1,6 +1,6 @@
 """Capture the teacher's top-K during ``distill generate --top-logprobs K``.
 
-Why a class of its own: :mod:`distilled.generate` stays a text pipeline; it only (1) adds
+Why a class of its own: :mod:`distilled.generate.runner` stays a text pipeline; it only (1) adds
 :meth:`Capture.request_extra` to each request, (2) hands each answer's ``logprobs`` to
 :meth:`Capture.take` and (3) calls :meth:`Capture.commit` right *before* writing a problem's JSONL
 line, and :meth:`Capture.sync` before each fsync of the JSONL. That order makes the JSONL line
@@ -36,8 +36,8 @@ class Capture:
             raise ValueError(f"--top-logprobs must be 1..{MAX_TOP_LOGPROBS} (the OpenAI-compatible limit), got {k}")
         self.k = int(k)
         if isinstance(tokenizer, (str, os.PathLike)):
-            from distilled.preprocess import resolve_tokenizer_dir
-            from distilled.tokenizer import load_tokenizer
+            from distilled.data.preprocess import resolve_tokenizer_dir
+            from distilled.data.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(resolve_tokenizer_dir(str(tokenizer)))
         self.vocab = StudentVocab(tokenizer)

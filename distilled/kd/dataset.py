@@ -65,7 +65,7 @@ class SidecarIndex:
 def pack_table_with_sidecars(table, sidecars: Sequence[str | os.PathLike], k: int | None, seq_length: int, pad_id: int,
                              special: Iterable[int], overlong: str = "drop", seed: int | None = None,
                              progress: bool = False):
-    """Like :func:`distilled.packing.pack_table` plus the ``topk_ids``/``topk_logprobs`` columns.
+    """Like :func:`distilled.data.packing.pack_table` plus the ``topk_ids``/``topk_logprobs`` columns.
 
     ``k`` None takes the sidecars' K. Returns ``(packed, PackStats, report)`` where ``report`` says how many samples found teacher
     data, why the others did not, and the time spent (for ``report.json`` and bench/kd.py).

@@ -69,7 +69,7 @@ class StudentVocab:
     """
 
     def __init__(self, tokenizer):
-        from distilled.tokenizer import bytes_to_unicode
+        from distilled.data.tokenizer import bytes_to_unicode
 
         dec = {c: b for b, c in bytes_to_unicode().items()}
         self.tokenizer = tokenizer

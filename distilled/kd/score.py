@@ -126,13 +126,13 @@ async def run_score(cfg: ScoreConfig, warn=None) -> dict:
     """Score every answer; returns the summary (also printed by the CLI)."""
     import numpy as np
 
-    from distilled.client import ChatClient, FatalAPIError, RetriesExhausted
-    from distilled.generate import failed_path
+    from distilled.generate.client import ChatClient, FatalAPIError, RetriesExhausted
+    from distilled.generate.runner import failed_path
     from distilled.io_utils import JsonlAppender, atomic_write
     from distilled.kd.logprobs import StudentVocab, VocabularyGuard, VocabularyMismatch, parse_choice_logprobs
     from distilled.kd.sidecar import SidecarWriter, TokenTopK
-    from distilled.preprocess import resolve_tokenizer_dir
-    from distilled.tokenizer import load_tokenizer
+    from distilled.data.preprocess import resolve_tokenizer_dir
+    from distilled.data.tokenizer import load_tokenizer
 
     warn = warn or (lambda m: print(m, file=sys.stderr, flush=True))
     if not 1 <= cfg.top_logprobs <= MAX_TOP_LOGPROBS:

@@ -14,7 +14,7 @@ deflates them (token ids below 2^18 leave their high bytes almost constant), mea
 ``bench/kd.py``. Reading one generation is one seek and one read (the index is rebuilt from the
 fixed-size headers, a seek per record, no payload read).
 
-Crash-safety rules, the same as ``generations.jsonl`` (:mod:`distilled.generate`):
+Crash-safety rules, the same as ``generations.jsonl`` (:mod:`distilled.generate.runner`):
 
 * a record is written whole and flushed before the problem's JSONL line is written, so the JSONL
   line is the commit point: a sidecar record whose uuid has no JSONL line is an orphan of an

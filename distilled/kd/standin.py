@@ -1,6 +1,6 @@
 """Realistic top-K log-probabilities for the stand-in teacher, and the API JSON that carries them.
 
-Why: the stand-in server (:mod:`distilled.teacher_server`) writes its answers from templates; it has
+Why: the stand-in server (:mod:`distilled.generate.teacher_server`) writes its answers from templates; it has
 no model. To exercise capture -> sidecar -> alignment -> KD loss end to end, it must still return
 logprobs shaped and normalised like a real teacher's, over the *student's* tokens of the text it
 emits:
@@ -133,8 +133,8 @@ class StandinLogprobs:
 
     def __init__(self, tokenizer, eos_id: int | None = None):
         if isinstance(tokenizer, str):
-            from distilled.preprocess import resolve_tokenizer_dir
-            from distilled.tokenizer import load_tokenizer
+            from distilled.data.preprocess import resolve_tokenizer_dir
+            from distilled.data.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(resolve_tokenizer_dir(tokenizer))
         self.tokenizer = tokenizer

@@ -18,7 +18,7 @@ could render differently is checked; a diverging row raises :class:`TemplateErro
 Labels are **unshifted** (``labels[i] == input_ids[i]`` where trained, ``-100`` elsewhere): the
 assistant content plus its closing ``<|im_end|>`` are trained, so the model learns to stop.
 Packing shifts them as MindFormers expects. Row formats -> messages live in
-:mod:`distilled.formats`.
+:mod:`distilled.data.formats`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from distilled.formats import IGNORE_INDEX, FormatConfig, SkipCounter, rows_to_conversations
+from distilled.data.formats import IGNORE_INDEX, FormatConfig, SkipCounter, rows_to_conversations
 
 
 # ----------------------------------------------------------------------------- tokenize + mask
@@ -173,7 +173,7 @@ class TiktokenEngine:
             return None
         pattern = split["pattern"]["Regex"]
         vocab: dict[str, int] = model["vocab"]
-        from distilled.tokenizer import bytes_to_unicode
+        from distilled.data.tokenizer import bytes_to_unicode
 
         inv = {c: b for b, c in bytes_to_unicode().items()}
         ranks: dict[bytes, int] = {}
@@ -229,7 +229,7 @@ def _canonical_merges(vocab: dict[str, int], rules: dict[str, tuple[str, str]], 
     """
     import hashlib
 
-    from distilled.tokenizer import _split_by_lower_ranks, cache_root
+    from distilled.data.tokenizer import _split_by_lower_ranks, cache_root
 
     digest = hashlib.sha256(raw.encode("utf-8")).hexdigest()
     marker = cache_root() / "bpe-verified" / digest
@@ -293,7 +293,7 @@ class ChatEncoder:
         if chat_template is None:
             chat_template = getattr(tokenizer, "chat_template", None)
         if not chat_template:
-            from distilled.tokenizer import read_chat_template
+            from distilled.data.tokenizer import read_chat_template
 
             chat_template = read_chat_template()
         self.chat_template = chat_template

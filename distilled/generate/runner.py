@@ -6,7 +6,7 @@ their commands keep working, without its flaws (../shared/FACTS.md §4):
 - concurrency is bounded by in-flight *requests* (each generation is its own request, and a new
   one starts the moment another finishes), not by problems or batches, so a slow generation
   never stalls the others;
-- a failed generation is retried with backoff (see :mod:`distilled.client`) and, if it still
+- a failed generation is retried with backoff (see :mod:`distilled.generate.client`) and, if it still
   fails, goes to ``OUT.failed.jsonl`` with its reason instead of silently dropping the problem;
   a rerun retries it;
 - a problem's line is written once all N generations succeeded, in one ``write`` + flush, with
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from distilled.client import DEFAULT_IDLE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_AFTER_MAX
+from distilled.generate.client import DEFAULT_IDLE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_AFTER_MAX
 from distilled.io_utils import BadLine, JsonlAppender, atomic_write, iter_jsonl
 from distilled.prompts import DEFAULT_PROMPT_TEMPLATE, build_messages, render_prompt  # noqa: F401 (re-exported)
 
@@ -354,7 +354,7 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
 
     ``problems`` may be given directly (benchmarks); otherwise the input is read per ``cfg``.
     """
-    from distilled.client import ChatClient, FatalAPIError, RetriesExhausted
+    from distilled.generate.client import ChatClient, FatalAPIError, RetriesExhausted
 
     warn = warn or (lambda m: print(m, file=sys.stderr, flush=True))
     summ = GenerateSummary()
@@ -637,7 +637,7 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
 def cmd_generate(args: argparse.Namespace) -> int:
     """``distill generate``: exit 0 when every problem is written, 1 when some failed (rerun to
     retry), 2 on a fatal error (bad input, 401/403/404), 130 when interrupted."""
-    from distilled.client import FatalAPIError
+    from distilled.generate.client import FatalAPIError
 
     for name in ("num_generations", "max_tokens", "max_concurrent"):
         if getattr(args, name) < 1:

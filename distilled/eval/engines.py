@@ -557,7 +557,7 @@ async def probe_server(endpoints: Sequence[str], timeout: float = 10.0, api_key_
 
     import aiohttp
 
-    from distilled.client import normalize_endpoint
+    from distilled.generate.client import normalize_endpoint
 
     headers = {}
     if api_key_env and os.environ.get(api_key_env):
@@ -586,7 +586,7 @@ SERVER_KINDS = ("openai", "vllm", "transformers")
 
 
 class OpenAIEngine:
-    """Any OpenAI-compatible server through :class:`distilled.client.ChatClient` (concurrency,
+    """Any OpenAI-compatible server through :class:`distilled.generate.client.ChatClient` (concurrency,
     retries, several endpoints). Budget forcing uses ``/v1/completions`` continuation with a
     chat template rendered locally (``--tokenizer``).
 
@@ -623,7 +623,7 @@ class OpenAIEngine:
                               request_timeout=request_timeout)
         self.tok = None
         if tokenizer_dir:
-            from distilled.tokenizer import load_tokenizer
+            from distilled.data.tokenizer import load_tokenizer
 
             self.tok = load_tokenizer(tokenizer_dir)
         self.model_name = model
@@ -666,7 +666,7 @@ class OpenAIEngine:
                         budget: BudgetConfig, on_done: Callable[[GenRequest, GenOutput | BaseException], Any]) -> None:
         """Run every request (bounded by the client's concurrency); ``on_done`` gets each result or
         the exception that ended it (after the client's retries)."""
-        from distilled.client import APIError, ChatClient, FatalAPIError
+        from distilled.generate.client import APIError, ChatClient, FatalAPIError
 
         if budget.active and self.tok is None:
             raise EngineError("budget forcing with --engine openai needs --tokenizer DIR (to render the chat template "

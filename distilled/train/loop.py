@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from distilled.backends.base import LoraSettings, TrainSettings, lora_targets_from_regex, warmup_steps_from
-from distilled.hf_mf_names import SHAPE_KEYS
+from distilled.train.backends.base import LoraSettings, TrainSettings, lora_targets_from_regex, warmup_steps_from
+from distilled.train.hf_mf_names import SHAPE_KEYS
 from distilled.settings import add_arguments, from_args, option
 
 # Dotted YAML keys that are read and mapped onto backend settings.
@@ -75,7 +75,7 @@ MAPPED = {
     "model.model_config.kd_top_k": "KD: K of the data's top-K columns (checked against the data)",
 }
 # model_config keys that are applied: the shape keys are checked against the weights' config.json
-# (distilled.hf_mf_names), seq_length against the packed rows; qkv_has_bias is Qwen2's (always on)
+# (distilled.train.hf_mf_names), seq_length against the packed rows; qkv_has_bias is Qwen2's (always on)
 MODEL_SHAPE_KEYS = tuple(k.mf for k in SHAPE_KEYS) + ("seq_length", "qkv_has_bias")
 # Whole sections that describe MindSpore/Ascend execution, not the maths of a step.
 NOT_APPLICABLE = {
@@ -398,7 +398,7 @@ def run_train(config: str, backend: str = "torch", data: str | None = None, weig
     checkpoints (``checkpoint-STEP/``, and ``final/``)."""
     from tqdm import tqdm
 
-    from distilled.backends.base import iter_batches
+    from distilled.train.backends.base import iter_batches
     from distilled.io_utils import write_json
 
     cfg = load_yaml(config)
@@ -480,7 +480,7 @@ def run_train(config: str, backend: str = "torch", data: str | None = None, weig
 
 def _make_backend(backend: str, device: str | None, world: int):
     """The backend; torch under torchrun (``world`` > 1) joins the process group first (DDP)."""
-    from distilled.backends import get_backend
+    from distilled.train.backends import get_backend
 
     kw: dict[str, Any] = {}
     if backend == "torch":
@@ -589,7 +589,7 @@ def register_cli(sub: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m distilled.train`` (what torchrun launches)."""
-    p = argparse.ArgumentParser(prog="distilled.train")
+    p = argparse.ArgumentParser(prog="distilled.train.loop")
     add_train_args(p)
     return _cmd_train(p.parse_args(argv))
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from distilled.hf_mf_names import (HF_EMBED, LAYER_RE, LM_HEAD, LORA_PARAMS, MF_EMBED, hf_config_from_mf_model_config,
+from distilled.train.hf_mf_names import (HF_EMBED, LAYER_RE, LM_HEAD, LORA_PARAMS, MF_EMBED, hf_config_from_mf_model_config,
                                    hf_name_to_mf, is_mf_model_weight, mf_name_to_hf)
 from distilled.settings import add_arguments, from_args, option
 
@@ -337,7 +337,7 @@ def convert_mf_to_hf(src: str | os.PathLike, dst_dir: str | os.PathLike, config:
     copy. The output directory appears atomically. Beside the weights it writes
     ``generation_config.json`` (``<|im_end|>`` first in ``eos_token_id``) and a model card
     ``README.md`` naming base, recipe, data, the YAML's training settings and, with ``eval_run``
-    (a ``distill eval`` output folder), its results (:mod:`distilled.model_card`).
+    (a ``distill eval`` output folder), its results (:mod:`distilled.train.model_card`).
     """
     from distilled.io_utils import atomic_dir
 
@@ -388,7 +388,7 @@ def convert_mf_to_hf(src: str | os.PathLike, dst_dir: str | os.PathLike, config:
                 f = Path(tokenizer_dir) / name
                 if f.is_file():
                     shutil.copy2(f, tmp / name)
-        from distilled.model_card import write_export_extras
+        from distilled.train.model_card import write_export_extras
 
         write_export_extras(tmp, hf_cfg, train_yaml=cfg_src if cfg_src.suffix in {".yaml", ".yml"} else None,
                             tokenizer_dir=tokenizer_dir, recipe_name=recipe, base_model=base_model, data=data,

@@ -9,7 +9,7 @@ generate`` at DeepSeek-R1 served by vLLM, SGLang or MindIE (see docs/generate.md
 What it does and why:
 
 - It recognises problems written by ``distill problems synth`` (the parser and solver live in
-  :mod:`distilled.problems`, next to the generator) and answers R1-style:
+  :mod:`distilled.generate.problems`, next to the generator) and answers R1-style:
   ``<think>\\n`` step-by-step reasoning ``\\n</think>\\n\\n`` a short final text with ``\\boxed{}``.
   A controlled share (``--wrong-rate``) is deliberately wrong, so rejection sampling has
   something to reject. Unknown prompts get a plausible generic answer.
@@ -58,7 +58,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from distilled.problems import latex_number, parse_problem, solve
+from distilled.generate.problems import latex_number, parse_problem, solve
 
 FAULT_KINDS = ("429", "500", "reset", "slow", "truncated_json", "length", "stream_cut")
 DEFAULT_MODEL = "stand-in-teacher"
@@ -509,7 +509,7 @@ class TeacherServer:
         as_ids = bool(body.get("return_tokens_as_token_ids"))
         if chat:
             msg = choice["message"]
-            from distilled.client import merge_reasoning
+            from distilled.generate.client import merge_reasoning
 
             text = merge_reasoning(msg.get("content"), msg.get("reasoning_content"))
             choice["logprobs"] = self._logprobs.chat(text, max(k, 1), f"{key}|{prompt}",

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from distilled.io_utils import atomic_write, iter_jsonl, write_json
-from distilled.report import histogram, line_plot, md_table
+from distilled.plots import histogram, line_plot, md_table
 
 STAGES = ("problems", "tokenizer", "generate", "reject", "preprocess", "student", "eval-before", "finetune",
           "parity", "eval-after")

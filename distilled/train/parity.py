@@ -2,7 +2,7 @@
 
 Why: "does the MindSpore run compute what a torch run would?" should be one command that fails
 loudly. Both backends load the same HF safetensors and take the same batches, built once by
-:func:`distilled.backends.base.packed_batch`; per step we compare loss, grad norm and lr, at
+:func:`distilled.train.backends.base.packed_batch`; per step we compare loss, grad norm and lr, at
 step 0 the logits, and after N steps every parameter (HF names on both sides).
 
 ``--check packing`` asks a different question on *each* backend: is a packed row's loss equal to
@@ -88,7 +88,7 @@ DEFAULT_BACKENDS = ("mindspore", "torch")
 
 
 def _make(name: str, kwargs: Mapping[str, Mapping[str, Any]] | None):
-    from distilled.backends import get_backend
+    from distilled.train.backends import get_backend
 
     return get_backend(name, **dict((kwargs or {}).get(name, {})))
 
@@ -103,7 +103,7 @@ def packing_check(backend_name: str, weights: str | Path, rows: Sequence[Mapping
     feeds 0..S-1 positions (to prove the check catches that)."""
     import numpy as np
 
-    from distilled.backends.base import packed_batch, rel_diff, split_documents
+    from distilled.train.backends.base import packed_batch, rel_diff, split_documents
 
     tol = TOLERANCES[dtype]["packing_rel"] if tol is None else tol
     chosen = []
@@ -144,8 +144,8 @@ def run_parity(config: str | Path | None, weights: str | Path, data: str | Path,
     ``check``: ``train`` (losses, grad norms, logits, drift), ``packing`` or ``all``.
     ``weights_override`` loads different weights into one backend (tests use it to prove a
     perturbed weight fails the check)."""
-    from distilled.backends.base import iter_batches
-    from distilled.train import load_packed, load_yaml, settings_from_yaml
+    from distilled.train.backends.base import iter_batches
+    from distilled.train.loop import load_packed, load_yaml, settings_from_yaml
 
     if dtype not in TOLERANCES:
         raise ValueError(f"--dtype must be one of {sorted(TOLERANCES)}, got {dtype!r}")
@@ -224,7 +224,7 @@ def _train_check(out: dict[str, Any], plan: Any, ds: Any, data: str | Path, weig
     import numpy as np
     from tqdm import tqdm
 
-    from distilled.backends.base import compare_parameters, iter_batches, rel_diff
+    from distilled.train.backends.base import compare_parameters, iter_batches, rel_diff
 
     if len(backends) != 2 or backends[0] == backends[1]:
         raise ValueError(f"the train check compares exactly two different backends, got {list(backends)} "
@@ -324,7 +324,7 @@ def _train_failures(summary: dict[str, Any], drift: Mapping[str, Any], init_drif
 def write_report(res: Mapping[str, Any], report_dir: str | Path) -> None:
     """``parity.json`` first; ``parity.md`` and ``parity_loss.png`` are rendered from it."""
     from distilled.io_utils import atomic_write, write_json
-    from distilled.report import line_plot, md_table
+    from distilled.plots import line_plot, md_table
 
     d = Path(report_dir)
     d.mkdir(parents=True, exist_ok=True)

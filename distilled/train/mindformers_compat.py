@@ -31,7 +31,7 @@ Three entry points (a contract with ``distilled/backends`` and ``run_mindformer.
 
 MindSpore is imported at module level because the graph compiler rejects ``import`` statements
 inside anything it compiles (``RuntimeError: Unsupported statement 'ImportFrom'``). Only MindSpore
-code paths import this module (``distilled.mf_run.run`` and the ``mindspore`` backend, both
+code paths import this module (``distilled.train.mindformers_run.run`` and the ``mindspore`` backend, both
 lazily), so ``distill --help`` does not pay for it.
 """
 

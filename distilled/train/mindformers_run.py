@@ -3,7 +3,7 @@ then MindFormers' own ``Trainer``.
 
 Why not MindFormers' ``run_mindformer.py`` as is: in 1.9 it (1) never registers a custom data
 handler where ``HFDataLoader`` looks for it, (2) cannot run on CPU without the shims in
-:mod:`distilled.mindformers_compat`, (3) trains packed rows with wrong RoPE positions and, without
+:mod:`distilled.train.mindformers_compat`, (3) trains packed rows with wrong RoPE positions and, without
 flash attention, with a broken mask, and (4) starts a multi-hour job before discovering that the
 dataset path is wrong, a column is missing, the packed rows are longer than ``seq_length`` or the
 tokens do not fit the vocabulary. This module fixes those and otherwise keeps MindFormers' CLI and
@@ -399,7 +399,7 @@ def check_per_token_loss(config: Any, world: int = 1) -> None:
     (only the semi/auto-parallel and pipeline paths copy the top-level key there). With only the
     first, accumulation crashes on the model's two outputs; with only the second, the model
     returns one mean and the accumulation cell fails. Several data-parallel workers need it too:
-    then :func:`distilled.mindformers_compat.shim_global_token_mean_data_parallel` divides by the
+    then :func:`distilled.train.mindformers_compat.shim_global_token_mean_data_parallel` divides by the
     token count of all ranks.
     """
     top = bool(config.get("calculate_per_token_loss"))
@@ -646,7 +646,7 @@ SHIM_FUNCTIONS = {
 
 
 def shims_for(config: Any, no_packed_shim: bool = False, no_global_token_mean: bool = False) -> list[str]:
-    """Which :mod:`distilled.mindformers_compat` shims this YAML needs, in the order they apply.
+    """Which :mod:`distilled.train.mindformers_compat` shims this YAML needs, in the order they apply.
 
     ``"cpu"`` (all of ``apply_cpu_shims``) only on CPU; ``packed_mask`` only for packed data on
     the non-flash path (the only path that adds the 0/1 mask to the scores; flash attention and
@@ -682,7 +682,7 @@ def run(argv: list[str] | None = None) -> int:
         print(f"run_mindformer.py: config error: {exc}", file=sys.stderr)
         return 2
 
-    from distilled import mindformers_compat as compat
+    from distilled.train import mindformers_compat as compat
 
     applied = []
     for name in shims_for(config, no_packed_shim=args.no_packed_shim, no_global_token_mean=args.no_global_token_mean):
@@ -749,7 +749,7 @@ def summarize_loss(path: str | os.PathLike, skip_first: int = 1) -> dict:
             "median_tokens_per_s": round(statistics.median(tps), 1) if tps else None}
 
 
-if __name__ == "__main__":  # old command line `python -m distilled.mf_run --workers 1 2 ...`: the bench lives in bench/
+if __name__ == "__main__":  # old command line `python -m distilled.train.mindformers_run --workers 1 2 ...`: the bench lives in bench/
     import runpy
 
     sys.argv = [str(REPO / "bench" / "train.py"), "--scaling", *sys.argv[1:]]

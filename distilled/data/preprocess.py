@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from distilled import SYSTEM_PROMPT
-from distilled.formats import FORMATS, GENERATION_POLICIES, THINK_STYLES, DataError, FormatConfig, SkipCounter
+from distilled.data.formats import FORMATS, GENERATION_POLICIES, THINK_STYLES, DataError, FormatConfig, SkipCounter
 from distilled.io_utils import BadRecord, RowSource, expand_row_sources, location, read_rows
 
 HANDLED_FILE = "handled.arrow"
@@ -118,7 +118,7 @@ def _init_worker(tokenizer_dir: str, fmt: dict, chat_template: str | None, threa
     """Per-process state: the tokenizer and the chat encoder (built once per process)."""
     if not threads:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from distilled.chat import ChatEncoder
+    from distilled.data.chat import ChatEncoder
 
     tok = tok if tok is not None else _load_tokenizer(tokenizer_dir)
     _W["encoder"] = ChatEncoder(tok, chat_template, engine)
@@ -127,7 +127,7 @@ def _init_worker(tokenizer_dir: str, fmt: dict, chat_template: str | None, threa
 
 def _encode_batch(rows: list[dict], locs: list[str], strict: bool):
     """Worker step: validate + tokenize + mask one batch. Returns (EncodedBatch, owners, skips)."""
-    from distilled.chat import encode_rows
+    from distilled.data.chat import encode_rows
 
     skips = SkipCounter()
     owners: list[int] = []
@@ -145,7 +145,7 @@ _TOK_CACHE: dict[tuple, Any] = {}
 def _load_tokenizer(tok_dir: str):
     """``load_tokenizer`` memoised per process (folder + file mtimes): repeated runs in one process
     (tests, notebooks, merge after shards) skip re-parsing 7 MB of tokenizer JSON. Read-only use."""
-    from distilled.tokenizer import load_tokenizer
+    from distilled.data.tokenizer import load_tokenizer
 
     key = (os.path.realpath(tok_dir),) + tuple(
         (f.name, f.stat().st_mtime_ns) for f in sorted(Path(tok_dir).glob("*.json")))
@@ -158,7 +158,7 @@ def _load_tokenizer(tok_dir: str):
 def resolve_tokenizer_dir(name: str) -> str:
     """``qwen2.5`` means the offline-built cached Qwen2.5 tokenizer; anything else is a folder."""
     if name.lower() in ("qwen2.5", "qwen2_5"):
-        from distilled.tokenizer import cached_qwen2_5_tokenizer_dir
+        from distilled.data.tokenizer import cached_qwen2_5_tokenizer_dir
 
         return str(cached_qwen2_5_tokenizer_dir())
     if not Path(name).is_dir():
@@ -188,10 +188,10 @@ def _peak_rss_mb() -> float:
 
 
 class _Decon:
-    """Inline decontamination via ``distilled.decontaminate.filter_rows`` (issue 9)."""
+    """Inline decontamination via ``distilled.data.decontaminate.filter_rows`` (issue 9)."""
 
     def __init__(self, names: list[str], data_dir: str | None, ngram: int | None):
-        from distilled import decontaminate as dc
+        from distilled.data import decontaminate as dc
 
         self.dc = dc
         self.benchmarks = dc.load_benchmarks(names, data_dir)
@@ -353,7 +353,7 @@ def _run_encoders(sources: list[RowSource], cfg: PreprocessConfig, tally: _Tally
     import multiprocessing as mp
 
     if cfg.engine != "hf" and main_tok is not None:
-        from distilled.chat import TiktokenEngine
+        from distilled.data.chat import TiktokenEngine
 
         TiktokenEngine.from_tokenizer(main_tok)  # built once here; forked workers inherit it
     ctx = mp.get_context("fork")
@@ -464,7 +464,7 @@ def _pack_and_save(out: Path, handled_path: Path | None, seq_length: int, pad_id
     """Pack the handled table (memory-mapped) and save it as a load_from_disk dataset in ``out``."""
     import datasets
 
-    from distilled.packing import pack_table
+    from distilled.data.packing import pack_table
 
     if table is None:
         table = _read_handled(handled_path)

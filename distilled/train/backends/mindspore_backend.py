@@ -12,8 +12,8 @@ gradient, the gradient accumulation and MindFormers' clip + AdamW are compiled `
 parameters, layernorm, softmax and RoPE stay float32 as in the 7B YAML). Gradient accumulation is
 per token over all micro-batches of a step (see :meth:`MindSporeBackend.train_step`). Tied
 students keep ``tie_word_embeddings`` so ``LlamaForCausalLM`` shares the embedding with lm_head.
-Weights come from HF safetensors through ``distilled.convert.hf_to_mf``. The packed-mask fix
-``distilled.mindformers_compat.apply_packed_mask_shim`` is applied by default; ``packed_shim=False``
+Weights come from HF safetensors through ``distilled.train.convert.hf_to_mf``. The packed-mask fix
+``distilled.train.mindformers_compat.apply_packed_mask_shim`` is applied by default; ``packed_shim=False``
 runs stock MindFormers 1.9 (tests use it to prove the packing check catches its leak).
 """
 
@@ -25,11 +25,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from distilled.backends.base import (Backend, ForwardResult, LoraSettings, PackedBatch,
+from distilled.train.backends.base import (Backend, ForwardResult, LoraSettings, PackedBatch,
                                      StepResult, TrainSettings, as_micro_batches, lora_regex_from_targets,
                                      wants_weight_decay)
-from distilled.convert import hf_to_mf, mf_to_hf
-from distilled.hf_mf_names import (check_model_config, hf_lora_name_to_mf, hf_name_to_mf, mf_lora_name_to_hf,
+from distilled.train.convert import hf_to_mf, mf_to_hf
+from distilled.train.hf_mf_names import (check_model_config, hf_lora_name_to_mf, hf_name_to_mf, mf_lora_name_to_hf,
                                    mf_model_config_from_hf)
 
 # MindFormers model_config keys this backend forces, and why (reported, never silent).
@@ -76,7 +76,7 @@ class MindSporeBackend(Backend):
         import mindspore as ms
         from safetensors.numpy import load_file
 
-        from distilled import mindformers_compat as compat
+        from distilled.train import mindformers_compat as compat
 
         if dtype == "bfloat16" and self.device_target == "CPU":
             raise ValueError("dtype bfloat16: MindSpore 2.9's CPU MatMul has no bfloat16 kernel; run bf16 parity "
@@ -186,7 +186,7 @@ class MindSporeBackend(Backend):
             try:
                 k = hf_lora_name_to_mf(hf) or hf_name_to_mf(hf)
             except KeyError:
-                raise KeyError(f"{hf!r} is not an HF Qwen2 parameter name (distilled.hf_mf_names)") from None
+                raise KeyError(f"{hf!r} is not an HF Qwen2 parameter name (distilled.train.hf_mf_names)") from None
             if k not in own:
                 raise KeyError(f"no parameter {k!r} (HF {hf!r}) in the MindSpore model")
             own[k].set_data(ms.Tensor(np.asarray(v, dtype=np.float32), dtype=own[k].dtype))

@@ -25,7 +25,7 @@ def _special_ids(hf_cfg: dict, tokenizer_dir: str | Path | None) -> tuple[int, i
     """(<|im_end|> id, <|endoftext|> id) from the tokenizer when given (a trimmed tokenizer moves
     them), else from the model config (Qwen2.5: 151645, 151643)."""
     if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file():
-        from distilled.tokenizer import load_tokenizer
+        from distilled.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer_dir)
         im_end, eot = tok.convert_tokens_to_ids([IM_END, ENDOFTEXT])
@@ -68,8 +68,8 @@ def _transformers_version() -> str:
 
 
 def _results_table(eval_run: str | Path, reference: dict[str, float] | None) -> str:
-    from distilled.evaluate import _load_results
-    from distilled.report import md_table
+    from distilled.eval.runner import _load_results
+    from distilled.plots import md_table
 
     res = _load_results(str(eval_run))
     rows = []
@@ -91,7 +91,7 @@ def model_card(hf_cfg: dict, gen_cfg: dict, train_yaml: str | Path | None = None
                eval_run: str | Path | None = None) -> str:
     """The README.md text. Anything not known is said to be unknown, never guessed."""
     from distilled import recipes
-    from distilled.report import md_table
+    from distilled.plots import md_table
 
     rec = None
     if recipe_name:

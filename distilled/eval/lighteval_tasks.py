@@ -16,7 +16,7 @@ Usage::
     .venv-eval/bin/lighteval accelerate \\
         "model_name=runs/student-hf,dtype=bfloat16,generation_parameters={temperature:0.6,top_p:0.95,max_new_tokens:32768}" \\
         "distilled_math_500@n=4|0,distilled_aime24@n=64|0,distilled_gpqa_diamond@n=8|0" \\
-        --custom-tasks distilled/lighteval_tasks.py --output-dir runs/lighteval
+        --custom-tasks distilled/eval/lighteval_tasks.py --output-dir runs/lighteval
 
 Environment: ``DISTILLED_EVAL_DATA_DIR`` reads the benchmarks from local files (``math500.jsonl``,
 ``aime24.jsonl``, ``aime25.jsonl``, ``gpqa_diamond.jsonl``, as for ``distill eval --data-dir``)
@@ -24,7 +24,7 @@ instead of the hub; ``DISTILLED_EVAL_SEED`` is the GPQA shuffle seed (default 0,
 ``DISTILLED_EVAL_MAX_NEW_TOKENS`` the generation budget (default 32768, as ``--max-tokens``).
 
 lighteval 0.13 imports all its built-in tasks first, and two of them need the network at import
-time; run this file as the launcher (``.venv-eval/bin/python distilled/lighteval_tasks.py
+time; run this file as the launcher (``.venv-eval/bin/python distilled/eval/lighteval_tasks.py
 accelerate ...`` with the same arguments as ``lighteval``) to skip those offline.
 
 Scoring, the rule ``distill eval`` uses (``eval_tasks.SCORING_RULE`` / ``answer_to_score``): only
@@ -44,11 +44,11 @@ from pathlib import Path
 
 # Not distilled.paths.REPO_ROOT: this file runs inside .venv-eval, where `distilled` is not installed,
 # so the root must be found from this file before `distilled` (paths included) can be imported.
-_REPO = Path(__file__).resolve().parents[1]
+_REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:  # lighteval loads this file by path; make ``distilled`` importable
     sys.path.insert(0, str(_REPO))
 
-from distilled.eval_tasks import (GPQA_COLUMNS, PROMPT_VERSION, TASKS, answer_to_score, gpqa_prompt,  # noqa: E402
+from distilled.eval.tasks import (GPQA_COLUMNS, PROMPT_VERSION, TASKS, answer_to_score, gpqa_prompt,  # noqa: E402
                                   gpqa_shuffle, math_prompt, row_id)
 from distilled.verify import _gold_text, extract_choice  # noqa: E402
 
@@ -215,7 +215,7 @@ def _tolerant_registry() -> None:
 
     from lighteval.tasks.registry import Registry
 
-    log = logging.getLogger("distilled.lighteval_tasks")
+    log = logging.getLogger("distilled.eval.lighteval_tasks")
 
     def load_from_files(files, module_prefix):
         configs = {}
@@ -260,7 +260,7 @@ def _xxhash_accepts_str() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python distilled/lighteval_tasks.py accelerate MODEL_ARGS TASKS --custom-tasks THIS_FILE ...``:
+    """``python distilled/eval/lighteval_tasks.py accelerate MODEL_ARGS TASKS --custom-tasks THIS_FILE ...``:
     the ``lighteval`` CLI with :func:`_tolerant_registry` and :func:`_xxhash_accepts_str` applied."""
     _tolerant_registry()
     _xxhash_accepts_str()

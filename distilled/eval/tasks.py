@@ -43,7 +43,7 @@ GPQA_COLUMNS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect A
 
 SCORING_RULE = ("evaluation: the text after the last </think> is judged whatever the finish_reason; an unclosed "
                 "<think> (or no answer text) scores 0")
-"""The one scoring rule of ``distill eval`` and ``distilled/lighteval_tasks.py`` (recorded in
+"""The one scoring rule of ``distill eval`` and ``distilled/eval/lighteval_tasks.py`` (recorded in
 results.json). It is lighteval's and open-r1's: a sample cut by the token limit *after* its
 reasoning closed is scored on the answer it wrote. ``distill reject`` is stricter on purpose (a
 truncated generation is never training data); evaluation is not filtering."""

@@ -3,7 +3,7 @@
 Why this exists: the pipeline must run end to end offline (tests, benchmarks, the demo) with a
 teacher whose answers can be checked. ``distill problems synth`` writes short, formulaic problems
 with exact LaTeX answers; :func:`parse_problem` / :func:`solve` read the *same* templates back, so
-the stand-in teacher (:mod:`distilled.teacher_server`) can produce step-by-step R1-style solutions.
+the stand-in teacher (:mod:`distilled.generate.teacher_server`) can produce step-by-step R1-style solutions.
 The generator and the parser live in this one module so they cannot drift apart (a test checks
 that every generated problem parses back to its own answer).
 

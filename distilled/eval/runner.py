@@ -4,10 +4,10 @@ Why: R1 results are famously hard to reproduce (too few samples, prompt drift be
 versions, broken pass@1:N). One command here produces a table you can trust:
 
 - pass@1 averaged over n samples, unbiased pass@k (k <= n), cons@n, standard errors over
-  problems, and the share of truncated / unanswered outputs (:mod:`distilled.eval_metrics`);
+  problems, and the share of truncated / unanswered outputs (:mod:`distilled.eval.metrics`);
 - the same verifier as ``distill reject`` (:mod:`distilled.verify`), so "correct" means the same
   thing when filtering training data and when scoring the student;
-- pinned prompts and a seeded GPQA shuffle (:mod:`distilled.eval_tasks`), recorded in results.json;
+- pinned prompts and a seeded GPQA shuffle (:mod:`distilled.eval.tasks`), recorded in results.json;
 - ``samples.jsonl`` holds every prompt, output, extracted answer and verdict, append-only: it is
   also the resume log, so an interrupted eval continues where it stopped;
 - every bad input (unknown task, unreachable server, empty dataset, missing answer field) fails
@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from distilled.eval_engines import BudgetConfig, EngineError, GenOutput, GenRequest, stable_seed
-from distilled.eval_tasks import (PROMPT_VERSION, SCORING_RULE, Problem, Task, TaskError, load_task,
+from distilled.eval.engines import BudgetConfig, EngineError, GenOutput, GenRequest, stable_seed
+from distilled.eval.tasks import (PROMPT_VERSION, SCORING_RULE, Problem, Task, TaskError, load_task,
                                   parse_task_names)
 from distilled.settings import add_arguments, from_args, option
 
@@ -329,7 +329,7 @@ def score_samples(pool: Any, items: Sequence[tuple[str, str, str | None, str]]) 
     open-r1 score it; the verifier is then asked with ``finish_reason=None``. ``finish_reason``
     stays in samples.jsonl (the truncated share).
     """
-    from distilled.eval_tasks import answer_to_score
+    from distilled.eval.tasks import answer_to_score
     from distilled.verify import Verdict
 
     answers = [answer_to_score(text) for text, _gold, _finish, _kind in items]
@@ -377,7 +377,7 @@ def _requests(cfg: EvalConfig, tasks: list[Task], done: dict) -> list[GenRequest
 
 
 def _make_engine(cfg: EvalConfig, logits_processor: Any = None):
-    from distilled import eval_engines as E
+    from distilled.eval import engines as E
 
     if cfg.engine == "openai":
         try:
@@ -518,7 +518,7 @@ def _equivalence(pool: Any, kind: str):
 
 def summarize(cfg: EvalConfig, tasks: list[Task], records: dict, pool: Any) -> dict:
     """results.json content: metrics per task from the logged samples of this run's problems."""
-    from distilled.eval_metrics import aggregate, cons_correct, default_ks, score_problem
+    from distilled.eval.metrics import aggregate, cons_correct, default_ks, score_problem
 
     res: dict[str, Any] = {
         "model": cfg.model_name, "engine": cfg.engine, "prompt_version": cfg.prompt_version,
@@ -608,7 +608,7 @@ def _cell(m: dict | None) -> str:
 
 def render_report(results: dict) -> str:
     """report.md: the seeds' table (model, then tasks: pass@1 ± stderr), details and settings."""
-    from distilled.report import md_table
+    from distilled.plots import md_table
 
     tasks = list(results["tasks"])
     lines = [f"# Evaluation: {results['model']}", "",
@@ -656,7 +656,7 @@ def render_report(results: dict) -> str:
 def write_reports(out: Path, results: dict) -> None:
     """results.json (first), then report.md and the PNG bar chart built from it."""
     from distilled.io_utils import atomic_write, write_json
-    from distilled.report import bar_chart
+    from distilled.plots import bar_chart
 
     write_json(out / "results.json", results)
     with atomic_write(out / "report.md") as f:
@@ -683,7 +683,7 @@ def _load_results(path: str) -> dict:
 
 def compare(runs: Sequence[str], reference: bool = False, output: str | None = None) -> str:
     """One table across runs (rows: models, columns: tasks), plus FACTS §5 reference rows."""
-    from distilled.report import md_table
+    from distilled.plots import md_table
 
     results = [_load_results(r) for r in runs]
     tasks: list[str] = []
@@ -714,7 +714,7 @@ def compare(runs: Sequence[str], reference: bool = False, output: str | None = N
     text += "\n" + "\n".join(settings) + "\n"
     if output:
         from distilled.io_utils import atomic_write
-        from distilled.report import bar_chart
+        from distilled.plots import bar_chart
 
         with atomic_write(output) as f:
             f.write(text)

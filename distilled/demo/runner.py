@@ -30,7 +30,7 @@ from distilled.paths import REPO_ROOT as REPO
 from distilled.settings import add_arguments, from_args, option
 
 if TYPE_CHECKING:  # pragma: no cover
-    from distilled.tiny_model import TinyQwen2Shape
+    from distilled.train.tiny_model import TinyQwen2Shape
 
 PROMPT_TEMPLATE = "{prompt}"
 """The teacher is asked the bare problem, and the student is evaluated on the same prompt format
@@ -89,7 +89,7 @@ class DemoConfig:
 
     def shape(self) -> "TinyQwen2Shape":
         """The student's shape: the single source for the HF student and the derived YAML."""
-        from distilled.tiny_model import TinyQwen2Shape
+        from distilled.train.tiny_model import TinyQwen2Shape
 
         return TinyQwen2Shape(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                               intermediate_size=4 * self.hidden_size, num_hidden_layers=self.num_layers,
@@ -321,7 +321,7 @@ class Demo:
                                                 f"tokens + 22 added tokens ({self.cfg.vocab_size} ids)")
 
     def special_ids(self) -> dict[str, int]:
-        from distilled.tokenizer import added_token_ids
+        from distilled.data.tokenizer import added_token_ids
 
         return added_token_ids(self.cfg.vocab_size - 22)
 
@@ -413,7 +413,7 @@ class Demo:
                                   "doc_lengths": [b - a for r in ds["actual_seq_len"] for a, b in zip([0] + r[:-1], r)]})
 
     def s_student(self) -> StageResult:
-        from distilled.tiny_model import make_tiny_qwen2
+        from distilled.train.tiny_model import make_tiny_qwen2
 
         shape = self.cfg.shape()
         make_tiny_qwen2(self.p("student-init"), shape=shape, seed=self.cfg.seed, tokenizer_dir=self.p("tokenizer"))
@@ -428,7 +428,7 @@ class Demo:
                      "--temperature", "0", "--max-tokens", str(self.cfg.eval_max_tokens), "--seed", str(self.cfg.seed),
                      "--system-prompt", SYSTEM_PROMPT, "--prompt-template", PROMPT_TEMPLATE,
                      "--batch-size", "64", "--output", str(out))
-        from distilled.demo_report import eval_summary
+        from distilled.demo.report import eval_summary
 
         summ = eval_summary(out, self.p("data", "test.jsonl"))
         return StageResult(name, rows_in=summ["problems"], rows_out=summ["samples"],
@@ -450,7 +450,7 @@ class Demo:
             raise StageFailed(f"stage 'finetune': no safetensors checkpoint under {out}/checkpoint/rank_0")
         self.distill("finetune", "convert", "mf-to-hf", str(ckpts[-1]), str(self.p("student-final")),
                      "--config", str(self.finetune_yaml()), "--tokenizer", str(self.p("tokenizer")))
-        from distilled.mf_run import read_loss
+        from distilled.train.mindformers_run import read_loss
 
         losses = read_loss(out / "loss.jsonl")
         tokens = sum(r.get("tokens", 0) for r in losses)
@@ -478,7 +478,7 @@ class Demo:
         raise KeyError(name)
 
     def write_report(self) -> None:
-        from distilled.demo_report import write_demo_report
+        from distilled.demo.report import write_demo_report
 
         write_demo_report(self.out)
 

@@ -26,9 +26,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from distilled.backends.base import (Backend, ForwardResult, LoraSettings, PackedBatch, StepResult,
+from distilled.train.backends.base import (Backend, ForwardResult, LoraSettings, PackedBatch, StepResult,
                                      TrainSettings, as_micro_batches, wants_weight_decay)
-from distilled.hf_mf_names import check_model_config
+from distilled.train.hf_mf_names import check_model_config
 
 def doc_ids_from_positions(position_ids):
     """Document index of each token: a new document starts wherever the position is 0.

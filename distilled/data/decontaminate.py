@@ -26,7 +26,7 @@ this module reproduces its semantics exactly and adds what that script lacks:
 
 Library use (``distill preprocess --decontaminate`` calls this inline)::
 
-    from distilled.decontaminate import load_benchmarks, filter_rows
+    from distilled.data.decontaminate import load_benchmarks, filter_rows
     benchmarks = load_benchmarks(["math_500", "aime24"], data_dir="data/benchmarks")
     kept, hits = filter_rows(rows, benchmarks, ngram=8)
 
@@ -351,7 +351,7 @@ class Decontaminator:
     def _build_hashes(self) -> None:
         """Per gram length: a bitmap over the top bits of every benchmark n-gram's hash (sized
         ~64 slots per n-gram, so ~1.5% of clean windows pass to the exact check)."""
-        self._probe = hash("distilled.decontaminate probe")
+        self._probe = hash("distilled.data.decontaminate probe")
         self._bitmaps: dict[int, tuple[np.ndarray, int]] = {}
         for m, table in self.tables.items():
             bits = min(26, max(12, (64 * len(table)).bit_length()))
@@ -365,7 +365,7 @@ class Decontaminator:
 
         ``rows`` gives the ``Hit.row`` numbers (default 0..len-1).
         """
-        if self._probe != hash("distilled.decontaminate probe"):
+        if self._probe != hash("distilled.data.decontaminate probe"):
             self._build_hashes()  # unpickled in a process with another str-hash salt
         out: list[list[Hit]] = [[] for _ in texts]
         words_all: list[str] = []

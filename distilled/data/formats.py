@@ -1,6 +1,6 @@
 """Input formats -> chat messages (validated, one reason code per bad row).
 
-Tokenizing and masking the messages is :mod:`distilled.chat`. Why the two halves exist: the MindSpore docs' handler renders the chat template twice per row
+Tokenizing and masking the messages is :mod:`distilled.data.chat`. Why the two halves exist: the MindSpore docs' handler renders the chat template twice per row
 (prompt, then prompt + answer) and assumes the prompt's ids are a prefix of the full ids. That
 is slow (two template renders and two tokenizations per row) and silently wrong when the answer
 starts with whitespace that BPE merges with the template's ``\\n``. Here the template is

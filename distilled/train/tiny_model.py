@@ -52,7 +52,7 @@ def make_tiny_qwen2(output_dir: str | Path, shape: TinyQwen2Shape = TinyQwen2Sha
     endoftext: int | None = 151643
     im_end: int | None = 151645
     if tokenizer_dir is not None:  # a trimmed tokenizer (`--bpe-tokens`) moves the special ids
-        from distilled.tokenizer import load_tokenizer
+        from distilled.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer_dir)
         if len(tok) > shape.vocab_size:

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from distilled.hf_mf_names import MODULE_NAMES  # MindFormers module -> HF module (wq -> q_proj, w1 -> gate_proj)
+from distilled.train.hf_mf_names import MODULE_NAMES  # MindFormers module -> HF module (wq -> q_proj, w1 -> gate_proj)
 
 IGNORE_INDEX = -100
 

@@ -1,4 +1,4 @@
-"""Training backends behind one interface (see :mod:`distilled.backends.base`).
+"""Training backends behind one interface (see :mod:`distilled.train.backends.base`).
 
 ``get_backend("torch")`` or ``get_backend("mindspore")`` returns a fresh backend; the framework is
 imported only then, so importing this package stays cheap. Plug in a new backend by adding a
@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from distilled.backends.base import (Backend, ForwardResult, PackedBatch, StepResult, TrainSettings,
+from distilled.train.backends.base import (Backend, ForwardResult, PackedBatch, StepResult, TrainSettings,
                                      packed_batch)
 
 
 def _torch(**kw: Any) -> Backend:
-    from distilled.backends.torch_backend import TorchBackend
+    from distilled.train.backends.torch_backend import TorchBackend
 
     return TorchBackend(**kw)
 
 
 def _mindspore(**kw: Any) -> Backend:
-    from distilled.backends.mindspore_backend import MindSporeBackend
+    from distilled.train.backends.mindspore_backend import MindSporeBackend
 
     return MindSporeBackend(**kw)
 
