@@ -1,1 +1,10 @@
-"""Stage 1, teacher to traces: the OpenAI-compatible client, `distill generate`, the stand-in teacher server, synthetic problems and `distill reject` (rejection sampling)."""
+"""Stage 1, problems to verified traces.
+
+The doors (each module keeps heavy imports inside its functions, so importing one is cheap):
+
+* ``runner``         -- ``distill generate``: ``GenerateConfig``, ``run_generate`` (resume, settings check, streaming)
+* ``client``         -- the OpenAI-compatible client: ``ChatClient`` (endpoints, retries, SSE), ``chat_sync``
+* ``teacher_server`` -- ``distill serve-teacher``: the offline stand-in teacher (``TeacherConfig``, fault injection)
+* ``problems``       -- ``distill problems``: synthetic problems with exact answers (``synth``, ``solve``)
+* ``reject``         -- ``distill reject``: ``RejectConfig``, ``run_reject`` (math-verify, killable workers, resume)
+"""
