@@ -46,7 +46,10 @@ def _ms_loss_and_grad(logits: np.ndarray, labels: np.ndarray, ids: np.ndarray, l
     cell = KDLoss(alpha, temperature)
     v = logits.shape[-1]
     mask = (labels.reshape(-1) != -100).astype(np.float32)
-    fn = ms.jit(ms.value_and_grad(lambda x, y, m, i, lp: cell(x, y, m, i, lp), grad_position=0))
+    def loss_fn(x, y, m, i, lp):  # a named function: MindSpore cannot parse a lambda written inline
+        return cell(x, y, m, i, lp)
+
+    fn = ms.jit(ms.value_and_grad(loss_fn, grad_position=0))
     loss, g = fn(ms.Tensor(logits.reshape(-1, v).astype(np.float32)), ms.Tensor(labels.reshape(-1).astype(np.int32)),
                  ms.Tensor(mask), ms.Tensor(ids.reshape(-1, ids.shape[-1]).astype(np.int32)),
                  ms.Tensor(lps.reshape(-1, lps.shape[-1]).astype(np.float16)))
