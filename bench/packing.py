@@ -30,13 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-ANCHOR = "FACTS §4: MindFormers PackingHandler 83.1% @16384, 73.7% @4096, 2.4M tok/s"
+ANCHOR = "measured here: MindFormers PackingHandler 83.1% @16384, 73.7% @4096, 2.4M tok/s"
 
 
 def synthetic_lengths(n: int, seed: int = 0, median: float = 3000.0, sigma: float = 0.68,
                       lo: int = 64, hi: int = 16384) -> np.ndarray:
     """OpenR1-like sample lengths: log-normal (median ~3k; sigma 0.68 gives the ~3.8k mean of
-    FACTS §4's 74.6M tokens / 19,771 samples), clipped to [lo, hi]."""
+    the anchor's 74.6M tokens / 19,771 samples), clipped to [lo, hi]."""
     rng = np.random.default_rng(seed)
     return np.clip(rng.lognormal(np.log(median), sigma, n), lo, hi).astype(np.int64)
 

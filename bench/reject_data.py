@@ -7,8 +7,7 @@ nested braces (``\frac{\sqrt{3}}{2}``), ``\dfrac``, tuples, intervals, degrees, 
 ``x = 5``, complex numbers, unicode around the answer, boxed answers inside unfinished
 reasoning, and ``finish_reason == "length"``.
 
-``docs_reject`` re-implements the MindSpore docs' ``reject_sampling.py`` logic as FACTS §4
-describes it (last ``\boxed\{(.*?)\}`` match over the whole generation, ``verify(pred, gold)``
+``docs_reject`` re-implements the MindSpore docs' ``reject_sampling.py`` logic (last ``\boxed\{(.*?)\}`` match over the whole generation, ``verify(pred, gold)``
 with gold second, no check that the reasoning finished). It is given the benefit of the doubt
 everywhere else (both sides wrapped in ``$...$`` before ``parse``), so the gap it shows comes only
 from those three bugs.

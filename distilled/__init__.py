@@ -8,4 +8,4 @@ that ``distill --help`` and light stages start fast.
 __version__ = "0.1.0"
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-"""The system prompt the MindSpore docs' distillation recipe puts first (FACTS §3)."""
+"""The system prompt the MindSpore docs' distillation recipe puts first."""

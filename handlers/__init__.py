@@ -1,7 +1,7 @@
 """MindFormers 1.9 data handlers of this project, usable by ``type:`` name in MindFormers YAMLs.
 
 MindFormers' ``HFDataLoader`` finds a handler only as an attribute of
-``mindformers.dataset.handler`` (FACTS §2), so :func:`register_with_mindformers` puts every
+``mindformers.dataset.handler``, so :func:`register_with_mindformers` puts every
 handler there. The project's entry points (``toolkit/.../datasets_preprocess.py``,
 ``run_mindformer.py``) call it before building the data loader. Importing this package imports
 MindFormers.

@@ -3,7 +3,7 @@
 Why not MindFormers' ``PackingHandler``: it packs next-fit in a Python loop (83% fill, slow), and
 ``HFDataLoader``'s ``process_legacy_args`` rewrites any ``PackingHandler`` entry to only
 ``{seq_length, pack_strategy}``, silently replacing the pad token with 0 — every document's last
-label then trains the model on token 0 (FACTS §2). This handler has its own ``type`` name, so its
+label then trains the model on token 0. This handler has its own ``type`` name, so its
 keyword arguments (``pad_token`` included) reach it unchanged.
 
 YAML (MindFormers data_loader / toolkit config)::

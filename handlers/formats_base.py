@@ -1,7 +1,7 @@
 """Shared base of the format handlers: MindFormers 1.9 dataset-level API over ``distilled.data.formats``.
 
 Why not the MindSpore docs' handler: it is written for the r1.5 per-example API
-(``format_func``/``tokenize_func``), which MindFormers 1.9 cannot instantiate (FACTS §2), and it
+(``format_func``/``tokenize_func``), which MindFormers 1.9 cannot instantiate, and it
 renders the chat template twice per row. These handlers take a ``datasets.Dataset`` (or
 ``IterableDataset``) and return one with ``input_ids`` and ``labels`` (unshifted, -100 where not
 trained), tokenised in batches with the fast tokenizer; bad rows are skipped and counted by reason

@@ -161,7 +161,7 @@ def test_toolkit_handling_then_packing(tmp_path, openr1_jsonl, qwen_tokenizer_di
 
 def test_mindformers_hfdataloader_resolves_our_types(tmp_path, openr1_jsonl, qwen_tokenizer_dir):
     """A MindFormers data_loader naming OpenR1Math220kDataHandler + BFDPackingHandler works once
-    the project's entry point has registered them (FACTS §2), and yields the packed columns."""
+    the project's entry point has registered them, and yields the packed columns."""
     import handlers
     from mindformers.dataset.dataloader.hf_dataloader import HFDataLoader
 

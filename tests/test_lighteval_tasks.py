@@ -1,5 +1,5 @@
 """distilled/eval/lighteval_tasks.py, the lighteval custom task file. lighteval cannot share .venv
-(FACTS §1), so these tests drive it in `.venv-eval` (built by `make eval-env`) through a
+(it needs numpy>=2 and another latex2sympy2_extended), so these tests drive it in `.venv-eval` (built by `make eval-env`) through a
 subprocess, and skip with a clear reason when that environment is absent."""
 
 from __future__ import annotations

@@ -186,7 +186,7 @@ def test_yaml_bfd_handler_keeps_pad_token_through_hfdataloader(tmp_path):
 
 
 def test_mindformers_packing_handler_drops_pad_token(tmp_path):
-    """Evidence for FACTS §2 (why BFDPackingHandler exists): the same YAML with MindFormers'
+    """Evidence for why BFDPackingHandler exists: the same YAML with MindFormers'
     PackingHandler loses pad_token, pads with 0 and trains every document's last position on
     token 0 (loss_mask 1)."""
     import datasets

@@ -216,7 +216,7 @@ def test_pool_rejects_bad_options():
 
 # --------------------------------------------------------------------------- labelled comparison
 def test_labelled_set_ours_vs_docs_regex():
-    """Our verdicts match every human label; the docs' regex logic misses many (FACTS §4: 64%)."""
+    """Our verdicts match every human label; the docs' regex logic misses many (they get 64% of the verdicts right)."""
     ours = [judge(gen, gold, fr).correct == label for gold, gen, fr, label, _ in LABELLED]
     docs = [docs_reject(gen, gold) == label for gold, gen, fr, label, _ in LABELLED]
     acc_ours, acc_docs = sum(ours) / len(ours), sum(docs) / len(docs)
@@ -224,7 +224,7 @@ def test_labelled_set_ours_vs_docs_regex():
     missed = [what for (_, _, _, _, what), ok in zip(LABELLED, ours) if not ok]
     assert acc_ours == 1.0, missed
     assert acc_docs < 0.8
-    # the docs' failure modes are the ones FACTS names: nested braces and unfinished reasoning
+    # the docs' failure modes are the known ones: nested braces and unfinished reasoning
     by_what = {what: ok for (_, _, _, _, what), ok in zip(LABELLED, docs)}
     assert not by_what["nested braces"] and not by_what["unfinished think with boxed"]
 

@@ -107,7 +107,7 @@ class TemplateError(RuntimeError):
 class TiktokenEngine:
     """Encode with ``tiktoken`` the exact byte-level BPE a Qwen2-style ``tokenizer.json`` defines.
 
-    Why: the HF ``tokenizers`` BPE is the preprocessing bottleneck (FACTS §4); on this machine
+    Why: the HF ``tokenizers`` BPE is the preprocessing bottleneck; on this machine
     ``tiktoken`` encodes the same ranks + regex several times faster, and gives identical ids
     whenever (checked here, else :meth:`from_tokenizer` returns ``None`` and the HF backend is used):
     the model is byte-level BPE whose merge order equals token-id order (true for tiktoken-trained

@@ -1,34 +1,10 @@
 """Input formats -> chat messages (validated, one reason code per bad row).
 
-Tokenizing and masking the messages is :mod:`distilled.data.chat`. Why the two halves exist: the MindSpore docs' handler renders the chat template twice per row
-(prompt, then prompt + answer) and assumes the prompt's ids are a prefix of the full ids. That
-is slow (two template renders and two tokenizations per row) and silently wrong when the answer
-starts with whitespace that BPE merges with the template's ``\\n``. Here the template is
-rendered once per *role layout* with sentinel contents, split into literal pieces, and rows are
-rendered by string concatenation; one batched fast-tokenizer call encodes the whole batch and
-the trained spans are found from special-token positions with numpy (no per-token Python loop).
-The ids equal ``tokenizer.apply_chat_template(messages)`` exactly. That is checked at run time on
-the first rows of every layout and on the first row of every *row class* (per message: contains
-``</think>``, contains ``<think>``, leading whitespace, trailing whitespace): a template whose
-output depends on the content (DeepSeek-R1-Distill's drops the reasoning before ``</think>`` in
-assistant turns) renders a harmless first row exactly and diverges later, so every class that
-could render differently is checked; a diverging row raises :class:`TemplateError` naming it.
-
-Labels are **unshifted** (``labels[i] == input_ids[i]`` where trained, ``-100`` elsewhere): the
-assistant content plus its closing ``<|im_end|>`` are trained, so the model learns to stop
-(FACTS §3). Packing shifts them as MindFormers expects.
-
-Formats (``FormatConfig.name``):
-- ``openr1``: OpenR1-Math-220k rows. ``messages`` by default; with ``generation_policy``
-  (``first_correct``/``shortest_correct``/``all_correct``) the assistant turn is built from
-  ``generations`` where ``correctness_math_verify`` and ``is_reasoning_complete`` are both true.
-- ``cot``: output of ``distill reject`` (a ``messages`` list), or any messages-style rows.
-- ``messages``: any OpenAI-style ``messages`` list, multi-turn; every assistant turn trained.
-- ``stratos``: Bespoke-Stratos/OpenThoughts rows: ``system`` + ``conversations`` [{from, value}].
-- ``magpie``: ``instruction`` + ``response``.
-
-Bad rows raise :class:`RowError` (a reason code and the field); callers count skips by reason or,
-with ``strict``, stop with file, row and field named (:func:`rows_to_conversations`).
+Every supported row shape (OpenR1-Math ``generations``, ``messages``, Bespoke-Stratos
+``system`` + ``conversations``, Magpie ``instruction``/``response``, plain CoT) becomes one
+``[system?, user, assistant]`` list here, with a reason code for each row that cannot; the
+Mixture-of-Thoughts domain filter lives here too. Tokenizing and masking those messages, and
+checking the result against ``apply_chat_template``, is :mod:`distilled.data.chat`.
 """
 
 from __future__ import annotations

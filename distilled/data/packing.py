@@ -3,7 +3,7 @@
 Why this exists: MindFormers' ``PackingHandler`` packs greedily next-fit in a Python loop (83% of
 each 16k row filled on OpenR1-like lengths, ~2.4M tokens/s, gigabytes of Python lists), and when it
 is configured through ``HFDataLoader`` its ``pad_token`` is silently replaced by 0, so the last label
-of every document trains the model on token 0 (FACTS §2). Here:
+of every document trains the model on token 0. Here:
 
 * :func:`bfd_assign` decides which row each sample goes to (best fit decreasing: ~99.9% fill);
 * :func:`pack_table` writes every document into preallocated output buffers with contiguous

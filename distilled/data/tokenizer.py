@@ -2,7 +2,7 @@
 
 Why: every stage after generation needs Qwen2.5's exact token ids (labels, packing, training,
 eval), but this project must run with no model hub. The byte-level BPE ranks of Qwen2/2.5 ship
-inside the PyPI package ``dashscope`` (``dashscope/resources/qwen.tiktoken``, FACTS §3); from them
+inside the PyPI package ``dashscope`` (``dashscope/resources/qwen.tiktoken``); from them
 we derive the same ``tokenizer.json`` / ``vocab.json`` / ``merges.txt`` a Qwen2.5 model folder
 holds, with Qwen2's pre-tokenizer (digits split one by one), NFC normalisation, the 22 Qwen2.5
 added tokens (151643..151664) and the official chat template.
@@ -90,7 +90,7 @@ _STAMP = ".distilled-tokenizer-build"
 
 
 def qwen_tiktoken_path() -> Path:
-    """Path of ``qwen.tiktoken`` inside the installed ``dashscope`` package (FACTS §3)."""
+    """Path of ``qwen.tiktoken`` inside the installed ``dashscope`` package."""
     import importlib.util
 
     spec = importlib.util.find_spec("dashscope")

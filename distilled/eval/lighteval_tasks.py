@@ -5,7 +5,7 @@ Why: users who run ``lighteval vllm|accelerate|endpoint litellm`` should get the
 0.11+ changed math_500's prompt to an ``ANSWER: $ANSWER`` line, and its GPQA shuffle is unseeded).
 This file is loaded by lighteval with ``--custom-tasks``; it runs in lighteval's own environment
 (``make eval-env`` builds ``.venv-eval``: lighteval needs numpy>=2 and another
-latex2sympy2_extended than the main env, FACTS §1). The main package never imports it.
+latex2sympy2_extended than the main env). The main package never imports it.
 
 Tasks (append ``@n=K`` for K samples per problem; the metric is pass@1 averaged over them)::
 

@@ -45,7 +45,7 @@ settings (T 0.6, top_p 0.95, 32768 new tokens, n = 64 AIME / 4 MATH-500 / 8 GPQA
 
 _GEN_DEFAULTS: dict[str, Any] = {"n": "4", "temperature": 0.6, "top_p": 0.95, "max_tokens": 32768}
 
-# Published numbers (FACTS §5) for ``eval compare --reference``. Reported, not measured here.
+# Published numbers for ``eval compare --reference``. Reported, not measured here.
 REFERENCE_ROWS: list[dict] = [
     {"model": "OpenR1-Qwen-7B (MindFormers, MindSpore docs)", "math_500": 90.0},
     {"model": "OpenR1-Qwen-7B (HF, MindSpore docs)", "math_500": 90.6},
@@ -168,7 +168,7 @@ class CompareConfig:
     """``distill eval compare``: one table across eval runs (each field is its flag)."""
 
     runs: list[str] = option(help="eval output folders or results.json files", positional=True)
-    reference: bool = option(False, help="add the published reference rows (FACTS §5)")
+    reference: bool = option(False, help="add the published reference rows")
     output: str | None = option(None, help="write the markdown table here (and a PNG beside it)")
 
 
@@ -682,7 +682,7 @@ def _load_results(path: str) -> dict:
 
 
 def compare(runs: Sequence[str], reference: bool = False, output: str | None = None) -> str:
-    """One table across runs (rows: models, columns: tasks), plus FACTS §5 reference rows."""
+    """One table across runs (rows: models, columns: tasks), plus the published reference rows."""
     from distilled.plots import md_table
 
     results = [_load_results(r) for r in runs]
@@ -705,7 +705,7 @@ def compare(runs: Sequence[str], reference: bool = False, output: str | None = N
         for ref in REFERENCE_ROWS:
             rows.append([f"*{ref['model']}* (reported)"] + [_ref_cell(ref[t]) if t in ref else "-" for t in tasks])
     text = ("pass@1 (%) averaged over n samples, ± standard error over problems"
-            + ("; reported rows are published figures (FACTS §5), not measured here" if reference else "") + ".\n\n"
+            + ("; reported rows are published figures, not measured here" if reference else "") + ".\n\n"
             + md_table(["model"] + tasks, rows))
     settings = [f"- {n}: engine {r.get('engine')}, T={r['settings'].get('temperature')}, "
                 f"top_p={r['settings'].get('top_p')}, max_tokens={r['settings'].get('max_tokens')}, "

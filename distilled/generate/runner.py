@@ -1,7 +1,7 @@
 """``distill generate``: problems -> generations.jsonl from an OpenAI-compatible teacher.
 
 A superset of open-r1's ``generate_reasoning.py`` command line (the MindSpore docs copy it), so
-their commands keep working, without its flaws (../shared/FACTS.md §4):
+their commands keep working, without its flaws:
 
 - concurrency is bounded by in-flight *requests* (each generation is its own request, and a new
   one starts the moment another finishes), not by problems or batches, so a slow generation

@@ -116,7 +116,7 @@ def shim_finite_overflow_check() -> None:
 def _allreduce_barrier(group: Any = None) -> None:
     """Block until every rank of ``group`` gets here: an AllReduce of one number, then a host sync.
 
-    Why an AllReduce: ``ops.Barrier`` has no CPU kernel, AllReduce has one (FACTS section 1), and
+    Why an AllReduce: ``ops.Barrier`` has no CPU kernel, AllReduce has one, and
     a collective cannot complete before all ranks have entered it, which is what a barrier is.
     """
     import mindspore as ms

@@ -36,7 +36,7 @@ from distilled.train.hf_mf_names import (check_model_config, hf_lora_name_to_mf,
 FORCED = {
     "use_past": False,  # training, no KV cache
     "use_flash_attention": False,  # FlashAttentionScore has no CPU kernel
-    "use_rope_slice": True,  # batched RoPE matmul cannot broadcast on CPU (FACTS §2)
+    "use_rope_slice": True,  # batched RoPE matmul cannot broadcast on CPU
     "input_sliced_sig": True,  # packed labels are already shifted
     "qkv_concat": False,  # separate wq/wk/wv, as HF stores them
 }

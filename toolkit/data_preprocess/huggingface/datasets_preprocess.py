@@ -7,13 +7,13 @@ Same arguments as MindFormers' script of the same path. Differences, and why:
 
 * This project's handlers (``OpenR1Math220kDataHandler``, ``CoTJsonlDataHandler``,
   ``BFDPackingHandler``, ...) are registered on ``mindformers.dataset.handler`` first: MindFormers'
-  ``HFDataLoader`` finds a ``type:`` only there (FACTS §2), so the docs' recipe needs a wrapper.
+  ``HFDataLoader`` finds a ``type:`` only there, so the docs' recipe needs a wrapper.
 * The result is written atomically (temp directory, then rename): MindFormers appends a
   ``save_to_disk`` step that leaves a half-written dataset under the final name if killed.
   A ``save_to_disk`` entry in the YAML is therefore ignored (with a note).
 * ``SAVE_PATH/report.json`` records rows, skips by reason (format handlers) and packing stats.
 * A ``PackingHandler`` entry gets a warning: ``process_legacy_args`` drops its ``pad_token`` and pads
-  with 0 (FACTS §2); use ``BFDPackingHandler``.
+  with 0; use ``BFDPackingHandler``.
 
 The loading and handler chain itself is MindFormers' code: ``process_legacy_args``,
 ``HFDataLoader._build_config``, ``load_dataset`` and ``process_dataset``.
