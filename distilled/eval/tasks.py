@@ -148,26 +148,13 @@ def task_label(name: str) -> str:
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict | str]]:
-    """(1-based line or row number, row) from JSONL/JSON/parquet/CSV; a bad JSON line -> message."""
-    from distilled.io_utils import BadLine, iter_jsonl
+    """(1-based line or row number, row) from JSONL/JSON/parquet/CSV through the one row reader
+    (``io_utils.read_rows``); a bad record becomes its ``FILE:N: message`` text."""
+    from distilled.io_utils import BadRecord, read_rows
 
-    if path.suffix == ".jsonl":
-        rows: list[tuple[int, dict | str]] = []
-        for n, obj in iter_jsonl(path):
-            rows.append((n, str(obj) if isinstance(obj, BadLine) else obj))
-        return rows
-    if path.suffix in (".parquet", ".json", ".csv"):
-        from distilled.io_utils import load_rows
-
-        ds = load_rows(str(path)) if path.suffix != ".csv" else _load_csv(path)
-        return [(i + 1, dict(r)) for i, r in enumerate(ds)]
-    raise TaskError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .parquet, .json or .csv)")
-
-
-def _load_csv(path: Path):
-    import datasets
-
-    return datasets.load_dataset("csv", data_files=str(path), split="train")
+    if path.suffix not in (".jsonl", ".parquet", ".json", ".csv"):
+        raise TaskError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .parquet, .json or .csv)")
+    return [(n, str(r) if isinstance(r, BadRecord) else r) for n, r in read_rows(path)]
 
 
 def _find_local(spec: TaskSpec, data_dir: Path) -> Path | None:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from distilled.generate.client import DEFAULT_IDLE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_AFTER_MAX
-from distilled.io_utils import BadLine, JsonlAppender, atomic_write, iter_jsonl
+from distilled.io_utils import BadLine, JsonlAppender, atomic_write, iter_jsonl, location, read_rows
 from distilled.prompts import DEFAULT_PROMPT_TEMPLATE, build_messages, render_prompt  # noqa: F401 (re-exported)
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -226,14 +226,19 @@ def check_settings(cfg: GenerateConfig, rows_done: int, warn) -> dict:
 
 
 def _iter_input(cfg: GenerateConfig, warn) -> Iterator[tuple[str, dict | BadLine]]:
-    """Yield ``(where, row)``; ``where`` is ``file:line`` for JSONL and ``source row N`` otherwise."""
+    """Yield ``(where, row)``; ``where`` is ``FILE:N`` for a local file and ``source row N`` for a hub id
+    or a directory (read through ``datasets``)."""
     src = cfg.dataset_name
     p = Path(src)
     if not p.exists() and (p.suffix in (".jsonl", ".json", ".parquet") or src.startswith((".", "/", "~"))):
         raise SystemExit(f"error: --dataset-name {src}: no such file or directory")
-    if src.endswith(".jsonl") and p.is_file():
-        for n, obj in iter_jsonl(src):
-            yield f"{src}:{n}", obj
+    if p.is_file():  # a local file: the one row reader, locations FILE:N
+        try:
+            rows = read_rows(src, split=cfg.split)
+        except ValueError as exc:  # an unsupported suffix, or a file that cannot be read at all
+            raise SystemExit(f"error: --dataset-name {src}: {exc}") from None
+        for n, obj in rows:
+            yield location(src, n), obj
         return
     from distilled.io_utils import load_rows
 
