@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_PY = REPO / ".venv-eval" / "bin" / "python"
-TASK_FILE = REPO / "distilled" / "lighteval_tasks.py"
+TASK_FILE = REPO / "distilled" / "eval" / "lighteval_tasks.py"
 
 needs_eval_env = pytest.mark.skipif(
     not EVAL_PY.exists(), reason=".venv-eval is absent: run `make eval-env` to build lighteval's own environment")
