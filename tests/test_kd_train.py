@@ -120,7 +120,8 @@ def test_kd_yaml_trains_through_run_mindformer_msrun(tmp_path, kd_packed):
                         "True", "900"], cwd=REPO, capture_output=True, text=True, timeout=1500)
     logs = [p.read_text(errors="replace") for p in sorted((out / "msrun_log").glob("worker_*.log"))]
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + "\n".join(x[-3000:] for x in logs)
-    assert all("kd_model_and_loader" in x for x in logs)  # run_mindformer.py registered the KD classes
+    # rank 0 prints which shims run_mindformer.py applied (every rank runs the same code): the KD classes
+    assert "kd_model_and_loader" in logs[0]
     from distilled.train.mindformers_run import read_loss
 
     l0, l1 = read_loss(out / "loss_rank_0.jsonl"), read_loss(out / "loss_rank_1.jsonl")
