@@ -34,16 +34,21 @@ _MISSING = dataclasses.MISSING
 
 def option(default: Any = _MISSING, *, help: str, flag: str | None = None, choices: Sequence[Any] | None = None,
            metavar: str | None = None, aliases: Sequence[str] = (), nargs: str | None = None,
-           positional: bool = False) -> Any:
+           positional: bool = False, append: bool = False) -> Any:
     """A dataclass field that is also a CLI flag.
 
     ``default`` missing makes the flag required. ``flag`` overrides the spelling (``--field-name`` by
     default); a bool field whose flag starts with ``--no-`` is switched off by it. A list default is
     copied per instance (``default_factory``), so instances never share it. ``positional`` makes it
     an argument named after the field (``distill eval compare RUN...``) instead of a flag.
+    ``append`` makes a list field a repeatable flag (``--input a --input b``); its default must be
+    ``None`` (argparse would append to a list default, so two runs in one process would share it).
     """
+    if append and default not in (None, _MISSING):
+        raise ValueError("an append option's default must be None or missing")
     meta = {"help": help, "flag": flag, "choices": tuple(choices) if choices is not None else None,
-            "metavar": metavar, "aliases": tuple(aliases), "nargs": nargs, "positional": positional}
+            "metavar": metavar, "aliases": tuple(aliases), "nargs": nargs, "positional": positional,
+            "append": append}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -94,7 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str
         if typing.get_origin(tp) in (list, tuple):
             (elem, *_rest) = typing.get_args(tp) or (str,)
             tp = elem
-            kw["nargs"] = meta["nargs"] or "+"
+            if meta.get("append"):
+                kw["action"] = "append"
+            else:
+                kw["nargs"] = meta["nargs"] or "+"
         elif meta["nargs"]:
             kw["nargs"] = meta["nargs"]
         if tp in (int, float, str, Path):

@@ -85,3 +85,22 @@ def test_positional_field_is_an_argument_named_after_it():
     assert "--runs" not in p.format_help() and "result folders" in p.format_help()
     with pytest.raises(SystemExit):
         p.parse_args([])  # at least one run
+
+
+@dataclass
+class WithAppend:
+    inputs: list[Path] = option(help="input file (repeat the flag)", flag="--input", append=True)
+    extra: list[str] | None = option(None, help="optional repeatable", append=True)
+
+
+def test_append_option_is_a_repeatable_flag_and_never_shares_its_default():
+    p = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(p, WithAppend)
+    cfg = from_args(WithAppend, p.parse_args(["--input", "a", "--input", "b"]))
+    assert cfg.inputs == [Path("a"), Path("b")] and cfg.extra is None
+    cfg = from_args(WithAppend, p.parse_args(["--input", "c", "--extra", "x"]))
+    assert cfg.inputs == [Path("c")] and cfg.extra == ["x"]
+    with pytest.raises(SystemExit):
+        p.parse_args([])  # --input is required
+    with pytest.raises(ValueError, match="append option's default"):
+        option(["a"], help="h", append=True)
