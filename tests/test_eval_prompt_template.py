@@ -31,3 +31,14 @@ def test_custom_template_used_and_recorded(tmp_path) -> None:
 def test_template_without_placeholder_refused() -> None:
     with pytest.raises(EvalError, match="prompt"):
         EvalConfig(tasks="synth", engine="openai", prompt_template="no placeholder")
+
+
+def test_eval_renders_a_template_exactly_as_generate_does(tmp_path) -> None:
+    """A template with a lone ``{}`` (``\\boxed{}``) is kept as written by both stages: eval and
+    generate call the one renderer, so the student is scored on the prompt the teacher answered."""
+    from distilled.prompts import render_prompt
+
+    template = "Put the answer in \\boxed{}: {prompt}"
+    task = load_task("synth", task_file=_write(tmp_path), math_template=template)
+    assert task.problems[0].user_prompt == render_prompt(template, "What is 2+3?") == \
+        "Put the answer in \\boxed{}: What is 2+3?"

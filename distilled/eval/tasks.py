@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from distilled.prompts import render_prompt
+
 PROMPT_VERSION = "distilled-eval-v1 (lighteval 0.13.0 aime MATH_PROMPT_TEMPLATE / gpqa_instruct_prompt)"
 
 MATH_PROMPT_TEMPLATE = (
@@ -187,10 +189,10 @@ def gpqa_shuffle(row: dict, seed: int, problem_id: str) -> tuple[list[str], int]
 
 
 def math_prompt(problem: str, template: str | None = None) -> str:
-    """The pinned math prompt (see module docstring), or ``template`` (``--prompt-template``:
-    ``str.format`` with ``{prompt}``, as ``distill generate`` takes it) to evaluate a model on the
-    prompt format it was trained with."""
-    return (template or MATH_PROMPT_TEMPLATE).format(prompt=problem)
+    """The pinned math prompt (see module docstring), or ``template`` (``--prompt-template``,
+    rendered by :func:`distilled.prompts.render_prompt`, the very function ``distill generate``
+    uses) to evaluate a model on the prompt format it was trained with."""
+    return render_prompt(template or MATH_PROMPT_TEMPLATE, problem)
 
 
 def gpqa_prompt(question: str, choices: list[str]) -> str:
@@ -215,9 +217,6 @@ def row_id(row: dict, index: int | None, label: str) -> str:
     return f"{label}/{index}"
 
 
-_row_id = row_id
-
-
 def build_problems(label: str, kind: str, rows: list[tuple[int, dict | str]], source: str,
                    seed: int, problem_field: str = "problem", answer_field: str = "answer",
                    math_template: str | None = None) -> list[Problem]:
@@ -234,7 +233,7 @@ def build_problems(label: str, kind: str, rows: list[tuple[int, dict | str]], so
             if missing:
                 errors.append(f"{where}: missing or empty field(s) {missing} (GPQA columns: {list(GPQA_COLUMNS)})")
                 continue
-            pid = _row_id(row, index, label)
+            pid = row_id(row, index, label)
             choices, gold_index = gpqa_shuffle(row, seed, pid)
             problems.append(Problem(label, index, pid, kind, gpqa_prompt(str(row["Question"]), choices),
                                     "ABCD"[gold_index], {"choices": choices, "gold_index": gold_index}))
@@ -247,7 +246,7 @@ def build_problems(label: str, kind: str, rows: list[tuple[int, dict | str]], so
         if ans is None or (isinstance(ans, str) and not ans.strip()) or isinstance(ans, (dict, list)):
             errors.append(f"{where}: field {answer_field!r} is missing or empty (got {type(ans).__name__})")
             continue
-        problems.append(Problem(label, index, _row_id(row, index, label), kind, math_prompt(prob, math_template), str(ans).strip()))
+        problems.append(Problem(label, index, row_id(row, index, label), kind, math_prompt(prob, math_template), str(ans).strip()))
     if errors:
         more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
         raise TaskError(f"{len(errors)} bad row(s) in task {label}:\n  " + "\n  ".join(errors[:10]) + more)
