@@ -47,6 +47,7 @@ from typing import Any, Iterator
 from distilled.generate.client import DEFAULT_IDLE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_AFTER_MAX
 from distilled.io_utils import BadLine, JsonlAppender, atomic_write, iter_jsonl, location, read_rows
 from distilled.prompts import DEFAULT_PROMPT_TEMPLATE, build_messages, render_prompt  # noqa: F401 (re-exported)
+from distilled.settings import add_arguments, from_args, option
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -65,40 +66,59 @@ RECORDED_SETTINGS = ("dataset_name", "dataset_config", "split", "stream")
 
 @dataclass
 class GenerateConfig:
-    """Everything ``distill generate`` needs (the CLI flags, one to one)."""
+    """Everything ``distill generate`` needs; each field with ``option`` is one CLI flag.
 
-    dataset_name: str
-    output_file: str
-    endpoints: list[str]
-    model: str = "default"
-    dataset_config: str | None = None
-    split: str = "train"
-    prompt_column: str = "problem"
-    uuid_column: str | None = None  # default: the prompt column
-    api_key_env: str | None = None
-    num_generations: int = 4
-    max_tokens: int = 16384
-    max_concurrent: int = 64
-    temperature: float | None = 0.6
-    top_p: float | None = 0.95
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    system_prompt: str | None = None
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # per non-streamed attempt
-    max_retries: int = 8
-    backoff_base: float = 1.0
-    seed: int | None = None
-    limit: int | None = None
-    progress: bool = True
+    Why one place: the flag's spelling, default and help live on the field, so the CLI and the
+    library cannot drift apart. Two options are not 1:1 and are spelled out in :func:`register_cli`:
+    ``endpoints`` (gathered from the repeatable ``--api-addr`` and ``--base-url``) and
+    ``drop_columns`` (the flag is one comma list). ``fsync_every`` and ``probe_timeout`` are
+    library-only knobs (no flag)."""
+
+    dataset_name: str = option(help="local .jsonl/.json/.parquet, a save_to_disk directory, or a hub id (online)")
+    output_file: str = option(help="")
+    endpoints: list[str]  # --api-addr / --base-url (see register_cli)
+    model: str = option("default", help="model name sent to the server (default 'default')")
+    dataset_config: str | None = option(None, help="")
+    split: str = option("train", help="")
+    prompt_column: str = option("problem", help="")
+    uuid_column: str | None = option(None, help="column identifying a problem (default: the prompt column)")
+    api_key_env: str | None = option(None, help="environment variable holding the API key")
+    num_generations: int = option(4, help="")
+    max_tokens: int = option(16384, help="")
+    max_concurrent: int = option(64, help="max requests in flight over all endpoints")
+    temperature: float | None = option(0.6, help="")
+    top_p: float | None = option(0.95, help="")
+    prompt_template: str = option(DEFAULT_PROMPT_TEMPLATE, help="user message template with {prompt} (default: open-r1's)")
+    system_prompt: str | None = option(None, help="")
+    request_timeout: float = option(  # per non-streamed attempt
+        DEFAULT_REQUEST_TIMEOUT, help="seconds per non-streamed attempt (default 3600: 32k tokens at 10 tok/s per sequence)")
+    max_retries: int = option(8, help="retries per generation after the first attempt")
+    backoff_base: float = option(1.0, help="first retry delay in seconds (doubles)")
+    seed: int | None = option(None, help="send seed = SEED*100003 + generation index")
+    limit: int | None = option(None, help="only the first K unique problems")
+    progress: bool = option(True, help="no progress bar (the summary line still prints)", flag="--no-progress")
     fsync_every: float = 1.0
-    stream: bool = False
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # streamed: seconds without a byte
-    retry_after_max: float = DEFAULT_RETRY_AFTER_MAX
-    wait_for_server: float = 0.0  # seconds the start-up probe may wait for a server to answer
+    stream: bool = option(
+        False, help="stream answers (SSE) and time out only on silence (--idle-timeout), not on total time")
+    idle_timeout: float = option(  # streamed: seconds without a byte
+        DEFAULT_IDLE_TIMEOUT, help="with --stream: seconds without a byte before an attempt is abandoned and retried")
+    retry_after_max: float = option(
+        DEFAULT_RETRY_AFTER_MAX, help="cap on the seconds a server's Retry-After may make a request wait")
+    wait_for_server: float = option(  # seconds the start-up probe may wait for a server to answer
+        0.0, help="let the start-up probe wait this long for a server that is still starting", metavar="SECONDS")
     probe_timeout: float = 10.0
-    allow_settings_change: bool = False
-    drop_columns: tuple[str, ...] = ()
-    top_logprobs: int | None = None  # K: also store the teacher's top-K per token (distilled.kd.capture)
-    tokenizer: str | None = None  # the student's tokenizer, to map and check the teacher's tokens (KD)
+    allow_settings_change: bool = option(
+        False, help="resume into an output made with other settings (the change is recorded in "
+                    "OUT.settings.json); without it such a resume stops and names the differences")
+    drop_columns: tuple[str, ...] = ()  # --drop-columns COL,... (see register_cli)
+    top_logprobs: int | None = option(  # K: also store the teacher's top-K per token (distilled.kd.capture)
+        None, metavar="K",
+        help="also store the teacher's top-K log-probabilities per generated token (K <= 20) in "
+             "OUT.topk.bin, for logits distillation (needs --tokenizer; docs/logits-distillation.md)")
+    tokenizer: str | None = option(  # the student's tokenizer, to map and check the teacher's tokens (KD)
+        None, metavar="DIR",
+        help="with --top-logprobs: the student's tokenizer (folder or 'qwen2.5'); teacher tokens are "
+             "mapped to it by bytes and a teacher with another vocabulary is refused")
 
 
 @dataclass
@@ -618,25 +638,14 @@ async def _probe(cfg: GenerateConfig, client: Any, stop: asyncio.Event, say, fat
 
 
 def config_from_args(args: argparse.Namespace) -> GenerateConfig:
-    """Map CLI flags to :class:`GenerateConfig`."""
+    """Build :class:`GenerateConfig` from the flags; only the two derived values are computed here."""
     endpoints = list(args.api_addr or [])
     if args.base_url:
         endpoints += args.base_url
     if not endpoints:
         endpoints = ["localhost:39876"]  # open-r1's default
-    return GenerateConfig(dataset_name=args.dataset_name, output_file=args.output_file, endpoints=endpoints,
-                          model=args.model, dataset_config=args.dataset_config, split=args.split,
-                          prompt_column=args.prompt_column, uuid_column=args.uuid_column,
-                          api_key_env=args.api_key_env, num_generations=args.num_generations,
-                          max_tokens=args.max_tokens, max_concurrent=args.max_concurrent,
-                          temperature=args.temperature, top_p=args.top_p, prompt_template=args.prompt_template,
-                          system_prompt=args.system_prompt, request_timeout=args.request_timeout,
-                          max_retries=args.max_retries, backoff_base=args.backoff_base, seed=args.seed,
-                          limit=args.limit, progress=not args.no_progress, stream=args.stream,
-                          idle_timeout=args.idle_timeout, retry_after_max=args.retry_after_max,
-                          wait_for_server=args.wait_for_server, allow_settings_change=args.allow_settings_change,
-                          drop_columns=tuple(c.strip() for c in (args.drop_columns or "").split(",") if c.strip()),
-                          top_logprobs=args.top_logprobs, tokenizer=args.tokenizer)
+    drop = tuple(c.strip() for c in (args.drop_columns or "").split(",") if c.strip())
+    return from_args(GenerateConfig, args, endpoints=endpoints, drop_columns=drop)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -681,50 +690,13 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                        description="Generate N teacher answers per problem over an OpenAI-compatible API "
                                    "(vLLM, SGLang, MindIE, hosted APIs, or `distill serve-teacher`). Resumable, "
                                    "never loses or duplicates a generation.")
-    p.add_argument("--model", default="default", help="model name sent to the server (default 'default')")
-    p.add_argument("--dataset-name", required=True,
-                   help="local .jsonl/.json/.parquet, a save_to_disk directory, or a hub id (online)")
-    p.add_argument("--dataset-config", default=None)
-    p.add_argument("--split", default="train")
-    p.add_argument("--output-file", required=True)
-    p.add_argument("--prompt-column", default="problem")
-    p.add_argument("--uuid-column", default=None, help="column identifying a problem (default: the prompt column)")
+    add_arguments(p, GenerateConfig, skip=("drop_columns",))
+    # Not 1:1 with a field: several flags fill one list, and the default endpoint is open-r1's
+    # (config_from_args merges them into GenerateConfig.endpoints).
     p.add_argument("--api-addr", action="append", default=None,
                    help="HOST:PORT of an endpoint (repeat for several; balanced by least in-flight)")
     p.add_argument("--base-url", action="append", default=None, help="full base URL, e.g. https://api.x.com/v1")
-    p.add_argument("--api-key-env", default=None, help="environment variable holding the API key")
-    p.add_argument("--num-generations", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=16384)
-    p.add_argument("--max-concurrent", type=int, default=64, help="max requests in flight over all endpoints")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE,
-                   help="user message template with {prompt} (default: open-r1's)")
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
-                   help="seconds per non-streamed attempt (default 3600: 32k tokens at 10 tok/s per sequence)")
-    p.add_argument("--stream", action="store_true",
-                   help="stream answers (SSE) and time out only on silence (--idle-timeout), not on total time")
-    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
-                   help="with --stream: seconds without a byte before an attempt is abandoned and retried")
-    p.add_argument("--retry-after-max", type=float, default=DEFAULT_RETRY_AFTER_MAX,
-                   help="cap on the seconds a server's Retry-After may make a request wait")
-    p.add_argument("--wait-for-server", type=float, default=0.0, metavar="SECONDS",
-                   help="let the start-up probe wait this long for a server that is still starting")
-    p.add_argument("--allow-settings-change", action="store_true",
-                   help="resume into an output made with other settings (the change is recorded in "
-                        "OUT.settings.json); without it such a resume stops and names the differences")
-    p.add_argument("--top-logprobs", type=int, default=None, metavar="K",
-                   help="also store the teacher's top-K log-probabilities per generated token (K <= 20) in "
-                        "OUT.topk.bin, for logits distillation (needs --tokenizer; docs/logits-distillation.md)")
-    p.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="with --top-logprobs: the student's tokenizer (folder or 'qwen2.5'); teacher tokens are "
-                        "mapped to it by bytes and a teacher with another vocabulary is refused")
+    # The flag is one comma list; the field is a tuple (config_from_args splits it).
     p.add_argument("--drop-columns", default=None, metavar="COL,...",
                    help="input columns to leave out of the output (e.g. an input's own 'generations')")
-    p.add_argument("--max-retries", type=int, default=8, help="retries per generation after the first attempt")
-    p.add_argument("--backoff-base", type=float, default=1.0, help="first retry delay in seconds (doubles)")
-    p.add_argument("--seed", type=int, default=None, help="send seed = SEED*100003 + generation index")
-    p.add_argument("--limit", type=int, default=None, help="only the first K unique problems")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line still prints)")
     p.set_defaults(func=cmd_generate)
