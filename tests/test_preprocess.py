@@ -13,6 +13,7 @@ import pytest
 
 from distilled.data import preprocess as pp
 from distilled.data.formats import DataError, FormatConfig
+from distilled.settings import from_args
 
 SEQ = 512
 
@@ -239,3 +240,40 @@ def test_decontaminate_hook(data, tmp_path, qwen_tokenizer_dir):
     assert rep["skips"]["by_reason"] == {"contaminated": 1}
     assert rep["decontamination"]["by_benchmark"] == {"mybench": 1}
     assert rep["rows_kept"] == len(rows_b) - 1
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    pp.register_cli(parser.add_subparsers())
+    return parser.parse_args(argv)
+
+
+def test_cli_flags_build_the_config():
+    """Every `distill preprocess` / `distill merge` flag lands in its config field (the flags are
+    declared once, on PreprocessConfig / FormatConfig / MergeConfig)."""
+    need = ["--input", "a.jsonl", "--format", "cot", "--tokenizer", "tok", "--seq-length", "64", "--output", "o"]
+    # the CLI's defaults are the dataclasses' defaults
+    assert pp._config_from_args(_parse(["preprocess", *need])) == pp.PreprocessConfig(
+        inputs=["a.jsonl"], tokenizer="tok", seq_length=64, output="o", format=FormatConfig("cot"))
+    argv = ["preprocess", "--input", "a", "--input", "b", "--format", "openr1", "--generation-policy", "all_correct",
+            "--tokenizer", "t", "--seq-length", "9", "--output", "o", "--num-proc", "3", "--strict",
+            "--shard-index", "1", "--num-shards", "2", "--system-prompt", "S", "--think-style", "r1",
+            "--messages-column", "m", "--domains", "math,code=0.5", "--domain-column", "dom", "--chat-template",
+            "x.jinja", "--engine", "hf", "--overlong", "truncate", "--pad-id", "7", "--batch-size", "5",
+            "--keep-handled", "--seed", "3", "--decontaminate", "math_500,,aime24", "--decontaminate-data", "dd",
+            "--decontaminate-ngram", "4", "--quiet"]
+    assert pp._config_from_args(_parse(argv)) == pp.PreprocessConfig(
+        inputs=["a", "b"], tokenizer="t", seq_length=9, output="o",
+        format=FormatConfig("openr1", "S", "all_correct", "r1", "m", domain_column="dom",
+                            domains={"math": 1.0, "code": 0.5}),
+        num_proc=3, strict=True, shard_index=1, num_shards=2, chat_template="x.jinja", engine="hf",
+        overlong="truncate", pad_id=7, batch_size=5, keep_handled=True, seed=3, decontaminate=["math_500", "aime24"],
+        decontaminate_data="dd", decontaminate_ngram=4, progress=False)
+    kd = pp._config_from_args(_parse(["preprocess", *need, "--kd-sidecar", "s1", "--kd-sidecar", "s2", "--kd-top-k", "4",
+                                      "--no-system-prompt", "--decontaminate", ""]))
+    assert (kd.kd_sidecars, kd.kd_top_k, kd.format.system_prompt, kd.decontaminate) == (["s1", "s2"], 4, None, None)
+    with pytest.raises(SystemExit):  # --format stays required on the CLI (FormatConfig defaults it for Python)
+        _parse(["preprocess", *need[:2], *need[4:]])
+    m = _parse(["merge", "s0", "s1", "--output", "o", "--seed", "2", "--keep-handled", "--quiet"])
+    assert from_args(pp.MergeConfig, m, progress=not m.quiet) == pp.MergeConfig(
+        shards=["s0", "s1"], output="o", seed=2, keep_handled=True, progress=False)

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from distilled import SYSTEM_PROMPT
+from distilled.settings import option
 
 FORMATS = ("openr1", "cot", "messages", "stratos", "magpie")
 GENERATION_POLICIES = ("first_correct", "shortest_correct", "all_correct")
@@ -47,15 +48,22 @@ class FormatConfig:
     ``""`` disables it (the chat template may then insert its own default, as Qwen2.5's does).
     """
 
+    # Each option() field is also a `distill preprocess` flag (distilled.settings). `name` is not:
+    # the CLI's --format is required, while Python callers get "cot" by default.
     name: str = "cot"
-    system_prompt: str | None = SYSTEM_PROMPT
-    generation_policy: str | None = None
-    think_style: str = "keep"
-    messages_column: str = "messages"
+    system_prompt: str | None = option(SYSTEM_PROMPT, help="system turn added when a row has none")
+    generation_policy: str | None = option(None, choices=GENERATION_POLICIES,
+                                           help="openr1: build the answer from `generations` instead of `messages`")
+    think_style: str = option("keep", choices=THINK_STYLES,
+                              help="stratos: keep <|begin_of_thought|> markers, or convert to <think> (r1)")
+    messages_column: str = option("messages", help="column holding the conversation")
     # Mixture-of-Thoughts-style domain column: keep only rows whose ``domain_column`` value is a key
     # of ``domains``, each kept with its fraction (1.0 = all). ``None`` keeps every row.
-    domain_column: str = "source"
-    domains: dict[str, float] | None = None
+    domain_column: str = option("source", help="column naming each row's domain (default source)")
+    domains: dict[str, float] | None = option(
+        None, metavar="D[=FRAC],...",
+        help="keep only rows whose --domain-column value is listed, each at FRAC (default 1), "
+             "e.g. Mixture-of-Thoughts 'math,science,code=0.5'; dropped rows are counted")
 
     def __post_init__(self) -> None:
         self.domains = parse_domains(self.domains)

@@ -35,15 +35,15 @@ import resource
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from distilled import SYSTEM_PROMPT
-from distilled.data.formats import FORMATS, GENERATION_POLICIES, THINK_STYLES, DataError, FormatConfig, SkipCounter
+from distilled.data.formats import FORMATS, DataError, FormatConfig, SkipCounter
 from distilled.io_utils import BadRecord, RowSource, expand_row_sources, location, read_rows
+from distilled.settings import add_arguments, from_args, option
 
 HANDLED_FILE = "handled.arrow"
 REPORT_FILE = "report.json"
@@ -52,32 +52,53 @@ HIST_EDGES = [0, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 
 @dataclass
 class PreprocessConfig:
-    """Everything ``distill preprocess`` needs; see the CLI help for each field."""
+    """Everything ``distill preprocess`` needs. Each ``option`` field is also its CLI flag
+    (:mod:`distilled.settings`); the row-format flags are :class:`FormatConfig`'s fields.
 
-    inputs: list[str]
-    tokenizer: str
-    seq_length: int
-    output: str
-    format: FormatConfig = field(default_factory=FormatConfig)
-    num_proc: int = 1
-    strict: bool = False
-    shard_index: int = 0
-    num_shards: int = 1
-    batch_size: int = 1000
-    overlong: str = "drop"
-    pad_id: int | None = None
-    keep_handled: bool = False
-    seed: int | None = None
-    chat_template: str | None = None
-    engine: str = "auto"
-    decontaminate: list[str] | None = None
-    decontaminate_data: str | None = None
-    decontaminate_ngram: int | None = None
-    progress: bool = True
-    kd_sidecars: list[str] | None = None  # top-K sidecars: add aligned topk_ids/topk_logprobs (distilled.kd)
-    kd_top_k: int | None = None  # K of the columns (default: the sidecars' K)
+    Fields are in ``distill preprocess --help`` order (callers pass them by keyword).
+    """
+
+    inputs: list[str] = option(flag="--input", append=True, metavar="FILE_OR_DIR",
+                               help=".jsonl/.json/.parquet file, save_to_disk dir, or dir of such files (repeatable)")
+    tokenizer: str = option(metavar="DIR", help="model/tokenizer folder (e.g. Qwen2.5-Math-7B), or 'qwen2.5' for "
+                                                "the offline-built one")
+    seq_length: int = option(help="tokens per packed row (e.g. 32768)")
+    output: str = option(metavar="DIR", help="output directory (replaced atomically)")
+    format: FormatConfig = field(default_factory=FormatConfig)  # flags: FormatConfig's fields + --format
+    num_proc: int = option(1, help="tokenizer worker processes (default 1: one process, the tokenizer itself "
+                                   "uses all cores)")
+    strict: bool = option(False, help="stop at the first bad row, naming file, row and field")
+    shard_index: int = option(0, help="this host's shard (0-based)")
+    num_shards: int = option(1, help="number of shards; combine with `distill merge`")
+    chat_template: str | None = option(None, metavar="FILE", help="a .jinja template instead of the tokenizer's")
+    engine: str = option("auto", choices=("auto", "hf", "tiktoken"),
+                         help="BPE engine: auto uses tiktoken when it provably gives the tokenizer's exact ids "
+                              "(Qwen2/2.5), else the HF tokenizer")
+    overlong: str = option("drop", choices=("drop", "truncate"),
+                           help="samples longer than --seq-length: drop (counted) or truncate (counted)")
+    pad_id: int | None = option(None, help="pad id (default: the tokenizer's, 151643 for Qwen2.5)")
+    batch_size: int = option(1000, help="rows per tokenizer batch")
+    keep_handled: bool = option(False, help=f"keep the unpacked {HANDLED_FILE} (always kept for shards)")
+    seed: int | None = option(None, help="shuffle packed rows with this seed")
+    # benchmark names; the CLI gives one comma-separated string, split in __post_init__
+    decontaminate: str | list[str] | None = option(
+        None, metavar="BENCH[,BENCH]",
+        help="drop rows sharing an n-gram with these benchmarks (math_500, aime24, aime25, gpqa_diamond, NAME=PATH)")
+    decontaminate_data: str | None = option(None, metavar="DIR", help="offline benchmark files for --decontaminate")
+    decontaminate_ngram: int | None = option(None, help="n-gram size (default 8)")
+    # top-K sidecars: add aligned topk_ids/topk_logprobs (distilled.kd)
+    kd_sidecars: list[str] | None = option(
+        None, flag="--kd-sidecar", append=True, metavar="FILE",
+        help="logits distillation: a top-K sidecar (gens.topk.bin from `distill generate --top-logprobs` "
+             "or `distill score-teacher`; repeatable); adds topk_ids/topk_logprobs columns aligned to "
+             "the packed labels, matched to samples by answer content (docs/logits-distillation.md)")
+    kd_top_k: int | None = option(None, metavar="K", help="K of the top-K columns (default: the sidecars' K; "
+                                                          "fewer keeps the best K)")
+    progress: bool = True  # the CLI's --quiet (see register_cli)
 
     def __post_init__(self) -> None:
+        if isinstance(self.decontaminate, str):  # "math_500,aime24" (the CLI's spelling)
+            self.decontaminate = [b for b in self.decontaminate.split(",") if b.strip()] or None
         if not self.inputs:
             raise ValueError("no --input given")
         if self.seq_length < 2:
@@ -586,36 +607,58 @@ def summary_line(rep: dict) -> str:
             f"{rep['elapsed_s']:.1f}s, peak RSS {rep['peak_rss_mb']:.0f} MB")
 
 
+@dataclass
+class MergeConfig:
+    """``distill merge``'s options (flags via :mod:`distilled.settings`); see :func:`merge`."""
+
+    shards: list[str] = option(positional=True, metavar="SHARD_DIR", help="")
+    output: str = option(metavar="DIR", help="")
+    seed: int | None = option(None, help="shuffle packed rows with this seed")
+    keep_handled: bool = option(False, help=f"keep the merged unpacked {HANDLED_FILE}")
+    progress: bool = True  # the CLI's --quiet (see register_cli)
+
+
+def _config_from_args(args: argparse.Namespace) -> PreprocessConfig:
+    """The parsed flags -> :class:`PreprocessConfig` (with its :class:`FormatConfig`)."""
+    fmt = from_args(FormatConfig, args, name=args.format,
+                    **({"system_prompt": None} if args.no_system_prompt else {}))
+    return from_args(PreprocessConfig, args, format=fmt, progress=not args.quiet)
+
+
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     try:
-        fmt = FormatConfig(args.format, None if args.no_system_prompt else args.system_prompt,
-                           args.generation_policy, args.think_style, args.messages_column,
-                           domain_column=args.domain_column, domains=args.domains)
-        cfg = PreprocessConfig(
-            inputs=args.input, tokenizer=args.tokenizer, seq_length=args.seq_length, output=args.output,
-            format=fmt, num_proc=args.num_proc, strict=args.strict, shard_index=args.shard_index,
-            num_shards=args.num_shards, batch_size=args.batch_size, overlong=args.overlong, pad_id=args.pad_id,
-            keep_handled=args.keep_handled, seed=args.seed, chat_template=args.chat_template, engine=args.engine,
-            decontaminate=[b for b in (args.decontaminate or "").split(",") if b.strip()] or None,
-            decontaminate_data=args.decontaminate_data, decontaminate_ngram=args.decontaminate_ngram,
-            progress=not args.quiet, kd_sidecars=args.kd_sidecar, kd_top_k=args.kd_top_k)
+        cfg = _config_from_args(args)
         rep = preprocess(cfg)
     except (DataError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(summary_line(rep))
-    print(f"wrote {args.output} (report: {Path(args.output) / REPORT_FILE})")
+    print(f"wrote {cfg.output} (report: {Path(cfg.output) / REPORT_FILE})")
     return 0
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    cfg = from_args(MergeConfig, args, progress=not args.quiet)
     try:
-        rep = merge(args.shards, args.output, seed=args.seed, keep_handled=args.keep_handled, progress=not args.quiet)
+        rep = merge(cfg.shards, cfg.output, seed=cfg.seed, keep_handled=cfg.keep_handled, progress=cfg.progress)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"merged {len(args.shards)} shards: " + summary_line(rep))
+    print(f"merged {len(cfg.shards)} shards: " + summary_line(rep))
     return 0
+
+
+def _flags(parser: argparse.ArgumentParser, cls: type, *names: str) -> None:
+    """:func:`add_arguments` for just the fields ``names`` of ``cls``, in that order. Why: the
+    preprocess flags live on two dataclasses, and adding them in runs keeps ``--help`` in its
+    long-standing order."""
+    for name in names:
+        add_arguments(parser, cls, skip=[f.name for f in fields(cls) if f.name != name])
+
+
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    # explicit: the `progress` field is the flag's negation, and settings only negates `--no-*` flags
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def register_cli(sub) -> None:
@@ -623,58 +666,22 @@ def register_cli(sub) -> None:
     p = sub.add_parser("preprocess", help="rows -> tokenized, masked, BFD-packed Arrow (no YAML)",
                        description="Validate, tokenize (assistant turns + closing <|im_end|> trained), BFD-pack "
                                    "and write a datasets.load_from_disk directory plus report.json, atomically.")
-    p.add_argument("--input", action="append", required=True, metavar="FILE_OR_DIR",
-                   help=".jsonl/.json/.parquet file, save_to_disk dir, or dir of such files (repeatable)")
+    head = ("tokenizer", "seq_length", "output", "num_proc", "strict", "shard_index", "num_shards")
+    _flags(p, PreprocessConfig, "inputs")
+    # explicit: required here, while FormatConfig.name defaults to "cot" for Python callers
     p.add_argument("--format", required=True, choices=FORMATS, help="row format (docs/data-pipeline.md)")
-    p.add_argument("--tokenizer", required=True, metavar="DIR",
-                   help="model/tokenizer folder (e.g. Qwen2.5-Math-7B), or 'qwen2.5' for the offline-built one")
-    p.add_argument("--seq-length", type=int, required=True, help="tokens per packed row (e.g. 32768)")
-    p.add_argument("--output", required=True, metavar="DIR", help="output directory (replaced atomically)")
-    p.add_argument("--num-proc", type=int, default=1, help="tokenizer worker processes (default 1: one process, "
-                                                            "the tokenizer itself uses all cores)")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad row, naming file, row and field")
-    p.add_argument("--shard-index", type=int, default=0, help="this host's shard (0-based)")
-    p.add_argument("--num-shards", type=int, default=1, help="number of shards; combine with `distill merge`")
-    p.add_argument("--generation-policy", choices=GENERATION_POLICIES, default=None,
-                   help="openr1: build the answer from `generations` instead of `messages`")
-    p.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="system turn added when a row has none")
+    _flags(p, PreprocessConfig, *head)
+    _flags(p, FormatConfig, "generation_policy", "system_prompt")
+    # explicit: a second flag for the system_prompt field (sets it to None)
     p.add_argument("--no-system-prompt", action="store_true", help="add no system turn")
-    p.add_argument("--think-style", choices=THINK_STYLES, default="keep",
-                   help="stratos: keep <|begin_of_thought|> markers, or convert to <think> (r1)")
-    p.add_argument("--messages-column", default="messages", help="column holding the conversation")
-    p.add_argument("--domains", default=None, metavar="D[=FRAC],...",
-                   help="keep only rows whose --domain-column value is listed, each at FRAC (default 1), "
-                        "e.g. Mixture-of-Thoughts 'math,science,code=0.5'; dropped rows are counted")
-    p.add_argument("--domain-column", default="source", help="column naming each row's domain (default source)")
-    p.add_argument("--chat-template", default=None, metavar="FILE", help="a .jinja template instead of the tokenizer's")
-    p.add_argument("--engine", choices=("auto", "hf", "tiktoken"), default="auto",
-                   help="BPE engine: auto uses tiktoken when it provably gives the tokenizer's exact ids "
-                        "(Qwen2/2.5), else the HF tokenizer")
-    p.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
-                   help="samples longer than --seq-length: drop (counted) or truncate (counted)")
-    p.add_argument("--pad-id", type=int, default=None, help="pad id (default: the tokenizer's, 151643 for Qwen2.5)")
-    p.add_argument("--batch-size", type=int, default=1000, help="rows per tokenizer batch")
-    p.add_argument("--keep-handled", action="store_true", help=f"keep the unpacked {HANDLED_FILE} (always kept for shards)")
-    p.add_argument("--seed", type=int, default=None, help="shuffle packed rows with this seed")
-    p.add_argument("--decontaminate", default=None, metavar="BENCH[,BENCH]",
-                   help="drop rows sharing an n-gram with these benchmarks (math_500, aime24, aime25, gpqa_diamond, NAME=PATH)")
-    p.add_argument("--decontaminate-data", default=None, metavar="DIR", help="offline benchmark files for --decontaminate")
-    p.add_argument("--decontaminate-ngram", type=int, default=None, help="n-gram size (default 8)")
-    p.add_argument("--kd-sidecar", action="append", default=None, metavar="FILE",
-                   help="logits distillation: a top-K sidecar (gens.topk.bin from `distill generate --top-logprobs` "
-                        "or `distill score-teacher`; repeatable); adds topk_ids/topk_logprobs columns aligned to "
-                        "the packed labels, matched to samples by answer content (docs/logits-distillation.md)")
-    p.add_argument("--kd-top-k", type=int, default=None, metavar="K",
-                   help="K of the top-K columns (default: the sidecars' K; fewer keeps the best K)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _flags(p, FormatConfig, "think_style", "messages_column", "domains", "domain_column")
+    add_arguments(p, PreprocessConfig, skip=("inputs", *head))  # the rest, in field order
+    _add_quiet(p)
     p.set_defaults(func=_cmd_preprocess)
 
     m = sub.add_parser("merge", help="merge `distill preprocess --num-shards` outputs (packs once)",
                        description="Concatenate shard outputs in input order and BFD-pack once; the result "
                                    "equals an unsharded run.")
-    m.add_argument("shards", nargs="+", metavar="SHARD_DIR")
-    m.add_argument("--output", required=True, metavar="DIR")
-    m.add_argument("--seed", type=int, default=None, help="shuffle packed rows with this seed")
-    m.add_argument("--keep-handled", action="store_true", help=f"keep the merged unpacked {HANDLED_FILE}")
-    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_arguments(m, MergeConfig)
+    _add_quiet(m)
     m.set_defaults(func=_cmd_merge)
