@@ -33,6 +33,7 @@ from typing import Any, Iterator, NamedTuple
 
 from distilled.io_utils import BadLine, JsonlAppender, atomic_write, iter_jsonl, write_json
 from distilled.prompts import build_messages
+from distilled.settings import add_arguments, from_args, option
 
 KEEP_MODES = ("first", "shortest", "all")
 JOURNAL_VERSION = 1
@@ -44,22 +45,29 @@ class RejectError(Exception):
 
 @dataclass
 class RejectConfig:
-    """Options of ``distill reject`` (defaults match the CLI)."""
+    """Options of ``distill reject``; each field with ``option`` is one CLI flag (defaults match it).
 
-    src: str
-    dst: str
-    rejected: str | None = None
-    report: str | None = None
-    answer_column: str = "answer"
-    generations_column: str = "generations"
-    finish_reasons_column: str = "finish_reasons"
-    prompt_column: str | None = None  # None: the first of "sent_prompt", "prompt", "problem" the row has
-    keep: str = "first"
-    workers: int = 2
-    timeout: float = 5.0
-    strict: bool = False
-    kind: str = "math"
-    progress: bool = True
+    ``workers`` is the one exception: the library default is 2, while the CLI's ``--workers``
+    defaults to the machine's CPU cores, so that flag is spelled out in :func:`register_cli`."""
+
+    src: str = option(help="input JSONL (distill generate output, OpenR1-Math-220k rows, ...)")
+    dst: str = option(help="kept rows (JSONL), each with a `messages` list")
+    rejected: str | None = option(None, help="rows with no correct generation (JSONL); else only counted")
+    report: str | None = option(None, help="REPORT.json: counts, rejections by reason, malformed lines, speed")
+    answer_column: str = option("answer", help="gold answer column (default: answer)")
+    generations_column: str = option("generations", help="list of generations (default: generations)")
+    finish_reasons_column: str = option(
+        "finish_reasons", help="optional list aligned with the generations (default: finish_reasons)")
+    prompt_column: str | None = option(  # None: the first of "sent_prompt", "prompt", "problem" the row has
+        None, help="user prompt for `messages` (default: the first of `sent_prompt`, `prompt`, `problem` the row has)")
+    keep: str = option("first", choices=KEEP_MODES,
+                       help="which correct generation a kept row trains on: first, shortest (characters), or "
+                            "all (one output row per correct generation)")
+    workers: int = 2  # --workers (see register_cli)
+    timeout: float = option(5.0, help="seconds per verdict before it counts as `timeout`")
+    strict: bool = option(False, help="stop at the first malformed line")
+    kind: str = option("math", choices=("math", "choice"), help="math (math-verify) or choice (gold is a letter A-J)")
+    progress: bool = option(True, help="no progress bar", flag="--no-progress")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,11 +404,7 @@ def summary_line(report: dict) -> str:
 def _cli(a: argparse.Namespace) -> int:
     from distilled.verify import verify_workers_default
 
-    cfg = RejectConfig(src=a.src, dst=a.dst, rejected=a.rejected, report=a.report,
-                       answer_column=a.answer_column, generations_column=a.generations_column,
-                       finish_reasons_column=a.finish_reasons_column, prompt_column=a.prompt_column,
-                       keep=a.keep, workers=a.workers if a.workers is not None else verify_workers_default(),
-                       timeout=a.timeout, strict=a.strict, kind=a.kind, progress=not a.no_progress)
+    cfg = from_args(RejectConfig, a, workers=a.workers if a.workers is not None else verify_workers_default())
     try:
         report = run_reject(cfg)
     except RejectError as exc:
@@ -422,23 +426,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         description="Rejection sampling with math-verify (gold first, last \\boxed{} after </think>; "
                     "unfinished reasoning and finish_reason=length are rejected). Each verdict runs in a "
                     "worker process with a timeout. Resumable: rerun the same command after a crash.")
-    p.add_argument("--src", required=True, help="input JSONL (distill generate output, OpenR1-Math-220k rows, ...)")
-    p.add_argument("--dst", required=True, help="kept rows (JSONL), each with a `messages` list")
-    p.add_argument("--rejected", default=None, help="rows with no correct generation (JSONL); else only counted")
-    p.add_argument("--report", default=None, help="REPORT.json: counts, rejections by reason, malformed lines, speed")
-    p.add_argument("--answer-column", default="answer", help="gold answer column (default: answer)")
-    p.add_argument("--generations-column", default="generations", help="list of generations (default: generations)")
-    p.add_argument("--finish-reasons-column", default="finish_reasons",
-                   help="optional list aligned with the generations (default: finish_reasons)")
-    p.add_argument("--prompt-column", default=None,
-                   help="user prompt for `messages` (default: the first of `sent_prompt`, `prompt`, `problem` the row has)")
-    p.add_argument("--keep", choices=KEEP_MODES, default="first",
-                   help="which correct generation a kept row trains on: first, shortest (characters), or "
-                        "all (one output row per correct generation)")
-    p.add_argument("--kind", choices=("math", "choice"), default="math",
-                   help="math (math-verify) or choice (gold is a letter A-J)")
+    add_arguments(p, RejectConfig)
+    # Not 1:1 with the field: the CLI default is the machine's CPU cores, resolved in _cli.
     p.add_argument("--workers", type=int, default=None, help="verifier processes (default: CPU cores)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds per verdict before it counts as `timeout`")
-    p.add_argument("--strict", action="store_true", help="stop at the first malformed line")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli)
