@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterator
 
+from distilled.settings import add_arguments, from_args, option
+
 KINDS = ("arithmetic", "linear", "fraction", "percent")
 
 _NAMES = ("Ava", "Ben", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jia", "Kofi", "Lena",
@@ -255,22 +257,35 @@ def _write(path: str, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+@dataclass
+class SynthOptions:
+    """Options of ``distill problems synth``; each field is one CLI flag (declared here only)."""
+
+    n: int = option(help="number of train problems")
+    output: str = option(help="train JSONL path")
+    seed: int = option(0, help="")
+    test_output: str | None = option(None, help="held-out test JSONL path")
+    test_n: int = option(100, help="number of held-out test problems (default 100)")
+    kinds: str = option(",".join(KINDS), help=f"comma list of kinds (default {','.join(KINDS)})")
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     """``distill problems synth``: write train (and optionally held-out test) problems atomically."""
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    o = from_args(SynthOptions, args)
+    kinds = tuple(k.strip() for k in o.kinds.split(",") if k.strip())
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         print(f"error: --kinds: unknown kind(s) {', '.join(bad)}; choose from {', '.join(KINDS)}", file=sys.stderr)
         return 2
-    train = synth(args.n, args.seed, "train", kinds)
-    _write(args.output, train)
-    msg = f"wrote {len(train)} train problems to {args.output}"
-    if args.test_output:
-        test = synth(args.test_n, args.seed, "test", kinds)
-        _write(args.test_output, test)
-        msg += f" and {len(test)} held-out test problems to {args.test_output}"
+    train = synth(o.n, o.seed, "train", kinds)
+    _write(o.output, train)
+    msg = f"wrote {len(train)} train problems to {o.output}"
+    if o.test_output:
+        test = synth(o.test_n, o.seed, "test", kinds)
+        _write(o.test_output, test)
+        msg += f" and {len(test)} held-out test problems to {o.test_output}"
     counts = {k: sum(r["kind"] == k for r in train) for k in kinds}
-    print(msg + " (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; seed {args.seed})")
+    print(msg + " (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; seed {o.seed})")
     return 0
 
 
@@ -281,11 +296,6 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     s = psub.add_parser("synth", help="write arithmetic/algebra word problems with exact LaTeX answers",
                         description="Write deterministic arithmetic/algebra word problems (JSONL: id, problem, "
                                     "answer, kind). Held-out test problems never share text with train ones.")
-    s.add_argument("--n", type=int, required=True, help="number of train problems")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--output", required=True, help="train JSONL path")
-    s.add_argument("--test-output", default=None, help="held-out test JSONL path")
-    s.add_argument("--test-n", type=int, default=100, help="number of held-out test problems (default 100)")
-    s.add_argument("--kinds", default=",".join(KINDS), help=f"comma list of kinds (default {','.join(KINDS)})")
+    add_arguments(s, SynthOptions)
     s.set_defaults(func=cmd_synth)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
