@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from distilled.generate.client import DEFAULT_IDLE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_AFTER_MAX
+from distilled.generate.client import (DEFAULT_IDLE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_AFTER_MAX, ChatClient,
+                                      FatalAPIError, RetriesExhausted)
 from distilled.io_utils import BadLine, JsonlAppender, atomic_write, iter_jsonl, location, read_rows
 from distilled.prompts import DEFAULT_PROMPT_TEMPLATE, build_messages, render_prompt  # noqa: F401 (re-exported)
 from distilled.settings import add_arguments, from_args, option
@@ -378,228 +379,328 @@ async def run_generate(cfg: GenerateConfig, problems: list[_Problem] | None = No
     """Run a whole generation job; returns its summary (never raises for API errors).
 
     ``problems`` may be given directly (benchmarks); otherwise the input is read per ``cfg``.
+    The steps, in order, are the methods of :class:`_GenerateRun`.
     """
-    from distilled.generate.client import ChatClient, FatalAPIError, RetriesExhausted
+    run = _GenerateRun(cfg, warn or (lambda m: print(m, file=sys.stderr, flush=True)))
+    problems = run.read_problems(problems)
+    run.make_client()
+    done, rows_done = run.open_output()
+    run.record_settings(rows_done)
+    prev_failed = run.open_failed_log()
+    run.open_capture(done)
+    todo = run.plan(problems, done, prev_failed)
+    run.open_progress()
+    await run.generate(todo, install_signals)
+    return run.finish()
 
-    warn = warn or (lambda m: print(m, file=sys.stderr, flush=True))
-    summ = GenerateSummary()
-    uuid_col = cfg.uuid_column or cfg.prompt_column
-    if problems is None:
-        problems, summ.duplicates, summ.skipped_rows = load_problems(cfg, warn)
-    summ.total = len(problems)
-    client = ChatClient(cfg.endpoints, cfg.model, api_key_env=cfg.api_key_env, max_concurrent=cfg.max_concurrent,
-                        max_retries=cfg.max_retries, request_timeout=cfg.request_timeout,
-                        backoff_base=cfg.backoff_base, stream=cfg.stream, idle_timeout=cfg.idle_timeout,
-                        retry_after_max=cfg.retry_after_max,
-                        on_event=lambda k, i: say(f"endpoint {i['endpoint']} taken out for {i['cooldown']:.1f}s "
-                                                   f"({i['reason']})") if k == "endpoint_down" else None)
-    out_path = Path(cfg.output_file)
-    fpath = failed_path(out_path)
-    summ.failed_file = str(fpath)
 
-    appender = _SyncingAppender(out_path, fsync_every=cfg.fsync_every)  # repairs a torn tail first
-    summ.repaired_bytes = appender.repaired_bytes
-    if summ.repaired_bytes:
-        warn(f"warning: {out_path}: cut a torn last line ({summ.repaired_bytes} bytes) left by an interrupted run")
-    done: set[str] = set()
-    bad_mid = 0
-    rows_done = 0
-    for _n, obj in iter_jsonl(out_path):
-        if isinstance(obj, BadLine):
-            bad_mid += 1
-            continue
-        rows_done += 1
-        if "problem_key" in obj:
-            done.add(str(obj["problem_key"]))
-        elif uuid_col in obj:  # a file written before problem_key existed
-            done.add(str(obj[uuid_col]))
-    if bad_mid:
-        warn(f"warning: {out_path}: {bad_mid} unreadable lines in the middle of the file (left as they are)")
-    try:
-        record = check_settings(cfg, rows_done, warn)
-    except SystemExit:
-        appender.close()
-        raise
-    with atomic_write(settings_path(out_path)) as f:
-        json.dump(record, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    prev_failed = sum(1 for _ in iter_jsonl(fpath)) if fpath.exists() else 0
-    with atomic_write(fpath) as f:  # this run's failures only; earlier ones are retried below
-        f.write("")
-    failed_log = JsonlAppender(fpath, fsync_every=cfg.fsync_every)
-    capture = None
-    if cfg.top_logprobs:  # logits distillation: the top-K sidecar beside the JSONL (docs/logits-distillation.md)
+class _GenerateRun:
+    """The state one ``distill generate`` run shares between its steps (one method per step).
+
+    Why a class: the workers, the ticker and the signal handler all touch the same summary, output
+    files, stop event and progress bar; as attributes of one object a reader sees who changes what,
+    instead of closures over a long function's locals."""
+
+    def __init__(self, cfg: GenerateConfig, warn) -> None:
+        self.cfg = cfg
+        self.warn = warn
+        self.summ = GenerateSummary()
+        self.uuid_col = cfg.uuid_column or cfg.prompt_column
+        self.out_path = Path(cfg.output_file)
+        self.fpath = failed_path(self.out_path)
+        self.summ.failed_file = str(self.fpath)
+        self.client: Any = None
+        self.appender: _SyncingAppender | None = None
+        self.failed_log: JsonlAppender | None = None
+        self.capture: Any = None  # distilled.kd.capture.Capture with --top-logprobs
+        self.pbar: Any = None
+        self.stop = asyncio.Event()  # set by a fatal error, or a signal: workers take no new pair
+        self.fatal: list[str] = []  # the first entry is the reason reported
+        self.pairs: Iterator[tuple[_Problem, int]] = iter(())
+        self.t0 = time.perf_counter()
+
+    # ---- set-up, in order --------------------------------------------------------------------
+
+    def read_problems(self, problems: list[_Problem] | None) -> list[_Problem]:
+        """The input's unique problems (read per ``cfg`` unless given)."""
+        if problems is None:
+            problems, self.summ.duplicates, self.summ.skipped_rows = load_problems(self.cfg, self.warn)
+        self.summ.total = len(problems)
+        return problems
+
+    def make_client(self) -> None:
+        """The balancing, retrying client (an endpoint taken out is reported through :meth:`say`)."""
+        cfg = self.cfg
+        self.client = ChatClient(cfg.endpoints, cfg.model, api_key_env=cfg.api_key_env,
+                                 max_concurrent=cfg.max_concurrent, max_retries=cfg.max_retries,
+                                 request_timeout=cfg.request_timeout, backoff_base=cfg.backoff_base,
+                                 stream=cfg.stream, idle_timeout=cfg.idle_timeout,
+                                 retry_after_max=cfg.retry_after_max, on_event=self._on_client_event)
+
+    def _on_client_event(self, kind: str, info: dict) -> None:
+        if kind == "endpoint_down":
+            self.say(f"endpoint {info['endpoint']} taken out for {info['cooldown']:.1f}s ({info['reason']})")
+
+    def open_output(self) -> tuple[set[str], int]:
+        """Open the output for appending (a torn tail is cut) and read it back for resume.
+
+        Returns the problem keys already written and the number of readable rows."""
+        out_path = self.out_path
+        self.appender = _SyncingAppender(out_path, fsync_every=self.cfg.fsync_every)  # repairs a torn tail first
+        self.summ.repaired_bytes = self.appender.repaired_bytes
+        if self.summ.repaired_bytes:
+            self.warn(f"warning: {out_path}: cut a torn last line ({self.summ.repaired_bytes} bytes) left by an "
+                      "interrupted run")
+        done: set[str] = set()
+        bad_mid = 0
+        rows_done = 0
+        for _n, obj in iter_jsonl(out_path):
+            if isinstance(obj, BadLine):
+                bad_mid += 1
+                continue
+            rows_done += 1
+            if "problem_key" in obj:
+                done.add(str(obj["problem_key"]))
+            elif self.uuid_col in obj:  # a file written before problem_key existed
+                done.add(str(obj[self.uuid_col]))
+        if bad_mid:
+            self.warn(f"warning: {out_path}: {bad_mid} unreadable lines in the middle of the file (left as they are)")
+        return done, rows_done
+
+    def record_settings(self, rows_done: int) -> None:
+        """Check the settings against ``OUT.settings.json`` and record them, before the first request."""
+        try:
+            record = check_settings(self.cfg, rows_done, self.warn)
+        except SystemExit:
+            self.appender.close()
+            raise
+        with atomic_write(settings_path(self.out_path)) as f:
+            json.dump(record, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+
+    def open_failed_log(self) -> int:
+        """Start this run's ``OUT.failed.jsonl`` empty; return how many failures the previous run left."""
+        fpath = self.fpath
+        prev_failed = sum(1 for _ in iter_jsonl(fpath)) if fpath.exists() else 0
+        with atomic_write(fpath) as f:  # this run's failures only; earlier ones are retried below
+            f.write("")
+        self.failed_log = JsonlAppender(fpath, fsync_every=self.cfg.fsync_every)
+        return prev_failed
+
+    def open_capture(self, done: set[str]) -> None:
+        """With ``--top-logprobs``: the top-K sidecar beside the JSONL (docs/logits-distillation.md)."""
+        cfg = self.cfg
+        if not cfg.top_logprobs:
+            return
         from distilled.kd.capture import Capture
-        from distilled.kd.logprobs import VocabularyMismatch
 
         if cfg.stream or not cfg.tokenizer:
-            appender.close()
-            failed_log.close()
+            self.appender.close()
+            self.failed_log.close()
             raise SystemExit("error: --top-logprobs needs --tokenizer (the student's tokenizer: teacher tokens are "
                              "mapped and checked against it)" if not cfg.tokenizer else
                              "error: --top-logprobs needs non-streamed answers (drop --stream)")
-        capture = Capture(out_path, cfg.top_logprobs, cfg.tokenizer, committed=done, fsync_every=cfg.fsync_every)
+        self.capture = capture = Capture(self.out_path, cfg.top_logprobs, cfg.tokenizer, committed=done,
+                                         fsync_every=cfg.fsync_every)
         if capture.writer.repaired_bytes:
-            warn(f"warning: {capture.path}: cut {capture.writer.repaired_bytes} bytes ({capture.writer.orphan_records} "
-                 f"records of unwritten problems and/or a torn record) left by an interrupted run")
+            self.warn(f"warning: {capture.path}: cut {capture.writer.repaired_bytes} bytes "
+                      f"({capture.writer.orphan_records} records of unwritten problems and/or a torn record) left "
+                      "by an interrupted run")
 
-    todo = [p for p in problems if p.key not in done]
-    summ.already_done = len(problems) - len(todo)
-    if prev_failed:
-        warn(f"retrying problems behind {prev_failed} failed generations of the previous run")
-    n_gen = cfg.num_generations
-    for p in todo:
-        p.results = [None] * n_gen
-        p.remaining = n_gen
-
-    pbar = None
-
-    def say(msg: str) -> None:  # a message that does not break the progress bar
-        if pbar is not None:
-            pbar.write(msg, file=sys.stderr)
-        else:
-            warn(msg)
-
-    if cfg.progress:
-        from tqdm import tqdm
-
-        pbar = tqdm(total=summ.total, initial=summ.already_done, unit="problem", desc="generate",
-                    dynamic_ncols=True, mininterval=0.5, smoothing=0.05, file=sys.stderr)
-    stop = asyncio.Event()
-    fatal: list[str] = []
-    t0 = time.perf_counter()
-
-    def pairs() -> Iterator[tuple[_Problem, int]]:
+    def plan(self, problems: list[_Problem], done: set[str], prev_failed: int) -> list[_Problem]:
+        """The problems still to generate (resume skips the written ones), each with N empty slots."""
+        todo = [p for p in problems if p.key not in done]
+        self.summ.already_done = len(problems) - len(todo)
+        if prev_failed:
+            self.warn(f"retrying problems behind {prev_failed} failed generations of the previous run")
+        n_gen = self.cfg.num_generations
         for p in todo:
-            for g in range(n_gen):
-                yield p, g
+            p.results = [None] * n_gen
+            p.remaining = n_gen
+        self.pairs = ((p, g) for p in todo for g in range(n_gen))  # shared by all workers
+        return todo
 
-    it = pairs()
+    def open_progress(self) -> None:
+        """The progress bar (``--no-progress``: none; the summary line still prints)."""
+        if self.cfg.progress:
+            from tqdm import tqdm
 
-    def fail(p: _Problem, g: int, reason: str, attempts: int) -> None:
-        summ.failed_generations += 1
-        failed_log.write({"uuid": p.key, "generation_index": g, "reason": reason, "attempts": attempts})
-        if not p.failed:
-            p.failed = True
-            summ.failed_problems += 1
+            self.pbar = tqdm(total=self.summ.total, initial=self.summ.already_done, unit="problem", desc="generate",
+                             dynamic_ncols=True, mininterval=0.5, smoothing=0.05, file=sys.stderr)
+        self.t0 = time.perf_counter()
 
-    async def worker() -> None:
-        for p, g in it:
-            if stop.is_set():
+    def say(self, msg: str) -> None:
+        """A message that does not break the progress bar."""
+        if self.pbar is not None:
+            self.pbar.write(msg, file=sys.stderr)
+        else:
+            self.warn(msg)
+
+    # ---- the run -----------------------------------------------------------------------------
+
+    async def generate(self, todo: list[_Problem], install_signals: bool) -> None:
+        """Probe the endpoints, run the workers until every pair is done or the run stops, then close."""
+        cfg, client, stop = self.cfg, self.client, self.stop
+        loop = asyncio.get_running_loop()
+        installed = self._install_signal_handlers(loop) if install_signals else []
+        await client.open()
+        tick = asyncio.ensure_future(self.ticker())
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            if todo and not await _probe(cfg, client, stop, self.say, self.fatal):
+                stop.set()
+            if not stop.is_set():
+                await self._run_workers(max(1, min(2 * cfg.max_concurrent, len(todo) * cfg.num_generations)),
+                                        stopper)
+        finally:
+            for t in (tick, stopper):
+                t.cancel()
+            await asyncio.gather(tick, stopper, return_exceptions=True)
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self._close()
+
+    async def _run_workers(self, n: int, stopper: asyncio.Future) -> None:
+        """``n`` workers share :attr:`pairs`; a stop abandons the in-flight requests at once."""
+        workers = [asyncio.ensure_future(self.worker()) for _ in range(n)]
+        all_done = asyncio.ensure_future(asyncio.wait(workers))
+        await asyncio.wait([all_done, stopper], return_when=asyncio.FIRST_COMPLETED)
+        all_done.cancel()
+        if self.stop.is_set():
+            for w in workers:
+                w.cancel()
+        await asyncio.gather(all_done, *workers, return_exceptions=True)
+
+    async def worker(self) -> None:
+        """One request slot: take the next (problem, generation) pair until none is left or the run stops."""
+        for p, g in self.pairs:
+            if self.stop.is_set():
                 return
             if p.failed:
                 continue
-            seed = None if cfg.seed is None else cfg.seed * 100_003 + g
-            try:
-                r = await client.chat(build_messages(p.prompt, cfg.system_prompt), max_tokens=cfg.max_tokens,
-                                      temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
-                                      extra=capture.request_extra() if capture is not None else None)
-            except RetriesExhausted as exc:
-                fail(p, g, exc.reason, exc.attempts)
-                if exc.unreachable and client.all_down():  # every server went away: stop, don't fail them all
-                    if not fatal:
-                        fatal.append(f"no endpoint answers any more (last error: {exc.reason}); completed "
-                                     "problems are saved; rerun once the server is back")
-                    stop.set()
-                    return
-                continue
-            except FatalAPIError as exc:
-                if exc.status in (401, 403, 404) or exc.status is None:
-                    if not fatal:
-                        fatal.append(str(exc))
-                    stop.set()
-                    return
-                fail(p, g, str(exc), 1)  # e.g. 400: this prompt is too long; the others may be fine
-                continue
-            summ.generations += 1
-            summ.completion_tokens += int((r.usage or {}).get("completion_tokens") or 0)
-            if p.failed:
-                continue
-            if capture is not None:
-                try:
-                    r.kd_record = capture.take(r.text, r.logprobs, f"problem {p.key!r} generation {g}")
-                except VocabularyMismatch as exc:
-                    if not fatal:
-                        fatal.append(str(exc))
-                    stop.set()
-                    return
-            p.results[g] = r
-            p.remaining -= 1
-            if p.remaining == 0:
-                if capture is not None:  # records first: the JSONL line is their commit point
-                    capture.commit(p.key, [getattr(x, "kd_record", None) for x in p.results])
-                appender.write(output_row(p, p.results))
-                p.results = []
-                summ.written += 1
-                if pbar is not None:
-                    pbar.update(1)
+            if not await self.generate_one(p, g):
+                return
 
-    async def ticker() -> None:
+    async def generate_one(self, p: _Problem, g: int) -> bool:
+        """Request generation ``g`` of ``p`` and store it; False when the whole run must stop."""
+        cfg = self.cfg
+        seed = None if cfg.seed is None else cfg.seed * 100_003 + g
+        try:
+            r = await self.client.chat(build_messages(p.prompt, cfg.system_prompt), max_tokens=cfg.max_tokens,
+                                       temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
+                                       extra=self.capture.request_extra() if self.capture is not None else None)
+        except RetriesExhausted as exc:
+            self.fail(p, g, exc.reason, exc.attempts)
+            if exc.unreachable and self.client.all_down():  # every server went away: stop, don't fail them all
+                return self.stop_run(f"no endpoint answers any more (last error: {exc.reason}); completed "
+                                     "problems are saved; rerun once the server is back")
+            return True
+        except FatalAPIError as exc:
+            if exc.status in (401, 403, 404) or exc.status is None:
+                return self.stop_run(str(exc))
+            self.fail(p, g, str(exc), 1)  # e.g. 400: this prompt is too long; the others may be fine
+            return True
+        self.summ.generations += 1
+        self.summ.completion_tokens += int((r.usage or {}).get("completion_tokens") or 0)
+        if p.failed:
+            return True
+        if self.capture is not None and not self._take_top_logprobs(p, g, r):
+            return False
+        p.results[g] = r
+        p.remaining -= 1
+        if p.remaining == 0:
+            self.write_problem(p)
+        return True
+
+    def _take_top_logprobs(self, p: _Problem, g: int, r: Any) -> bool:
+        """Map the answer's top-K to the student's vocabulary; False (run stopped) on a vocabulary mismatch."""
+        from distilled.kd.logprobs import VocabularyMismatch
+
+        try:
+            r.kd_record = self.capture.take(r.text, r.logprobs, f"problem {p.key!r} generation {g}")
+        except VocabularyMismatch as exc:
+            return self.stop_run(str(exc))
+        return True
+
+    def write_problem(self, p: _Problem) -> None:
+        """All N generations are in: one output line (the KD records first: the line is their commit point)."""
+        if self.capture is not None:
+            self.capture.commit(p.key, [getattr(x, "kd_record", None) for x in p.results])
+        self.appender.write(output_row(p, p.results))
+        p.results = []
+        self.summ.written += 1
+        if self.pbar is not None:
+            self.pbar.update(1)
+
+    def fail(self, p: _Problem, g: int, reason: str, attempts: int) -> None:
+        """A generation gave up: log it; its problem is not written this run (a rerun retries it)."""
+        self.summ.failed_generations += 1
+        self.failed_log.write({"uuid": p.key, "generation_index": g, "reason": reason, "attempts": attempts})
+        if not p.failed:
+            p.failed = True
+            self.summ.failed_problems += 1
+
+    def stop_run(self, reason: str) -> bool:
+        """Stop sending (the first reason is the one reported); returns False for the worker's caller."""
+        if not self.fatal:
+            self.fatal.append(reason)
+        self.stop.set()
+        return False
+
+    async def ticker(self) -> None:
+        """Every second: fsync what was written, and refresh the progress bar's rates."""
+        cfg, summ, client = self.cfg, self.summ, self.client
         while True:
             await asyncio.sleep(min(1.0, cfg.fsync_every))
-            if capture is not None:
-                capture.sync()  # the sidecar reaches the disk before the JSONL lines that commit it
-            appender.sync()
-            if pbar is not None:
-                dt = max(1e-9, time.perf_counter() - t0)
-                pbar.set_postfix_str(f"{summ.generations / dt:.1f} gen/s, {summ.completion_tokens / dt:.0f} tok/s, "
-                                     f"in-flight {client.in_flight}, retries {client.retries}, "
-                                     f"failed {summ.failed_generations}", refresh=False)
+            if self.capture is not None:
+                self.capture.sync()  # the sidecar reaches the disk before the JSONL lines that commit it
+            self.appender.sync()
+            if self.pbar is not None:
+                dt = max(1e-9, time.perf_counter() - self.t0)
+                self.pbar.set_postfix_str(f"{summ.generations / dt:.1f} gen/s, {summ.completion_tokens / dt:.0f} "
+                                          f"tok/s, in-flight {client.in_flight}, retries {client.retries}, "
+                                          f"failed {summ.failed_generations}", refresh=False)
 
-    loop = asyncio.get_running_loop()
-    installed = []
-    if install_signals:
-        def on_signal(signame: str) -> None:  # silent: the caller prints one line at the end
-            if not summ.interrupted:
-                summ.interrupted = True
-                summ.signal = signame
-                stop.set()
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> list[signal.Signals]:
+        """SIGINT/SIGTERM stop the run (see :meth:`on_signal`); returns the signals to uninstall."""
+        installed = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, on_signal, sig.name)
+                loop.add_signal_handler(sig, self.on_signal, sig.name)
                 installed.append(sig)
             except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread / Windows
                 pass
+        return installed
 
-    await client.open()
-    workers: list[asyncio.Future] = []
-    tick = asyncio.ensure_future(ticker())
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        if todo and not await _probe(cfg, client, stop, say, fatal):
-            stop.set()
-        if not stop.is_set():
-            workers = [asyncio.ensure_future(worker())
-                       for _ in range(max(1, min(2 * cfg.max_concurrent, len(todo) * n_gen)))]
-            all_done = asyncio.ensure_future(asyncio.wait(workers))
-            await asyncio.wait([all_done, stopper], return_when=asyncio.FIRST_COMPLETED)
-            all_done.cancel()
-            if stop.is_set():
-                for w in workers:
-                    w.cancel()
-            await asyncio.gather(all_done, *workers, return_exceptions=True)
-    finally:
-        for t in (tick, stopper):
-            t.cancel()
-        await asyncio.gather(tick, stopper, return_exceptions=True)
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        if capture is not None:
-            capture.close()
-            summ.kd_line = capture.line()
-        appender.close()
-        failed_log.close()
-        await client.close()
-        if pbar is not None:
-            pbar.close()
-    summ.seconds = time.perf_counter() - t0
-    summ.retries = client.retries
-    summ.usage_counted = client.usage_counted
-    if fatal:
-        summ.fatal = fatal[0]
-    if summ.failed_generations == 0 and fpath.exists() and fpath.stat().st_size == 0:
-        fpath.unlink()
-    return summ
+    def on_signal(self, signame: str) -> None:
+        """Silent: the caller prints one line at the end (:meth:`GenerateSummary.interrupted_line`)."""
+        if not self.summ.interrupted:
+            self.summ.interrupted = True
+            self.summ.signal = signame
+            self.stop.set()
+
+    async def _close(self) -> None:
+        """Close the sidecar, the output, the failure log, the client and the bar (in that order)."""
+        if self.capture is not None:
+            self.capture.close()
+            self.summ.kd_line = self.capture.line()
+        self.appender.close()
+        self.failed_log.close()
+        await self.client.close()
+        if self.pbar is not None:
+            self.pbar.close()
+
+    def finish(self) -> GenerateSummary:
+        """Fill in the summary; an empty failure log is removed (nothing failed)."""
+        summ = self.summ
+        summ.seconds = time.perf_counter() - self.t0
+        summ.retries = self.client.retries
+        summ.usage_counted = self.client.usage_counted
+        if self.fatal:
+            summ.fatal = self.fatal[0]
+        if summ.failed_generations == 0 and self.fpath.exists() and self.fpath.stat().st_size == 0:
+            self.fpath.unlink()
+        return summ
 
 
 async def _probe(cfg: GenerateConfig, client: Any, stop: asyncio.Event, say, fatal: list[str]) -> bool:
