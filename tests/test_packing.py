@@ -160,6 +160,22 @@ def test_differently_chunked_columns():
     assert pack_table(t, 16, 0)[0].to_pydict() == pack_table(base, 16, 0)[0].to_pydict()
 
 
+def test_columns_sliced_differently_pack_every_sample(monkeypatch):
+    """input_ids cut into more input slices than labels (chunks [5, 55] vs [60]): every sample is
+    still copied. The copy loop once zipped the two slice streams and stopped at the shorter one,
+    leaving the last rows' buffers unwritten (uninitialised memory in the output)."""
+    monkeypatch.setattr(packing, "_SLICE_TOKENS", 50)  # 10 samples of 5 tokens per slice
+    docs = [[i] * 5 for i in range(1, 61)]
+    base = make_table(docs)
+    ids, labs = base.column("input_ids").combine_chunks(), base.column("labels").combine_chunks()
+    t = pa.table({"input_ids": pa.chunked_array([ids.slice(0, 5), ids.slice(5)]), "labels": pa.chunked_array([labs])})
+    assert len(list(packing._slices(t.column("input_ids"), 50))) > len(list(packing._slices(t.column("labels"), 50)))
+    packed, stats = pack_table(t, 10, 0)
+    assert packed.to_pydict() == pack_table(base, 10, 0)[0].to_pydict()
+    assert Counter(x for r in packed.column("input_ids").to_pylist() for x in r) == {i: 5 for i in range(1, 61)}
+    assert stats.label_tokens == 60 * 4  # per document: labels[1:] (4 trained), then -100
+
+
 def test_seed_shuffles_rows_only():
     docs = [[i] * (1 + i % 7) for i in range(1, 200)]
     a, _ = pack_table(make_table(docs), 16, 0)

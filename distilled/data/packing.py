@@ -325,12 +325,30 @@ def pack_table(
     Raises ``ValueError`` naming the column and (0-based) row for unusable input: a missing or
     non-integer-list column, a null row or token, or ``labels`` whose length differs from
     ``input_ids``.
+
+    Steps, one function each: check the settings, read the two columns' lengths, select the
+    samples to pack, plan the rows (BFD), allocate the output with its padding, copy the samples
+    in, count the trained labels, wrap the buffers as Arrow.
     """
     t0 = time.perf_counter()
     seq_length, pad_id = _check_pack_args(seq_length, pad_id, overlong, boundary_label)
-    x_label = IGNORE_INDEX if boundary_label == "ignore" else pad_id
     S = seq_length
+    ids_col, lab_col, lengths = _input_columns(table)
+    stats = PackStats(samples_in=len(lengths), seq_length=S)
+    kept, eff = _select_samples(lengths, S, overlong, stats)
+    plan = _plan_rows(eff[kept], S, seed, stats)
+    out = _PackedBuffers.padded(plan, S, pad_id)
+    x_label = IGNORE_INDEX if boundary_label == "ignore" else pad_id
+    _copy_samples(ids_col, lab_col, kept, eff, plan.dest_start, out, x_label, S, progress)
+    stats.label_tokens = _count_trained(out.labels, S)
+    packed = _to_arrow(out.ids, out.labels, out.positions, plan.end_in_row, plan.row_doc_start, plan.n_rows, S)
+    stats.elapsed_s = time.perf_counter() - t0
+    return packed, stats
 
+
+def _input_columns(table) -> tuple[Any, Any, np.ndarray]:
+    """Step 2 of :func:`pack_table`: the ``input_ids`` and ``labels`` columns and the per-sample
+    lengths, refusing rows whose two columns differ in length (naming the row)."""
     ids_col = _column(table, "input_ids")
     lab_col = _column(table, "labels")
     lengths = _lengths(ids_col, "input_ids")
@@ -341,9 +359,16 @@ def pack_table(
             f"packing input row {bad} (0-based): labels has {int(lab_lengths[bad])} tokens but "
             f"input_ids has {int(lengths[bad])}"
         )
-    del lab_lengths
+    return ids_col, lab_col, lengths
 
-    stats = PackStats(samples_in=len(lengths), seq_length=S)
+
+def _select_samples(lengths: np.ndarray, S: int, overlong: str, stats: PackStats) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3 of :func:`pack_table`: which samples are packed, and how many tokens of each.
+
+    Returns ``(kept, eff)``: the input rows kept (ascending) and every sample's effective length
+    (``min(length, S)``, indexed by input row). Empty samples, and overlong ones under
+    ``overlong="drop"``, are left out; all of them are counted in ``stats``.
+    """
     empty = lengths == 0
     over = lengths > S
     stats.dropped_empty = int(empty.sum())
@@ -357,15 +382,33 @@ def pack_table(
     eff = np.minimum(lengths, S)
     kept = np.nonzero(keep)[0]
     stats.samples_packed = len(kept)
+    return kept, eff
 
-    # --- plan: row of each kept sample, its start inside the flat padded output -----------
-    bins = bfd_assign(eff[kept], S)
+
+@dataclass
+class _RowPlan:
+    """Where every kept sample goes (step 4 of :func:`pack_table`); nothing is copied yet.
+
+    Documents are listed row by row, in input order inside a row ("by row" below).
+    """
+
+    n_rows: int
+    dest_start: np.ndarray  # flat output offset of each kept sample (row * S + start), in `kept` order
+    fill: np.ndarray  # real tokens in each row
+    end_in_row: np.ndarray  # by row: each document's cumulative end inside its row (actual_seq_len)
+    row_doc_start: np.ndarray  # index of each row's first document in `end_in_row` (n_rows + 1 entries)
+
+
+def _plan_rows(eff_kept: np.ndarray, S: int, seed: int | None, stats: PackStats) -> _RowPlan:
+    """Step 4 of :func:`pack_table`: BFD rows for the kept samples (``eff_kept``: their lengths),
+    shuffled with ``seed`` if given, and each sample's place inside the flat padded output."""
+    bins = bfd_assign(eff_kept, S)
     n_rows = int(bins.max()) + 1 if len(bins) else 0
     if seed is not None and n_rows:
         relabel = np.random.default_rng(seed).permutation(n_rows)
         bins = relabel[bins]
     order = np.argsort(bins, kind="stable")  # by row, then input order inside a row
-    s_len = eff[kept][order]
+    s_len = eff_kept[order]
     s_row = bins[order]
     docs_per_row = np.bincount(s_row, minlength=n_rows)
     row_doc_start = np.zeros(n_rows + 1, dtype=np.int64)
@@ -384,34 +427,57 @@ def pack_table(
     stats.max_docs_per_row = int(docs_per_row.max()) if n_rows else 0
     stats.tokens = int(s_len.sum())
     stats.fill_ratio = stats.tokens / (n_rows * S) if n_rows else 0.0
+    return _RowPlan(n_rows, dest_start, fill, end_in_row, row_doc_start)
 
-    # --- output buffers: every element is written exactly once, by a contiguous copy ---------
-    total = n_rows * S
-    out_ids = np.empty(total, dtype=np.int32)
-    out_lab = np.empty(total, dtype=np.int32)
-    out_pos = np.empty(total, dtype=np.int32)
+
+@dataclass
+class _PackedBuffers:
+    """The flat ``n_rows * S`` int32 output columns; every element is written exactly once, by a
+    contiguous copy (padding tails here, documents in :func:`_copy_samples`)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    positions: np.ndarray
+
+    @classmethod
+    def padded(cls, plan: _RowPlan, S: int, pad_id: int) -> "_PackedBuffers":
+        """Step 5 of :func:`pack_table`: allocate the buffers and write each row's padding tail
+        ``[row*S + fill, row*S + S)``: pad id, ignored label, positions restarting at 0."""
+        total = plan.n_rows * S
+        out = cls(np.empty(total, dtype=np.int32), np.empty(total, dtype=np.int32), np.empty(total, dtype=np.int32))
+        ramp = np.arange(S, dtype=np.int32)
+        for row in np.nonzero(plan.fill < S)[0].tolist():
+            a, b = row * S + int(plan.fill[row]), (row + 1) * S
+            out.ids[a:b] = pad_id
+            out.labels[a:b] = IGNORE_INDEX
+            out.positions[a:b] = ramp[:b - a]
+        return out
+
+
+def _copy_samples(ids_col, lab_col, kept: np.ndarray, eff: np.ndarray, dest_start: np.ndarray,
+                  out: _PackedBuffers, x_label: int, S: int, progress: bool) -> None:
+    """Step 6 of :func:`pack_table`: copy every kept sample to its place, input slice by input
+    slice (each input row read once).
+
+    One Python step per *document* (three slice copies); none per token. The label shift is
+    folded into the copy: ``labels[1:]`` of the document, then ``x_label``.
+    """
+    out_ids, out_lab, out_pos = out.ids, out.labels, out.positions
     ramp = np.arange(S, dtype=np.int32)
-    # padding tails [row*S + fill, row*S + S): pad id, ignored label, positions restarting at 0
-    for row in np.nonzero(fill < S)[0].tolist():
-        a, b = row * S + int(fill[row]), (row + 1) * S
-        out_ids[a:b] = pad_id
-        out_lab[a:b] = IGNORE_INDEX
-        out_pos[a:b] = ramp[:b - a]
-
-    # --- copy every kept sample, input slice by input slice (each input row read once) -------
-    # One Python step per *document* (three slice copies); none per token. The label shift is
-    # folded into the copy: labels[1:] of the document, then X.
-    kept_pos = np.full(len(lengths), -1, dtype=np.int64)  # input row -> index in `kept`, or -1
+    kept_pos = np.full(len(eff), -1, dtype=np.int64)  # input row -> index in `kept`, or -1
     kept_pos[kept] = np.arange(len(kept))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=stats.samples_in, desc="Packing", unit="sample")
+        bar = tqdm(total=len(eff), desc="Packing", unit="sample")
+    # The ids slices drive the loop. Why not zip() with the labels' slices: columns chunked
+    # differently can give fewer labels slices, and zip() then silently skipped the last samples.
     lab_slices = _slices(lab_col, _SLICE_TOKENS)
-    for (row0, ids_arr), (row0_l, lab_arr) in zip(_slices(ids_col, _SLICE_TOKENS), lab_slices):
+    for row0, ids_arr in _slices(ids_col, _SLICE_TOKENS):
         m = len(ids_arr)
-        if len(lab_arr) != m or row0_l != row0:  # the two columns are chunked differently
+        row0_l, lab_arr = next(lab_slices, (-1, None))
+        if lab_arr is None or len(lab_arr) != m or row0_l != row0:  # the columns are chunked differently
             lab_arr = _take_rows(lab_col, row0, m)
         if bar is not None:
             bar.update(m)
@@ -431,14 +497,13 @@ def pack_table(
         del ids_vals, lab_vals
     if bar is not None:
         bar.close()
-    block = max(S, (_SLICE_TOKENS // S) * S)
-    stats.label_tokens = int(sum(
-        np.count_nonzero(out_lab[a:a + block] != IGNORE_INDEX) for a in range(0, total, block)
-    ))
 
-    packed = _to_arrow(out_ids, out_lab, out_pos, end_in_row, row_doc_start, n_rows, S)
-    stats.elapsed_s = time.perf_counter() - t0
-    return packed, stats
+
+def _count_trained(out_lab: np.ndarray, S: int) -> int:
+    """Step 7 of :func:`pack_table`: trained positions (label != -100), counted in blocks of about
+    ``_SLICE_TOKENS`` so the temporary boolean mask stays bounded."""
+    block = max(S, (_SLICE_TOKENS // S) * S)
+    return int(sum(np.count_nonzero(out_lab[a:a + block] != IGNORE_INDEX) for a in range(0, len(out_lab), block)))
 
 
 def to_dataset(packed: "pa.Table", key: str = "") -> "datasets.Dataset":
