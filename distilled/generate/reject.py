@@ -165,12 +165,17 @@ class SavedVerdict(NamedTuple):
     extracted: Any
     complete: bool
 
+    @classmethod
+    def of(cls, v: Any) -> "SavedVerdict":
+        """From a :class:`distilled.verify.Verdict` (the fields the outputs need, by name)."""
+        return cls(correct=v.correct, reason=v.reason, extracted=v.extracted, complete=v.complete)
 
-def _load_journal(path: Path, header: dict) -> dict[int, list] | None:
+
+def _load_journal(path: Path, header: dict) -> dict[int, list[SavedVerdict]] | None:
     """Verdicts of a previous run of the same job, or None when there is no usable journal."""
     if not path.exists():
         return None
-    done: dict[int, list] = {}
+    done: dict[int, list[SavedVerdict]] = {}
     first = True
     for _, obj in iter_jsonl(path):
         if isinstance(obj, BadLine):
@@ -180,8 +185,19 @@ def _load_journal(path: Path, header: dict) -> dict[int, list] | None:
                 return None
             first = False
             continue
-        done[int(obj["line"])] = obj["v"]
+        done[int(obj["line"])] = [SavedVerdict(*v) for v in obj["v"]]
     return None if first else done
+
+
+def _resume(cfg: RejectConfig, jpath: Path, header: dict) -> dict[int, list[SavedVerdict]]:
+    """The verdicts an interrupted run of the same job journalled; a journal of another job is removed."""
+    done = _load_journal(jpath, header)
+    if done is None:
+        if jpath.exists():
+            print(f"note: {jpath} belongs to another input or options; starting over", file=sys.stderr)
+            jpath.unlink()
+        done = {}
+    return done
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,10 +228,28 @@ def run_reject(cfg: RejectConfig) -> dict:
     """Judge every generation of ``cfg.src``; write kept/rejected rows and return the report.
 
     Raises ``RejectError`` for a missing file, bad options, or (``strict``) the first bad line.
+    The steps: check the options, resume from the journal, judge what it lacks (pass 1), write
+    the outputs from the journal (pass 2), report.
     """
-    from tqdm import tqdm
+    _check_options(cfg)
+    t0 = time.perf_counter()
+    header = _journal_header(cfg)
+    jpath = journal_path(cfg.dst)
+    done = _resume(cfg, jpath, header)
+    resumed_rows = len(done)
+    judged = _judge(cfg, jpath, header, done)
+    judge_s = time.perf_counter() - t0
+    counts, reasons = _write_outputs(cfg, done)
+    report = _report(cfg, counts, reasons, judged, resumed_rows, seconds=time.perf_counter() - t0, judge_s=judge_s)
+    if cfg.report:
+        write_json(cfg.report, report)
+    jpath.unlink(missing_ok=True)
+    return report
 
-    from distilled.verify import KINDS, REASONS, VerifierPool
+
+def _check_options(cfg: RejectConfig) -> None:
+    """Refuse bad options and an output that would overwrite the input, before any work."""
+    from distilled.verify import KINDS
 
     if cfg.keep not in KEEP_MODES:
         raise RejectError(f"--keep must be one of {', '.join(KEEP_MODES)}, got {cfg.keep!r}")
@@ -229,69 +263,84 @@ def run_reject(cfg: RejectConfig) -> dict:
         if out and Path(out).resolve() == Path(cfg.src).resolve():
             raise RejectError(f"{out}: an output may not overwrite the input")
 
-    t0 = time.perf_counter()
-    header = _journal_header(cfg)
-    jpath = journal_path(cfg.dst)
-    done = _load_journal(jpath, header)
-    if done is None:
-        if jpath.exists():
-            print(f"note: {jpath} belongs to another input or options; starting over", file=sys.stderr)
-            jpath.unlink()
-        done = {}
-    resumed_rows = len(done)
-    bad_lines: list[BadLine] = []
-    stats = {"new_generations": 0}
 
-    # ---- pass 1: judge whatever the journal does not have yet --------------------------------
-    total_lines = _count_lines(cfg.src)
-    rows_queue: collections.deque = collections.deque()
+@dataclass
+class _Judged:
+    """What pass 1 did (for the report)."""
 
-    def rows() -> Iterator[_Row]:
-        for line, obj in iter_jsonl(cfg.src):
-            if isinstance(obj, BadLine):
-                bad = obj
-            else:
-                r = _validate(cfg, line, obj)
-                if isinstance(r, _Row):
-                    if line in done:
-                        bar.update(1)
-                        continue
-                    yield r  # counted on the bar when its verdicts are in
-                    continue
-                bad = r
-            bar.update(1)
-            if cfg.strict:
-                raise RejectError(f"{bad} (--strict)")
-            bad_lines.append(bad)
+    bad_lines: list[BadLine]
+    new_generations: int = 0
+    killed_workers: int = 0
 
-    def items() -> Iterator[tuple]:
-        for r in rows():
-            rows_queue.append(r)
-            for g, fr in zip(r.generations, r.finish_reasons):
-                yield g, r.gold, fr, cfg.kind
 
-    with tqdm(total=total_lines, desc="reject", unit="row", disable=not cfg.progress or None) as bar, \
+def _judge(cfg: RejectConfig, jpath: Path, header: dict, done: dict[int, list[SavedVerdict]]) -> _Judged:
+    """Pass 1: judge every valid row the journal lacks; each row's verdicts go to ``done`` and the journal."""
+    from tqdm import tqdm
+
+    from distilled.verify import VerifierPool
+
+    judged = _Judged(bad_lines=[])
+    rows_queue: collections.deque = collections.deque()  # rows whose verdicts are on the way, oldest first
+    with tqdm(total=_count_lines(cfg.src), desc="reject", unit="row", disable=not cfg.progress or None) as bar, \
             JsonlAppender(jpath) as journal, \
             VerifierPool(workers=cfg.workers, timeout=cfg.timeout) as pool:
         if jpath.stat().st_size == 0:
             journal.write(header)
-        verdicts = pool.judge_many(items())
-        buf: list = []
-        for v in _with_empty_rows(verdicts, rows_queue):
-            if v is _ROW_END:
-                r = rows_queue.popleft()
-                done[r.line] = buf
-                journal.write({"line": r.line, "v": buf})
-                stats["new_generations"] += len(buf)
-                buf = []
-                bar.update(1)
-                continue
-            buf.append(list(SavedVerdict(v.correct, v.reason, v.extracted, v.complete)))
-        killed = pool.killed_workers
+        items = _items(_rows_to_judge(cfg, done, bar, judged.bad_lines), rows_queue, cfg.kind)
+        for r, verdicts in _verdicts_by_row(pool.judge_many(items), rows_queue):
+            done[r.line] = verdicts
+            journal.write({"line": r.line, "v": [list(v) for v in verdicts]})
+            judged.new_generations += len(verdicts)
+            bar.update(1)
+        judged.killed_workers = pool.killed_workers
         bar.update(max(0, bar.total - bar.n))  # blank lines are not rows
-    judge_s = time.perf_counter() - t0
+    return judged
 
-    # ---- pass 2: write the outputs atomically from the journal --------------------------------
+
+def _rows_to_judge(cfg: RejectConfig, done: dict, bar: Any, bad_lines: list[BadLine]) -> Iterator[_Row]:
+    """The valid input rows without journalled verdicts; a bad line is collected (``--strict``: raised).
+
+    Rows not yielded are counted on the bar here; a yielded one when its verdicts are in."""
+    for line, obj in iter_jsonl(cfg.src):
+        if isinstance(obj, BadLine):
+            bad = obj
+        else:
+            r = _validate(cfg, line, obj)
+            if isinstance(r, _Row):
+                if line in done:
+                    bar.update(1)
+                    continue
+                yield r
+                continue
+            bad = r
+        bar.update(1)
+        if cfg.strict:
+            raise RejectError(f"{bad} (--strict)")
+        bad_lines.append(bad)
+
+
+def _items(rows: Iterator[_Row], rows_queue: collections.deque, kind: str) -> Iterator[tuple]:
+    """The verifier's work items, one per generation; a row is queued before its first item."""
+    for r in rows:
+        rows_queue.append(r)
+        for g, fr in zip(r.generations, r.finish_reasons):
+            yield g, r.gold, fr, kind
+
+
+def _verdicts_by_row(verdicts: Iterator, rows_queue: collections.deque) -> Iterator[tuple[_Row, list[SavedVerdict]]]:
+    """Group the verifier's stream of verdicts back into ``(row, its verdicts)``, in input order."""
+    buf: list[SavedVerdict] = []
+    for v in _with_empty_rows(verdicts, rows_queue):
+        if v is _ROW_END:
+            yield rows_queue.popleft(), buf
+            buf = []
+        else:
+            buf.append(SavedVerdict.of(v))
+
+
+def _write_outputs(cfg: RejectConfig, done: dict[int, list[SavedVerdict]]) -> tuple[dict, Counter]:
+    """Pass 2: write the kept (and rejected) rows atomically from the verdicts; return the counts and
+    the rejection reasons. Input order, so a rerun writes byte-identical files."""
     reasons: Counter = Counter()
     rep = dict(rows_in=0, rows_kept=0, rows_rejected=0, rows_written=0, generations_in=0, generations_correct=0)
     rej_ctx = atomic_write(cfg.rejected) if cfg.rejected else _NullWriter()
@@ -299,7 +348,7 @@ def run_reject(cfg: RejectConfig) -> dict:
         for line, obj in iter_jsonl(cfg.src):
             if isinstance(obj, BadLine) or line not in done:
                 continue
-            vs = [SavedVerdict(*v) for v in done[line]]
+            vs = done[line]
             gens = obj[cfg.generations_column]
             correct = [bool(v.correct) for v in vs]
             out = dict(obj)
@@ -323,8 +372,15 @@ def run_reject(cfg: RejectConfig) -> dict:
                 row["kept_generation_index"] = i
                 kept_f.write(_dumps(row))
                 rep["rows_written"] += 1
-    seconds = time.perf_counter() - t0
-    report = {
+    return rep, reasons
+
+
+def _report(cfg: RejectConfig, counts: dict, reasons: Counter, judged: _Judged, resumed_rows: int, *,
+            seconds: float, judge_s: float) -> dict:
+    """REPORT.json (also what :func:`summary_line` prints)."""
+    from distilled.verify import REASONS
+
+    return {
         "src": cfg.src,
         "dst": cfg.dst,
         "rejected": cfg.rejected,
@@ -332,20 +388,16 @@ def run_reject(cfg: RejectConfig) -> dict:
         "kind": cfg.kind,
         "workers": cfg.workers,
         "timeout_s": cfg.timeout,
-        **rep,
+        **counts,
         "rejections_by_reason": {r: reasons.get(r, 0) for r in REASONS if r != "correct"},
-        "malformed_lines": len(bad_lines),
-        "malformed": [{"line": b.line, "reason": b.reason} for b in bad_lines[:10000]],
+        "malformed_lines": len(judged.bad_lines),
+        "malformed": [{"line": b.line, "reason": b.reason} for b in judged.bad_lines[:10000]],
         "resumed_rows": resumed_rows,
-        "killed_workers": killed,
+        "killed_workers": judged.killed_workers,
         "seconds": round(seconds, 3),
-        "generations_judged_now": stats["new_generations"],
-        "generations_per_s": round(stats["new_generations"] / judge_s, 2) if judge_s > 0 else None,
+        "generations_judged_now": judged.new_generations,
+        "generations_per_s": round(judged.new_generations / judge_s, 2) if judge_s > 0 else None,
     }
-    if cfg.report:
-        write_json(cfg.report, report)
-    jpath.unlink(missing_ok=True)
-    return report
 
 
 _ROW_END = object()
