@@ -330,3 +330,29 @@ def test_a_server_that_dies_mid_run_stops_the_run_instead_of_failing_every_probl
     assert summ.fatal and "no endpoint answers any more" in summ.fatal
     assert 0 < summ.written < 300 and summ.failed_problems < 20
     assert len(rows_of(tmp_path / "out.jsonl")) == summ.written
+
+
+def _parse_generate(argv: list[str]):
+    from distilled.cli import build_parser
+    from distilled.generate.runner import config_from_args
+
+    return config_from_args(build_parser().parse_args(["generate", *argv]))
+
+
+def test_cli_defaults_are_the_config_defaults():
+    """The flags are built from GenerateConfig's fields: no flag may default to anything else."""
+    got = _parse_generate(["--dataset-name", "p.jsonl", "--output-file", "o.jsonl"])
+    assert got == GenerateConfig(dataset_name="p.jsonl", output_file="o.jsonl", endpoints=["localhost:39876"])
+
+
+def test_cli_flags_reach_the_config_including_the_derived_ones():
+    got = _parse_generate(["--dataset-name", "p.jsonl", "--output-file", "o.jsonl", "--api-addr", "h1:1",
+                           "--base-url", "https://x/v1", "--api-addr", "h2:2", "--drop-columns", " generations, ,id",
+                           "--no-progress", "--stream", "--seed", "7", "--temperature", "0.1", "--top-logprobs", "5",
+                           "--tokenizer", "qwen2.5", "--wait-for-server", "2.5", "--allow-settings-change",
+                           "--num-generations", "2", "--uuid-column", "id", "--limit", "3"])
+    assert got.endpoints == ["h1:1", "h2:2", "https://x/v1"]  # --api-addr first, then --base-url
+    assert got.drop_columns == ("generations", "id")
+    assert (got.progress, got.stream, got.allow_settings_change) == (False, True, True)
+    assert (got.seed, got.temperature, got.top_logprobs, got.tokenizer) == (7, 0.1, 5, "qwen2.5")
+    assert (got.wait_for_server, got.num_generations, got.uuid_column, got.limit) == (2.5, 2, "id", 3)

@@ -248,3 +248,29 @@ def test_distill_help_lists_reject_without_heavy_imports():
     assert r.returncode == 0 and r.stdout.strip().endswith("[]"), r.stdout + r.stderr
     r = subprocess.run(DISTILL + ["reject", "--help"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and "--keep {first,shortest,all}" in r.stdout
+
+
+def test_cli_flags_reach_the_run(tmp_path, capsys):
+    """Every `distill reject` flag lands in the config the run uses (the report echoes it)."""
+    from distilled.cli import main
+    from distilled.verify import verify_workers_default
+
+    rows = [{"q": "x?", "gold": "5", "gens": [R1(r"$\boxed{5}$"), R1(r"$\boxed{5}$")], "why": ["stop", "length"]},
+            {"q": "y?", "gold": "2", "gens": [R1(r"$\boxed{3}$")], "why": ["stop"]}]
+    src = write_jsonl(tmp_path / "g.jsonl", rows)
+    out = {k: str(tmp_path / f"{k}.json{'l' if k != 'report' else ''}") for k in ("kept", "rej", "report")}
+    assert main(["reject", "--src", str(src), "--dst", out["kept"], "--rejected", out["rej"], "--report", out["report"],
+                 "--answer-column", "gold", "--generations-column", "gens", "--finish-reasons-column", "why",
+                 "--prompt-column", "q", "--keep", "all", "--kind", "math", "--workers", "0", "--timeout", "3",
+                 "--strict", "--no-progress"]) == 0
+    rep = json.loads(Path(out["report"]).read_text())
+    assert (rep["keep"], rep["kind"], rep["workers"], rep["timeout_s"], rep["rejected"]) == ("all", "math", 0, 3.0,
+                                                                                              out["rej"])
+    (kept,) = read_jsonl(out["kept"])  # generation 1 ended by length: only generation 0 is kept
+    assert kept["messages"][0]["content"] == "x?" and kept["correctness_math_verify"] == [True, False]
+    assert read_jsonl(out["rej"])[0]["q"] == "y?"
+    assert "reject: 2 rows (3 generations)" in capsys.readouterr().out
+    # without --workers: the CLI default is the machine's cores (the library's is 2)
+    assert main(["reject", "--src", str(src), "--dst", out["kept"], "--report", out["report"], "--answer-column", "gold",
+                 "--generations-column", "gens", "--finish-reasons-column", "why", "--no-progress"]) == 0
+    assert json.loads(Path(out["report"]).read_text())["workers"] == verify_workers_default()
