@@ -271,6 +271,7 @@ def test_cli_flags_reach_the_run(tmp_path, capsys):
     assert read_jsonl(out["rej"])[0]["q"] == "y?"
     assert "reject: 2 rows (3 generations)" in capsys.readouterr().out
     # without --workers: the CLI default is the machine's cores (the library's is 2)
-    assert main(["reject", "--src", str(src), "--dst", out["kept"], "--report", out["report"], "--answer-column", "gold",
-                 "--generations-column", "gens", "--finish-reasons-column", "why", "--no-progress"]) == 0
+    assert main(["reject", "--src", str(src), "--dst", out["kept"], "--report", out["report"],
+                 "--answer-column", "gold", "--generations-column", "gens", "--finish-reasons-column", "why",
+                 "--no-progress"]) == 0
     assert json.loads(Path(out["report"]).read_text())["workers"] == verify_workers_default()

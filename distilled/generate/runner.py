@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from distilled.generate.client import (DEFAULT_IDLE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_AFTER_MAX, ChatClient,
-                                      FatalAPIError, RetriesExhausted)
+from distilled.generate.client import (DEFAULT_IDLE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_AFTER_MAX,
+                                      ChatClient, FatalAPIError, RetriesExhausted)
 from distilled.io_utils import BadLine, JsonlAppender, atomic_write, iter_jsonl, location, read_rows
 from distilled.prompts import DEFAULT_PROMPT_TEMPLATE, build_messages, render_prompt  # noqa: F401 (re-exported)
 from distilled.settings import add_arguments, from_args, option
@@ -89,10 +89,12 @@ class GenerateConfig:
     max_concurrent: int = option(64, help="max requests in flight over all endpoints")
     temperature: float | None = option(0.6, help="")
     top_p: float | None = option(0.95, help="")
-    prompt_template: str = option(DEFAULT_PROMPT_TEMPLATE, help="user message template with {prompt} (default: open-r1's)")
+    prompt_template: str = option(
+        DEFAULT_PROMPT_TEMPLATE, help="user message template with {prompt} (default: open-r1's)")
     system_prompt: str | None = option(None, help="")
     request_timeout: float = option(  # per non-streamed attempt
-        DEFAULT_REQUEST_TIMEOUT, help="seconds per non-streamed attempt (default 3600: 32k tokens at 10 tok/s per sequence)")
+        DEFAULT_REQUEST_TIMEOUT,
+        help="seconds per non-streamed attempt (default 3600: 32k tokens at 10 tok/s per sequence)")
     max_retries: int = option(8, help="retries per generation after the first attempt")
     backoff_base: float = option(1.0, help="first retry delay in seconds (doubles)")
     seed: int | None = option(None, help="send seed = SEED*100003 + generation index")
