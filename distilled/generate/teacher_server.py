@@ -59,6 +59,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from distilled.generate.problems import latex_number, parse_problem, solve
+from distilled.settings import add_arguments, from_args, option
 
 FAULT_KINDS = ("429", "500", "reset", "slow", "truncated_json", "length", "stream_cut")
 DEFAULT_MODEL = "stand-in-teacher"
@@ -84,34 +85,62 @@ OPENAI_COMPLETION_FIELDS = frozenset({
 
 @dataclass
 class TeacherConfig:
-    """Every knob of the stand-in teacher (CLI flags map one to one)."""
+    """Every knob of the stand-in teacher; each documented field is also its ``distill serve-teacher``
+    flag (:mod:`distilled.settings`), in this order in ``--help``.
 
-    seed: int = 0
-    wrong_rate: float = 0.2
-    latency_ms: float = 0.0
-    latency_dist: str = "lognormal"  # or "fixed"
-    latency_sigma: float = 1.0  # log-normal shape: p99/median = exp(2.326 * sigma)
-    capacity: int = 0  # 0 = unlimited
-    fault_rate: float = 0.0
-    faults: tuple[str, ...] = FAULT_KINDS
-    retry_after: float = 1.0  # seconds sent in Retry-After with a 429
-    slow_ms: float = 2000.0  # extra delay of a "slow" fault
-    reasoning_content: bool = False  # return reasoning in message.reasoning_content, like vLLM's parser
-    max_tokens_cap: int | None = None
-    api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
-    model: str = DEFAULT_MODEL
-    strict_fields: bool = False  # 422 on fields outside the OpenAI API, like `transformers serve`
-    token_ms: float = 0.0  # delay per generated token (streamed: between chunks; else in total)
-    stream_usage: bool = True  # send the usage chunk when the request asks for it
-    stream_done: bool = True  # end a stream with "data: [DONE]" (transformers serve does not)
-    refuse_fields: tuple[str, ...] = ()  # answer 400 naming these fields (a server lacking an option)
-    # the student's tokenizer (a folder or 'qwen2.5'): with it, `logprobs`/`top_logprobs` (chat) and
-    # `logprobs: K` (+ `echo`, completions) are answered with realistic top-K log-probabilities over
-    # that tokenizer's tokens of the answer (distilled.kd.standin), as a teacher sharing the
-    # student's vocabulary would; without it such requests get 400
-    tokenizer: str | None = None
+    ``faults`` and ``refuse_fields`` are tuples; the CLI gives them as comma lists ("429,500"), which
+    :meth:`__post_init__` splits, so one field serves both. The key itself (``api_key``) is never a
+    flag (it would show in ``ps``): ``--api-key-env`` names the environment variable holding it.
+    """
+
+    model: str = option(DEFAULT_MODEL, help="model id served (requests may also say 'default')")
+    seed: int = option(0, help="")
+    wrong_rate: float = option(0.2, help="share of deliberately wrong answers")
+    latency_ms: float = option(0.0, help="mean latency per request in ms (0 = none)")
+    latency_dist: str = option("lognormal", help="", choices=("lognormal", "fixed"))
+    latency_sigma: float = option(1.0, help="log-normal sigma (1.0: p99 ~ 10x median)")
+    """log-normal shape: p99/median = exp(2.326 * sigma)"""
+    capacity: int = option(0, help="max requests served at once; the rest queue (0 = no cap)")
+    fault_rate: float = option(0.0, help="share of requests that get an injected fault")
+    faults: tuple[str, ...] | str = option(
+        FAULT_KINDS, help=f"fault kinds to draw from (default {','.join(FAULT_KINDS)})")
+    retry_after: float = option(1.0, help="seconds in the Retry-After of a 429")
+    slow_ms: float = option(2000.0, help="extra delay of a 'slow' fault")
+    reasoning_content: bool = option(
+        False, help="return the reasoning in message.reasoning_content (like vLLM --reasoning-parser)")
+    max_tokens_cap: int | None = option(
+        None, help="answer 400 when a request asks for more max_tokens than this")
+    api_key_env: str | None = option(None, help="require the key held in this environment variable")
+    """When set and ``api_key`` is not, ``api_key`` is read from this variable (empty: an error)."""
+    strict_fields: bool = option(
+        False, help="answer 422 to request fields outside the OpenAI API, as `transformers serve` does "
+                    "(catches vLLM-only fields such as include_stop_str_in_output)")
+    token_ms: float = option(
+        0.0, help="delay per generated token in ms (streamed: between chunks), so long answers take long")
+    stream_usage: bool = option(True, flag="--no-stream-usage",
+                                help="never send the usage chunk of a stream (clients must count)")
+    stream_done: bool = option(True, flag="--no-stream-done",
+                               help="end streams without 'data: [DONE]' (as transformers serve does)")
+    tokenizer: str | None = option(
+        None, metavar="DIR",
+        help="the student's tokenizer (folder or 'qwen2.5'): answer logprobs/top_logprobs requests with "
+             "realistic top-K log-probabilities over its tokens (logits distillation)")
+    """With it, ``logprobs``/``top_logprobs`` (chat) and ``logprobs: K`` (+ ``echo``, completions) are
+    answered with realistic top-K log-probabilities over that tokenizer's tokens of the answer
+    (:mod:`distilled.kd.standin`), as a teacher sharing the student's vocabulary would; without it
+    such requests get 400."""
+    refuse_fields: tuple[str, ...] | str = option(
+        (), metavar="F,...", help="answer 400 to requests carrying these fields (e.g. stream_options), like a "
+                                  "server without that option")
+    api_key: str | None = None  # no flag: when set, requests need "Authorization: Bearer <key>"
 
     def __post_init__(self) -> None:
+        self.faults = _comma_list(self.faults)
+        self.refuse_fields = _comma_list(self.refuse_fields)
+        if self.api_key_env and self.api_key is None:
+            self.api_key = os.environ.get(self.api_key_env) or None
+            if self.api_key is None:
+                raise ValueError(f"--api-key-env {self.api_key_env}: that environment variable is empty")
         bad = [f for f in self.faults if f not in FAULT_KINDS]
         if bad:
             raise ValueError(f"unknown fault kind(s) {bad}; choose from {', '.join(FAULT_KINDS)}")
@@ -119,6 +148,14 @@ class TeacherConfig:
             raise ValueError(f"latency_dist must be 'lognormal' or 'fixed', got {self.latency_dist!r}")
         if not 0.0 <= self.wrong_rate <= 1.0 or not 0.0 <= self.fault_rate <= 1.0:
             raise ValueError("wrong_rate and fault_rate must be within [0, 1]")
+
+
+def _comma_list(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """``"a, b"`` (the CLI form) or a sequence -> ``("a", "b")``; blanks dropped, ``None`` -> ``()``."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(s.strip() for s in items if s.strip())
 
 
 # --- answer composition (pure functions) --------------------------------------------------------
@@ -690,23 +727,12 @@ def start_in_thread(config: TeacherConfig | None = None, host: str = "127.0.0.1"
     return RunningServer(server, host, ready["port"], loop, th, ready["runner"])
 
 
-def config_from_args(args: argparse.Namespace) -> TeacherConfig:
-    """Map CLI flags to a :class:`TeacherConfig` (the key comes from an env var, never a flag)."""
-    api_key = None
-    if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env)
-        if not api_key:
-            raise SystemExit(f"error: --api-key-env {args.api_key_env}: that environment variable is empty")
-    faults = tuple(f.strip() for f in args.faults.split(",") if f.strip())
-    return TeacherConfig(seed=args.seed, wrong_rate=args.wrong_rate, latency_ms=args.latency_ms,
-                         latency_dist=args.latency_dist, latency_sigma=args.latency_sigma, capacity=args.capacity,
-                         fault_rate=args.fault_rate, faults=faults, retry_after=args.retry_after,
-                         slow_ms=args.slow_ms, reasoning_content=args.reasoning_content,
-                         max_tokens_cap=args.max_tokens_cap, api_key=api_key, model=args.model,
-                         strict_fields=args.strict_fields, token_ms=args.token_ms,
-                         stream_usage=not args.no_stream_usage, stream_done=not args.no_stream_done,
-                         refuse_fields=tuple(f.strip() for f in (args.refuse_fields or "").split(",") if f.strip()),
-                         tokenizer=args.tokenizer)
+@dataclass
+class ServeArgs:
+    """Where ``distill serve-teacher`` listens (flags before the :class:`TeacherConfig` ones)."""
+
+    port: int = option(help="")
+    host: str = option("127.0.0.1", help="")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -714,16 +740,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     try:
-        cfg = config_from_args(args)
+        cfg = from_args(TeacherConfig, args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    where = from_args(ServeArgs, args)
     server = TeacherServer(cfg)
     lat = f"{cfg.latency_ms:g} ms mean ({cfg.latency_dist})" if cfg.latency_ms > 0 else "no added latency"
-    print(f"stand-in teacher (NOT a real model) on http://{args.host}:{args.port}/v1, model {cfg.model!r}; "
+    print(f"stand-in teacher (NOT a real model) on http://{where.host}:{where.port}/v1, model {cfg.model!r}; "
           f"{lat}; capacity {cfg.capacity or 'unlimited'}; wrong-rate {cfg.wrong_rate:g}; "
           f"fault-rate {cfg.fault_rate:g}", flush=True)
-    web.run_app(server.make_app(), host=args.host, port=args.port, access_log=None, print=None,
+    web.run_app(server.make_app(), host=where.host, port=where.port, access_log=None, print=None,
                 handle_signals=True, handler_cancellation=True)
     return 0
 
@@ -734,39 +761,6 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                        description="A stand-in teacher for offline use, tests and the demo: an OpenAI-compatible "
                                    "server that solves `distill problems synth` problems R1-style. It is NOT "
                                    "DeepSeek-R1; use vLLM/SGLang/MindIE for real distillation.")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model id served (requests may also say 'default')")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wrong-rate", type=float, default=0.2, help="share of deliberately wrong answers")
-    p.add_argument("--latency-ms", type=float, default=0.0, help="mean latency per request in ms (0 = none)")
-    p.add_argument("--latency-dist", choices=("lognormal", "fixed"), default="lognormal")
-    p.add_argument("--latency-sigma", type=float, default=1.0,
-                   help="log-normal sigma (1.0: p99 ~ 10x median)")
-    p.add_argument("--capacity", type=int, default=0, help="max requests served at once; the rest queue (0 = no cap)")
-    p.add_argument("--fault-rate", type=float, default=0.0, help="share of requests that get an injected fault")
-    p.add_argument("--faults", default=",".join(FAULT_KINDS),
-                   help=f"fault kinds to draw from (default {','.join(FAULT_KINDS)})")
-    p.add_argument("--retry-after", type=float, default=1.0, help="seconds in the Retry-After of a 429")
-    p.add_argument("--slow-ms", type=float, default=2000.0, help="extra delay of a 'slow' fault")
-    p.add_argument("--reasoning-content", action="store_true",
-                   help="return the reasoning in message.reasoning_content (like vLLM --reasoning-parser)")
-    p.add_argument("--max-tokens-cap", type=int, default=None,
-                   help="answer 400 when a request asks for more max_tokens than this")
-    p.add_argument("--api-key-env", default=None, help="require the key held in this environment variable")
-    p.add_argument("--strict-fields", action="store_true",
-                   help="answer 422 to request fields outside the OpenAI API, as `transformers serve` does "
-                        "(catches vLLM-only fields such as include_stop_str_in_output)")
-    p.add_argument("--token-ms", type=float, default=0.0,
-                   help="delay per generated token in ms (streamed: between chunks), so long answers take long")
-    p.add_argument("--no-stream-usage", action="store_true",
-                   help="never send the usage chunk of a stream (clients must count)")
-    p.add_argument("--no-stream-done", action="store_true",
-                   help="end streams without 'data: [DONE]' (as transformers serve does)")
-    p.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="the student's tokenizer (folder or 'qwen2.5'): answer logprobs/top_logprobs requests with "
-                        "realistic top-K log-probabilities over its tokens (logits distillation)")
-    p.add_argument("--refuse-fields", default=None, metavar="F,...",
-                   help="answer 400 to requests carrying these fields (e.g. stream_options), like a server "
-                        "without that option")
+    add_arguments(p, ServeArgs)
+    add_arguments(p, TeacherConfig)
     p.set_defaults(func=cmd_serve)
