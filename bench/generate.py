@@ -32,13 +32,11 @@ import math
 import os
 import random
 import resource
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,49 +44,19 @@ sys.path.insert(0, str(REPO))
 
 from distilled.generate.runner import GenerateConfig, run_generate  # noqa: E402
 from distilled.generate.problems import synth  # noqa: E402
+from distilled.generate.teacher_server import SpawnedTeacher, spawn_teacher  # noqa: E402
 
 
 # --- server management --------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`distill serve-teacher` in its own process (so its CPU is not the client's)."""
-
-    def __init__(self, *flags: str):
-        self.port = _free_port()
-        self.addr = f"127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "distilled", "serve-teacher", "--port", str(self.port),
-                                      *flags], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://{self.addr}/v1/models", timeout=1).read()
-                break
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("serve-teacher did not start")
-                time.sleep(0.1)
-
-    def stats(self) -> dict:
-        return json.loads(urllib.request.urlopen(f"http://{self.addr}/stats", timeout=10).read())
-
-    def reset(self) -> None:
-        urllib.request.urlopen(urllib.request.Request(f"http://{self.addr}/stats/reset", data=b"{}",
-                                                      method="POST"), timeout=10).read()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(15)
+def serve(*flags: str) -> AbstractContextManager[SpawnedTeacher]:
+    """`distill serve-teacher` in its own process (so its CPU is not the client's), stopped on exit."""
+    return spawn_teacher(list(flags), cwd=REPO)
 
 
 class Sampler(threading.Thread):
     """Polls the server's completion counter, so throughput can be read over any window."""
 
-    def __init__(self, server: Server, every: float = 0.25):
+    def __init__(self, server: SpawnedTeacher, every: float = 0.25):
         super().__init__(daemon=True)
         self.server, self.every, self.points = server, every, []
         self._halt = threading.Event()
@@ -188,14 +156,13 @@ def throughput_scenario(a, tmp: Path) -> dict:
     probs = synth(a.problems, seed=0)
     ppath = tmp / "problems.jsonl"
     ppath.write_text("".join(json.dumps(p) + "\n" for p in probs))
-    srv = Server("--capacity", str(a.capacity), "--latency-ms", str(a.latency_ms), "--latency-dist", "lognormal",
-                 "--latency-sigma", str(a.sigma), "--seed", "0")
     res = {}
-    try:
+    with serve("--capacity", str(a.capacity), "--latency-ms", str(a.latency_ms), "--latency-dist", "lognormal",
+               "--latency-sigma", str(a.sigma), "--seed", "0") as srv:
         for name in ("ours", "open-r1 batch-of-500", "open-r1 task pool"):
             if a.only and name not in a.only.split(","):
                 continue
-            srv.reset()
+            srv.reset_stats()
             out = str(tmp / f"out-{name.replace(' ', '_')}.jsonl")
             sampler = Sampler(srv)
             sampler.start()
@@ -218,8 +185,6 @@ def throughput_scenario(a, tmp: Path) -> dict:
             print(f"  {name:22s} {r['seconds']:6.1f}s  {r['gen_per_s']:7.1f} gen/s  "
                   f"steady {steady:7.1f}/s  ideal {ideal:7.1f}/s  steady/ideal {r['steady_vs_ideal']:.3f}  "
                   f"whole-run/ideal {r['whole_vs_ideal']:.3f}  written {r['written']}", flush=True)
-    finally:
-        srv.stop()
     return res
 
 
@@ -227,9 +192,8 @@ def cpu_scenario(a, tmp: Path) -> dict:
     """Client CPU per request against a zero-latency server (its CPU is in another process)."""
     from distilled.generate.client import ChatClient, map_requests
 
-    srv = Server("--seed", "0")
     out = {}
-    try:
+    with serve("--seed", "0") as srv:
         async def raw(n: int) -> None:
             async with ChatClient([srv.addr], a.model, max_concurrent=64) as c:
                 msgs = [{"role": "user", "content": "What is 20% of 45?"}]
@@ -253,8 +217,6 @@ def cpu_scenario(a, tmp: Path) -> dict:
             print(f"  {name:22s} {a.cpu_requests / cpu:7.0f} requests per client CPU-second "
                   f"({a.cpu_requests / (w1 - w0):6.0f} req/s wall, server and other jobs sharing the 2 cores)",
                   flush=True)
-    finally:
-        srv.stop()
     return out
 
 
@@ -262,19 +224,16 @@ def fault_scenario(a, tmp: Path) -> dict:
     probs = synth(a.fault_problems, seed=2)
     ppath = tmp / "fault.jsonl"
     ppath.write_text("".join(json.dumps(p) + "\n" for p in probs))
-    srv = Server("--capacity", str(a.capacity), "--latency-ms", "50", "--latency-dist", "lognormal", "--seed", "0",
-                 "--fault-rate", "0.03", "--faults", "429,500", "--retry-after", "1")
     out = {}
-    try:
-        srv.reset()
+    with serve("--capacity", str(a.capacity), "--latency-ms", "50", "--latency-dist", "lognormal", "--seed", "0",
+               "--fault-rate", "0.03", "--faults", "429,500", "--retry-after", "1") as srv:
+        srv.reset_stats()
         out["ours"] = asyncio.run(run_ours(str(ppath), srv.addr, a, str(tmp / "f-ours.jsonl"), backoff_base=0.5))
-        srv.reset()
+        srv.reset_stats()
         out["open-r1 task pool"] = asyncio.run(run_openr1(probs, srv.addr, a, str(tmp / "f-o.jsonl"), "pool"))
         for k, v in out.items():
             print(f"  {k:22s} written {v['written']}/{len(probs)}  lost {len(probs) - v['written']}  "
                   f"({v['seconds']:.1f}s)", flush=True)
-    finally:
-        srv.stop()
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -304,3 +305,69 @@ def test_token_ms_no_usage_no_done_like_transformers_serve():
         t0 = time.perf_counter()
         st, _h, raw = post(srv, "/completions", {k: v for k, v in q.items() if k != "stream_options"})
         assert st == 200 and time.perf_counter() - t0 >= 0.36  # the same delay, all at once
+
+
+def test_spawn_teacher_runs_the_cli_with_the_config_and_always_stops_it(tmp_path):
+    """spawn_teacher: a real `distill serve-teacher` process built from a TeacherConfig (the flags
+    round-trip: /stats shows the same config), answering on 127.0.0.1, gone after the block (and
+    after a block that raised)."""
+    from dataclasses import asdict
+
+    from distilled.generate.teacher_server import API_KEY_ENV, spawn_teacher
+
+    cfg = TeacherConfig(capacity=4, seed=3, wrong_rate=0.0, faults=("429", "500"), latency_dist="fixed",
+                        stream_usage=False, refuse_fields=("stream_options",), api_key="k-spawn")
+    log = tmp_path / "logs" / "teacher.log"
+    lines = []
+    with spawn_teacher(cfg, log=log, echo=lines.append) as t:
+        assert t.host == "127.0.0.1" and t.proc.poll() is None
+        got = t.stats()["config"]
+        want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "api_key"}
+        assert got == {**want, "api_key_env": API_KEY_ENV}
+        body = {"model": "stand-in-teacher", "messages": [{"role": "user", "content": "What is 10% of 50?"}]}
+        assert post(t, "/chat/completions", body)[0] == 401  # the key went through the environment
+        st, _h, raw = post(t, "/chat/completions", body, {"Authorization": "Bearer k-spawn"})
+        assert st == 200 and "\\boxed{5}" in json.loads(raw)["choices"][0]["message"]["content"]
+        proc, port = t.proc, t.port
+    assert proc.returncode == 0  # SIGTERM: a clean shutdown, and the child was reaped
+    with pytest.raises(ProcessLookupError):
+        os.kill(proc.pid, 0)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+    assert lines and "k-spawn" not in lines[0] and "--capacity 4" in lines[0]
+    assert "NOT a real model" in log.read_text()
+    with pytest.raises(KeyError, match="boom"):
+        with spawn_teacher(["--seed", "1"]) as t:
+            proc = t.proc
+            raise KeyError("boom")
+    assert proc.returncode is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(proc.pid, 0)
+
+
+def test_spawn_teacher_names_the_log_when_the_server_exits_at_once(tmp_path):
+    from distilled.generate.teacher_server import TeacherStartError, spawn_teacher
+
+    log = tmp_path / "t.log"
+    with pytest.raises(TeacherStartError, match=r"serve-teacher exited 2 \(log: .*t\.log\)") as err:
+        with spawn_teacher(["--wrong-rate", "2"], log=log):
+            raise AssertionError("the block must not run")
+    assert err.value.returncode == 2 and err.value.log == log
+    assert "wrong_rate and fault_rate must be within [0, 1]" in log.read_text()
+    # a deadline that passes before Python has even started: the error says so, and the process is stopped
+    seen = []
+    with pytest.raises(TeacherStartError, match=r"did not start within 0 s \(log: ") as err:
+        with spawn_teacher(["--seed", "1"], log=log, timeout=0, echo=seen.append):
+            raise AssertionError("the block must not run")
+    assert err.value.returncode is None
+    port = seen[0].split("--port ")[1].split()[0]
+    alive = [d for d in os.listdir("/proc") if d.isdigit() and _cmdline(d).endswith(f"--port {port} --seed 1")]
+    assert alive == []
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""

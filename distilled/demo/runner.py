@@ -15,12 +15,10 @@ import contextlib
 import json
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -173,40 +171,21 @@ class Demo:
 
     @contextlib.contextmanager
     def teacher(self) -> Iterator[str]:
-        """Start the stand-in teacher on 127.0.0.1 in the background; always stop it."""
-        port = _free_port()
-        log = self.p("logs", "serve-teacher.log")
-        log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [self.cfg.python, "-m", "distilled", "serve-teacher", "--host", "127.0.0.1", "--port", str(port),
-               "--wrong-rate", str(self.cfg.wrong_rate), "--latency-ms", "20", "--capacity", "32",
-               "--seed", str(self.cfg.seed)]
+        """Start the stand-in teacher on 127.0.0.1 in the background; always stop it
+        (:func:`~distilled.generate.teacher_server.spawn_teacher`)."""
+        from distilled.generate.teacher_server import TeacherStartError, spawn_teacher
+
+        flags = ["--wrong-rate", str(self.cfg.wrong_rate), "--latency-ms", "20", "--capacity", "32",
+                 "--seed", str(self.cfg.seed)]
         if self.cfg.kd:
-            cmd += ["--tokenizer", str(self.p("tokenizer"))]
-        print(f"  $ {shlex.join(cmd)} &", flush=True)
-        with open(log, "ab") as lf:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=lf, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            flags += ["--tokenizer", str(self.p("tokenizer"))]
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                if proc.poll() is not None:
-                    raise StageFailed(f"stage 'generate': serve-teacher exited {proc.returncode} (log: {log})")
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1).read()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise StageFailed("stage 'generate': serve-teacher did not start within 60 s")
-                    time.sleep(0.2)
-            yield f"127.0.0.1:{port}"
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+            with spawn_teacher(flags, log=self.p("logs", "serve-teacher.log"), python=self.cfg.python,
+                               env=self.env, cwd=REPO, timeout=60,
+                               echo=lambda line: print(f"  $ {line} &", flush=True)) as t:
+                yield t.addr
+        except TeacherStartError as exc:
+            raise StageFailed(f"stage 'generate': {exc}") from None
 
     # -- stage bookkeeping ---------------------------------------------------
     def stage(self, name: str, fn: Callable[[], StageResult]) -> StageResult:

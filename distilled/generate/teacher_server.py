@@ -35,8 +35,11 @@ What it does and why:
 - ``--strict-fields`` answers 422 "Unexpected fields in the request: {...}" to any field outside the
   OpenAI API, as ``transformers serve`` does, so tests catch vLLM-only extensions.
 
-For tests: :func:`start_in_thread` starts it on a free port in a background thread and returns a
-handle with ``.addr``, ``.base_url``, ``.stats()``, ``.config`` (mutable at run time) and ``.stop()``.
+Two ways to run it, both on a free port of 127.0.0.1 by default: :func:`start_in_thread` (in this
+process, a background thread; a handle with ``.addr``, ``.base_url``, ``.stats()``, ``.config``
+mutable at run time, and ``.stop()``), for tests; :func:`spawn_teacher` (a context manager running
+``python -m distilled serve-teacher`` as its own process, waiting until it answers and always
+stopping it), for benchmarks and the demo. Nothing else starts the server.
 """
 
 from __future__ import annotations
@@ -44,19 +47,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import random
 import re
+import shlex
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from distilled.generate.problems import latex_number, parse_problem, solve
 from distilled.settings import add_arguments, from_args, option
@@ -685,6 +694,11 @@ class RunningServer:
 def start_in_thread(config: TeacherConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
     """Start the stand-in teacher in a background thread (its own event loop); port 0 = a free one.
 
+    The in-process way: use it when a test needs the server object (``.config`` changed at run time,
+    ``.stats()`` without HTTP) and should not pay a process start. For a separate process (a
+    benchmark's server must not share the client's CPU; the demo runs the real command) use
+    :func:`spawn_teacher`.
+
     >>> srv = start_in_thread(TeacherConfig(latency_ms=5))
     >>> srv.addr  # doctest: +SKIP
     '127.0.0.1:40123'
@@ -725,6 +739,169 @@ def start_in_thread(config: TeacherConfig | None = None, host: str = "127.0.0.1"
     if "error" in ready:
         raise ready["error"]
     return RunningServer(server, host, ready["port"], loop, th, ready["runner"])
+
+
+# --- as a separate process ------------------------------------------------------------------------
+API_KEY_ENV = "DISTILLED_TEACHER_API_KEY"
+"""The variable :func:`spawn_teacher` hands a :class:`TeacherConfig`'s ``api_key`` through (never argv)."""
+
+
+class TeacherStartError(RuntimeError):
+    """The spawned ``serve-teacher`` exited, or did not answer in time; the message names its log.
+
+    ``returncode`` is the exit status, or None when it was still running at the deadline.
+    """
+
+    def __init__(self, message: str, returncode: int | None, log: Path | None):
+        super().__init__(message)
+        self.returncode, self.log = returncode, log
+
+
+@dataclass
+class SpawnedTeacher:
+    """Handle to a ``distill serve-teacher`` process started by :func:`spawn_teacher`."""
+
+    proc: subprocess.Popen
+    host: str
+    port: int
+    cmd: list[str]
+    log: Path | None = None
+
+    @property
+    def addr(self) -> str:
+        """``host:port`` (what ``--api-addr`` takes), as :attr:`RunningServer.addr`."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port/v1`` (what ``--base-url`` takes), as :attr:`RunningServer.base_url`."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def stats(self) -> dict:
+        """The server's counters (``GET /stats``)."""
+        with urllib.request.urlopen(f"http://{self.addr}/stats", timeout=10) as r:
+            return json.loads(r.read())
+
+    def reset_stats(self) -> None:
+        """Zero the counters (``POST /stats/reset``)."""
+        req = urllib.request.Request(f"http://{self.addr}/stats/reset", data=b"{}", method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            r.read()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def teacher_flags(config: TeacherConfig) -> list[str]:
+    """The ``serve-teacher`` flags that rebuild ``config`` (options that differ from their default).
+
+    ``api_key`` (no flag) and ``api_key_env`` are left out: :func:`spawn_teacher` passes the key
+    through the environment.
+
+    >>> teacher_flags(TeacherConfig(capacity=4, faults=("429", "500"), stream_done=False))
+    ['--capacity', '4', '--faults', '429,500', '--no-stream-done']
+    """
+    out: list[str] = []
+    for f in dataclasses.fields(TeacherConfig):
+        if "help" not in f.metadata or f.name == "api_key_env":
+            continue
+        value = getattr(config, f.name)
+        default = _comma_list(f.default) if isinstance(value, tuple) else f.default
+        if value == default:
+            continue
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):  # store_true, or a --no- flag switching a True default off
+            out.append(flag)
+        elif isinstance(value, tuple):
+            out += [flag, ",".join(value)]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, timeout: float, log: Path | None) -> None:
+    """Poll ``url`` until it answers; raise :class:`TeacherStartError` if ``proc`` exits first."""
+    where = f"log: {log}" if log is not None else "no log: pass log= to keep its output"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise TeacherStartError(f"serve-teacher exited {proc.returncode} ({where})", proc.returncode, log)
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TeacherStartError(f"serve-teacher did not start within {timeout:g} s ({where})", None, log)
+            time.sleep(0.1)
+            continue
+        if proc.poll() is not None:  # another server answered on that port, ours failed to bind
+            raise TeacherStartError(f"serve-teacher exited {proc.returncode} ({where})", proc.returncode, log)
+        return
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the process group (the server shuts down cleanly), SIGKILL after ``grace`` s; reap it."""
+    if proc.poll() is None:  # once reaped its pid may belong to someone else: never signal it then
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def spawn_teacher(flags: Sequence[str] | TeacherConfig = (), *, host: str = "127.0.0.1", port: int | None = None,
+                  log: Path | str | None = None, python: str = sys.executable, env: Mapping[str, str] | None = None,
+                  cwd: Path | str | None = None, timeout: float = 60.0, grace: float = 10.0,
+                  echo: Callable[[str], None] | None = None) -> Iterator[SpawnedTeacher]:
+    """Run ``python -m distilled serve-teacher`` in its own process for the ``with`` block.
+
+    Which to use: :func:`start_in_thread` when the test needs the server object itself (change
+    ``.config`` at run time, read ``.stats()`` without HTTP) and start-up cost matters; this one
+    when the teacher must be a real, separate process: its CPU is not the client's (benchmarks),
+    it is the very command a user runs (the demo), or the test is about the CLI.
+
+    ``flags`` are ``serve-teacher`` flags (``--port``/``--host`` are added from ``port``/``host``;
+    port None = a free one) or a :class:`TeacherConfig` (see :func:`teacher_flags`; its
+    ``api_key`` goes through the environment as ``$DISTILLED_TEACHER_API_KEY``). Its output is
+    appended to ``log`` (None: discarded). ``echo``, when given, gets the shell-quoted command first.
+    Returns once ``GET /v1/models`` answers; :class:`TeacherStartError` (naming the log) when the
+    process exits first or ``timeout`` seconds pass. On leaving the block, exception or not, the
+    process group gets SIGTERM, then SIGKILL after ``grace`` seconds, and the child is reaped.
+
+    >>> with spawn_teacher(TeacherConfig(seed=3)) as t:  # doctest: +SKIP
+    ...     t.stats()["config"]["seed"]
+    3
+    """
+    extra_env: dict[str, str] = {}
+    if isinstance(flags, TeacherConfig):
+        argv = teacher_flags(flags)
+        if flags.api_key:
+            extra_env[API_KEY_ENV] = flags.api_key
+            argv += ["--api-key-env", API_KEY_ENV]
+    else:
+        argv = list(flags)
+    port = port or _free_port(host)
+    cmd = [python, "-m", "distilled", "serve-teacher", "--host", host, "--port", str(port), *argv]
+    child_env = None if env is None and not extra_env else {**(os.environ if env is None else env), **extra_env}
+    if echo is not None:
+        echo(shlex.join(cmd))
+    log = Path(log) if log is not None else None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") if log is not None else open(os.devnull, "wb") as out:  # the child keeps its copy
+        proc = subprocess.Popen(cmd, cwd=cwd, env=child_env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        _wait_ready(proc, f"http://{host}:{port}/v1/models", timeout, log)
+        yield SpawnedTeacher(proc, host, port, cmd, log)
+    finally:
+        _stop(proc, grace)
 
 
 @dataclass
