@@ -116,3 +116,35 @@ def test_score_teacher_scores_existing_traces(tmp_path, srv, qwen_tokenizer_dir,
             assert check_sampled(ans, rec.sampled_ids, vocab) == rec.n_tokens
     s2 = asyncio.run(run_score(cfg))  # resumable: nothing left to score
     assert s2["to_score"] == 0 and s2["already_done"] == 6
+
+
+def test_score_teacher_cli_scores_every_generation_with_the_system_prompt(tmp_path, srv, qwen_tokenizer_dir,
+                                                                          qwen_tokenizer):
+    """`distill score-teacher --generations-column`: one sidecar record per generation; the prompt is
+    [system, user] (the shared message build), a row without the columns is skipped with a warning."""
+    from distilled.cli import main
+    from distilled.kd.score import ScoreConfig, _items
+
+    rows = [{"problem_key": p["id"], "prompt": p["problem"],
+             "generations": [f"<think>\nTry {g}.\n</think>\n\nSo $\\boxed{{{i + g}}}$." for g in range(2)]}
+            for i, p in enumerate(synth(3, seed=7))]
+    src = tmp_path / "generations.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"problem_key": "x"}) + "\n")
+    out = tmp_path / "gens.topk.bin"
+    argv = ["score-teacher", "--input", str(src), "--output", str(out), "--tokenizer", str(qwen_tokenizer_dir),
+            "--top-logprobs", str(K), "--model", "stand-in-teacher", "--api-addr", srv.addr,
+            "--generations-column", "generations", "--system-prompt", "Be brief.", "--no-progress"]
+    assert main(argv) == 0
+    with SidecarReader(out, verify="all") as r:
+        for row in rows:
+            for g, ans in enumerate(row["generations"]):
+                np.testing.assert_array_equal(r.get(row["problem_key"], g).sampled_ids,
+                                              qwen_tokenizer.encode(ans, add_special_tokens=False))
+    warnings: list[str] = []
+    cfg = ScoreConfig(input=str(src), output=str(out), tokenizer="qwen2.5", generations_column="generations",
+                      system_prompt="Be brief.")
+    items = list(_items(cfg, warnings.append))
+    assert cfg.endpoints == ["localhost:39876"]  # no --api-addr/--base-url: the documented default
+    assert len(items) == 6 and items[0].messages == [{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": rows[0]["prompt"]}]
+    assert len(warnings) == 1 and "generations.jsonl:4" in warnings[0]
