@@ -4,7 +4,7 @@ The doors (each module keeps heavy imports inside its functions, so importing on
 
 * ``runner``         -- ``distill generate``: ``GenerateConfig``, ``run_generate`` (resume, settings check, streaming)
 * ``client``         -- the OpenAI-compatible client: ``ChatClient`` (endpoints, retries, SSE), ``chat_sync``
-* ``teacher_server`` -- ``distill serve-teacher``: the stand-in (``TeacherConfig``, ``spawn_teacher``, ``start_in_thread``)
+* ``teacher_server`` -- ``distill serve-teacher``: the offline stand-in teacher (``TeacherConfig``, ``spawn_teacher``)
 * ``problems``       -- ``distill problems``: synthetic problems with exact answers (``synth``, ``solve``)
 * ``reject``         -- ``distill reject``: ``RejectConfig``, ``run_reject`` (math-verify, killable workers, resume)
 """
