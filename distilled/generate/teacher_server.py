@@ -263,6 +263,18 @@ class _Stats:
     started: float = field(default_factory=time.time)
 
 
+@dataclass
+class _Asked:
+    """A checked request: what to answer and how."""
+
+    prompt: str  # the text answered: the last user turn, or the completion prompt
+    prompt_all: str  # every turn's text, counted for usage.prompt_tokens
+    max_tokens: int
+    n: int
+    lp_k: int | None  # top log-probabilities asked for (None: none)
+    stream: bool
+
+
 class TeacherServer:
     """The aiohttp application and its state; :meth:`make_app` builds the routes."""
 
@@ -354,6 +366,25 @@ class TeacherServer:
             st.in_flight -= 1
 
     async def _handle_inner(self, request, chat: bool):
+        """Check the request, maybe inject a fault, then answer it: each step below may answer early."""
+        body = await self._read_body(request, chat)
+        if not isinstance(body, dict):
+            return body  # an error response
+        asked = self._parse(body, chat)
+        if not isinstance(asked, _Asked):
+            return asked
+        fault = self._pick_fault()
+        if fault:
+            st = self.stats
+            st.faults[fault] = st.faults.get(fault, 0) + 1
+        early = self._fault_response(request, fault)
+        if early is not None:
+            return early
+        return await self._answer(request, chat, body, asked, fault)
+
+    async def _read_body(self, request, chat: bool):
+        """The JSON body, or the error a real server gives: 401 (key), 400 (not a JSON object), 422
+        (``--strict-fields``), 400 (``--refuse-fields``), 404 (another model)."""
         c = self.config
         if c.api_key is not None:
             if request.headers.get("Authorization", "") != f"Bearer {c.api_key}":
@@ -383,6 +414,11 @@ class TeacherServer:
         model = body.get("model")
         if model not in (c.model, None, "default"):
             return self._error(404, f"The model `{model}` does not exist.", "NotFoundError")
+        return body
+
+    def _parse(self, body: dict, chat: bool):
+        """What to answer (:class:`_Asked`), or a 400 for a malformed or unservable request."""
+        c = self.config
         if chat:
             msgs = body.get("messages")
             if not isinstance(msgs, list) or not msgs:
@@ -419,13 +455,12 @@ class TeacherServer:
         if c.max_tokens_cap is not None and max_tokens > c.max_tokens_cap:
             return self._error(400, f"max_tokens={max_tokens} exceeds this model's limit of {c.max_tokens_cap} "
                                     "tokens", "BadRequestError")
+        return _Asked(prompt, prompt_all, max_tokens, n, lp_k, bool(body.get("stream")))
 
-        fault = self._pick_fault()
-        if fault:
-            st = self.stats
-            st.faults[fault] = st.faults.get(fault, 0) + 1
+    def _fault_response(self, request, fault: str | None):
+        """The faults answered before any work: 429 (with Retry-After), 500, a reset connection."""
         if fault == "429":
-            ra = c.retry_after
+            ra = self.config.retry_after
             return self._error(429, "Rate limit reached; retry later.", "rate_limit_error",
                                headers={"Retry-After": str(int(ra)) if float(ra).is_integer() else str(ra)})
         if fault == "500":
@@ -436,8 +471,11 @@ class TeacherServer:
             self._reset(request)
             self._count(0)
             return web.Response(status=500)  # never sent: the transport is gone
+        return None
 
-        stream = bool(body.get("stream"))
+    async def _answer(self, request, chat: bool, body: dict, asked: _Asked, fault: str | None):
+        """Wait for a slot and the latency, compose the choices, send them (streamed or whole)."""
+        c = self.config
         sem = self._semaphore()
         if sem is not None:
             await sem.acquire()
@@ -448,20 +486,22 @@ class TeacherServer:
             delay = self._latency()
             st.latency_sum += delay
             st.latency_count += 1
-            delay += c.slow_ms / 1000.0 if fault == "slow" and not stream else 0.0
+            delay += c.slow_ms / 1000.0 if fault == "slow" and not asked.stream else 0.0
             if delay > 0:
                 await asyncio.sleep(delay)
             choices, comp_tokens = [], 0
-            for i in range(n):
-                choice, toks = self._choice(prompt, body.get("seed"), i, max_tokens, chat, fault == "length")
-                if lp_k is not None:
-                    self._attach_logprobs(choice, prompt, body, i, lp_k, chat)
+            for i in range(asked.n):
+                choice, toks = self._choice(asked.prompt, body.get("seed"), i, asked.max_tokens, chat,
+                                            fault == "length")
+                if asked.lp_k is not None:
+                    self._attach_logprobs(choice, asked.prompt, body, i, asked.lp_k, chat)
                 choices.append(choice)
                 comp_tokens += toks
-            usage = {"prompt_tokens": count_tokens(prompt_all), "completion_tokens": comp_tokens,
-                     "total_tokens": count_tokens(prompt_all) + comp_tokens}
+            prompt_tokens = count_tokens(asked.prompt_all)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": comp_tokens,
+                     "total_tokens": prompt_tokens + comp_tokens}
             head = {"id": f"cmpl-{st.requests}", "created": int(time.time()), "model": c.model}
-            if stream:
+            if asked.stream:
                 opts = body.get("stream_options")
                 want_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
                 resp, whole = await self._stream(request, chat, choices, usage if want_usage else None, fault, head)
@@ -480,20 +520,24 @@ class TeacherServer:
         resp = {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
                 "usage": usage}
         if fault in ("truncated_json", "stream_cut"):
-            from aiohttp import web
-
-            raw = json.dumps(resp).encode()
-            self._count(200)
-            if fault == "truncated_json":
-                return web.Response(body=raw[: max(1, len(raw) // 2)], content_type="application/json")
-            # stream_cut on a plain answer: headers promise the whole body, half arrives, then RST
-            out = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
-                                                          "Content-Length": str(len(raw))})
-            await out.prepare(request)
-            await out.write(raw[: len(raw) // 2])
-            self._reset(request)
-            return out
+            return await self._torn_body(request, resp, fault)
         return self._json(resp)
+
+    async def _torn_body(self, request, resp: dict, fault: str):
+        """A whole (non-streamed) answer broken by ``fault``: half a JSON body with status 200
+        (``truncated_json``), or headers promising the whole body, half of it, then an RST."""
+        from aiohttp import web
+
+        raw = json.dumps(resp).encode()
+        self._count(200)
+        if fault == "truncated_json":
+            return web.Response(body=raw[: max(1, len(raw) // 2)], content_type="application/json")
+        out = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
+                                                      "Content-Length": str(len(raw))})
+        await out.prepare(request)
+        await out.write(raw[: len(raw) // 2])
+        self._reset(request)
+        return out
 
     async def _stream(self, request, chat: bool, choices: list[dict], usage: dict | None, fault: str | None,
                       head: dict) -> tuple[Any, bool]:
