@@ -685,16 +685,12 @@ def _continuation(prompt: str, full: str) -> str:
 
 
 # --- running it -----------------------------------------------------------------------------------
-class RunningServer:
-    """Handle to a server started by :func:`start_in_thread`."""
+class _Address:
+    """``addr`` and ``base_url`` from ``host`` and ``port``: the same on both kinds of handle, so code
+    (and tests) can take either."""
 
-    def __init__(self, server: TeacherServer, host: str, port: int, loop, thread, runner):
-        self.server, self.host, self.port = server, host, port
-        self._loop, self._thread, self._runner = loop, thread, runner
-
-    @property
-    def config(self) -> TeacherConfig:
-        return self.server.config
+    host: str
+    port: int
 
     @property
     def addr(self) -> str:
@@ -705,6 +701,18 @@ class RunningServer:
     def base_url(self) -> str:
         """``http://host:port/v1`` (what ``--base-url`` takes)."""
         return f"http://{self.host}:{self.port}/v1"
+
+
+class RunningServer(_Address):
+    """Handle to a server started by :func:`start_in_thread`."""
+
+    def __init__(self, server: TeacherServer, host: str, port: int, loop, thread, runner):
+        self.server, self.host, self.port = server, host, port
+        self._loop, self._thread, self._runner = loop, thread, runner
+
+    @property
+    def config(self) -> TeacherConfig:
+        return self.server.config
 
     def stats(self) -> dict:
         """A snapshot of the server's counters (same as ``GET /stats``)."""
@@ -802,7 +810,7 @@ class TeacherStartError(RuntimeError):
 
 
 @dataclass
-class SpawnedTeacher:
+class SpawnedTeacher(_Address):
     """Handle to a ``distill serve-teacher`` process started by :func:`spawn_teacher`."""
 
     proc: subprocess.Popen
@@ -810,16 +818,6 @@ class SpawnedTeacher:
     port: int
     cmd: list[str]
     log: Path | None = None
-
-    @property
-    def addr(self) -> str:
-        """``host:port`` (what ``--api-addr`` takes), as :attr:`RunningServer.addr`."""
-        return f"{self.host}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        """``http://host:port/v1`` (what ``--base-url`` takes), as :attr:`RunningServer.base_url`."""
-        return f"http://{self.host}:{self.port}/v1"
 
     def stats(self) -> dict:
         """The server's counters (``GET /stats``)."""
