@@ -371,3 +371,20 @@ def _cmdline(pid: str) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+def test_spawn_teacher_kills_a_process_that_outlives_sigterm(tmp_path):
+    """The SIGKILL fallback: the "python" here is a shell that ignores SIGTERM and lingers after the
+    real teacher (its child, same process group) has shut down cleanly."""
+    from distilled.generate.teacher_server import spawn_teacher
+
+    stubborn = tmp_path / "stubborn-python"
+    stubborn.write_text(f"#!/bin/sh\ntrap '' TERM\n{sys.executable} \"$@\"\nsleep 30\n")
+    stubborn.chmod(0o755)
+    t0 = time.monotonic()
+    with spawn_teacher(["--seed", "2"], python=str(stubborn), grace=0.5) as t:
+        assert t.stats()["config"]["seed"] == 2
+        proc = t.proc
+    assert proc.returncode == -9 and time.monotonic() - t0 < 20  # killed after the grace, not after 30 s
+    with pytest.raises(ProcessLookupError):
+        os.kill(proc.pid, 0)
