@@ -27,14 +27,14 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["option", "add_arguments", "from_args"]
+__all__ = ["option", "add_arguments", "from_args", "split_list", "to_argv"]
 
 _MISSING = dataclasses.MISSING
 
 
 def option(default: Any = _MISSING, *, help: str, flag: str | None = None, choices: Sequence[Any] | None = None,
            metavar: str | None = None, aliases: Sequence[str] = (), nargs: str | None = None,
-           positional: bool = False, append: bool = False) -> Any:
+           positional: bool = False, append: bool = False, sep: str | None = None) -> Any:
     """A dataclass field that is also a CLI flag.
 
     ``default`` missing makes the flag required. ``flag`` overrides the spelling (``--field-name`` by
@@ -43,12 +43,15 @@ def option(default: Any = _MISSING, *, help: str, flag: str | None = None, choic
     an argument named after the field (``distill eval compare RUN...``) instead of a flag.
     ``append`` makes a list field a repeatable flag (``--input a --input b``); its default must be
     ``None`` (argparse would append to a list default, so two runs in one process would share it).
+    ``sep`` makes a ``tuple[str, ...]`` field one flag holding a ``sep``-separated list
+    (``--faults 429,500``): :func:`from_args` splits it (items stripped, blanks dropped) and
+    :func:`to_argv` joins it back.
     """
     if append and default not in (None, _MISSING):
         raise ValueError("an append option's default must be None or missing")
     meta = {"help": help, "flag": flag, "choices": tuple(choices) if choices is not None else None,
             "metavar": metavar, "aliases": tuple(aliases), "nargs": nargs, "positional": positional,
-            "append": append}
+            "append": append, "sep": sep}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -96,6 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str
                 kw.update(action="store_true", default=False)
             parser.add_argument(*names, **kw)
             continue
+        if meta.get("sep"):  # one string flag; from_args splits it
+            kw.update(type=str, default=default)
+            parser.add_argument(*names, **kw)
+            continue
         if typing.get_origin(tp) in (list, tuple):
             (elem, *_rest) = typing.get_args(tp) or (str,)
             tp = elem
@@ -120,5 +127,67 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str
 def from_args(cls: type, args: argparse.Namespace, **overrides: Any):
     """Build ``cls`` from a namespace parsed with :func:`add_arguments` (``overrides`` win)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+    for f in dataclasses.fields(cls):
+        sep = f.metadata.get("sep")
+        if sep and isinstance(values.get(f.name), str):
+            values[f.name] = split_list(values[f.name], sep)
     values.update(overrides)
     return cls(**values)
+
+
+def split_list(value: str | Sequence[str] | None, sep: str = ",") -> tuple[str, ...]:
+    """``"a, b"`` (a ``sep`` option's CLI form) or a sequence -> ``("a", "b")``; blanks dropped.
+
+    >>> split_list(" 429, 500,,"), split_list(None), split_list(["x"])
+    (('429', '500'), (), ('x',))
+    """
+    if value is None:
+        return ()
+    items = value.split(sep) if isinstance(value, str) else value
+    return tuple(s.strip() for s in items if s.strip())
+
+
+def to_argv(obj: Any, skip: Sequence[str] = ()) -> list[str]:
+    """The flags that rebuild ``obj`` with :func:`from_args`: every option that differs from its
+    default (the reverse of :func:`add_arguments`, for starting a stage in a child process).
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Demo:
+    ...     workers: int = option(2, help="processes")
+    ...     progress: bool = option(True, help="no progress bar", flag="--no-progress")
+    ...     kinds: tuple[str, ...] = option(("a",), help="kinds", sep=",")
+    >>> to_argv(Demo(workers=4, progress=False, kinds=("a", "b")))
+    ['--workers', '4', '--no-progress', '--kinds', 'a,b']
+    """
+    out: list[str] = []
+    for f in dataclasses.fields(obj):
+        meta = f.metadata
+        if "help" not in meta or f.name in skip:
+            continue
+        value, default = getattr(obj, f.name), _default_of(f)
+        if meta.get("sep"):
+            value, default = split_list(value, meta["sep"]), split_list(default, meta["sep"])
+        if value == default:
+            continue
+        if meta.get("positional"):
+            raise ValueError(f"to_argv: positional option {f.name!r} is not supported")
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            if flag.startswith("--no-"):
+                out.append(flag)  # value False: the --no- flag switches the True default off
+            elif default is True:
+                out.append(flag if value else "--no-" + flag[2:])  # BooleanOptionalAction
+            else:
+                out.append(flag)
+        elif meta.get("sep"):
+            out += [flag, meta["sep"].join(value)]
+        elif isinstance(value, (list, tuple)):
+            if meta.get("append"):
+                for v in value:
+                    out += [flag, str(v)]
+            else:
+                out += [flag, *map(str, value)]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out

@@ -104,3 +104,35 @@ def test_append_option_is_a_repeatable_flag_and_never_shares_its_default():
         p.parse_args([])  # --input is required
     with pytest.raises(ValueError, match="append option's default"):
         option(["a"], help="h", append=True)
+
+
+@dataclass
+class WithLists:
+    faults: tuple[str, ...] = option(("429", "500"), help="comma list", sep=",")
+    inputs: list[str] | None = option(None, help="repeatable", flag="--input", append=True)
+    tasks: list[str] = option(["a"], help="several")
+    stream: bool = option(False, help="stream")
+    progress: bool = option(True, help="no bar", flag="--no-progress")
+    resume: bool = option(True, help="resume")
+    limit: int | None = option(None, help="first K")
+
+
+def test_sep_option_is_one_comma_flag_split_by_from_args():
+    p = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(p, WithLists)
+    assert from_args(WithLists, p.parse_args([])).faults == ("429", "500")
+    assert from_args(WithLists, p.parse_args(["--faults", " reset, slow,,"])).faults == ("reset", "slow")
+    assert from_args(WithLists, p.parse_args(["--faults", ""])).faults == ()
+
+
+@pytest.mark.parametrize("obj", [
+    WithLists(), WithLists(faults=("slow",), inputs=["x", "y"], tasks=["b", "c"], stream=True, progress=False,
+                           resume=False, limit=3),
+    WithLists(faults=(), limit=0)])
+def test_to_argv_round_trips_through_the_parser(obj):
+    p = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(p, WithLists)
+    argv = settings.to_argv(obj)
+    assert from_args(WithLists, p.parse_args(argv)) == obj
+    if obj == WithLists():
+        assert argv == []  # only what differs from a default is spelled out

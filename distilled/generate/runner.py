@@ -70,9 +70,9 @@ class GenerateConfig:
     """Everything ``distill generate`` needs; each field with ``option`` is one CLI flag.
 
     Why one place: the flag's spelling, default and help live on the field, so the CLI and the
-    library cannot drift apart. Two options are not 1:1 and are spelled out in :func:`register_cli`:
-    ``endpoints`` (gathered from the repeatable ``--api-addr`` and ``--base-url``) and
-    ``drop_columns`` (the flag is one comma list). ``fsync_every`` and ``probe_timeout`` are
+    library cannot drift apart. One option is not 1:1 and is spelled out in :func:`register_cli`:
+    ``endpoints`` (gathered from the repeatable ``--api-addr`` and ``--base-url``).
+    ``drop_columns`` is one comma-list flag (``sep=","``). ``fsync_every`` and ``probe_timeout`` are
     library-only knobs (no flag)."""
 
     dataset_name: str = option(help="local .jsonl/.json/.parquet, a save_to_disk directory, or a hub id (online)")
@@ -113,7 +113,9 @@ class GenerateConfig:
     allow_settings_change: bool = option(
         False, help="resume into an output made with other settings (the change is recorded in "
                     "OUT.settings.json); without it such a resume stops and names the differences")
-    drop_columns: tuple[str, ...] = ()  # --drop-columns COL,... (see register_cli)
+    drop_columns: tuple[str, ...] = option(
+        (), sep=",", metavar="COL,...",
+        help="input columns to leave out of the output (e.g. an input's own 'generations')")
     top_logprobs: int | None = option(  # K: also store the teacher's top-K per token (distilled.kd.capture)
         None, metavar="K",
         help="also store the teacher's top-K log-probabilities per generated token (K <= 20) in "
@@ -741,14 +743,13 @@ async def _probe(cfg: GenerateConfig, client: Any, stop: asyncio.Event, say, fat
 
 
 def config_from_args(args: argparse.Namespace) -> GenerateConfig:
-    """Build :class:`GenerateConfig` from the flags; only the two derived values are computed here."""
+    """Build :class:`GenerateConfig` from the flags; only the derived ``endpoints`` is computed here."""
     endpoints = list(args.api_addr or [])
     if args.base_url:
         endpoints += args.base_url
     if not endpoints:
         endpoints = ["localhost:39876"]  # open-r1's default
-    drop = tuple(c.strip() for c in (args.drop_columns or "").split(",") if c.strip())
-    return from_args(GenerateConfig, args, endpoints=endpoints, drop_columns=drop)
+    return from_args(GenerateConfig, args, endpoints=endpoints)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -793,13 +794,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                        description="Generate N teacher answers per problem over an OpenAI-compatible API "
                                    "(vLLM, SGLang, MindIE, hosted APIs, or `distill serve-teacher`). Resumable, "
                                    "never loses or duplicates a generation.")
-    add_arguments(p, GenerateConfig, skip=("drop_columns",))
+    add_arguments(p, GenerateConfig)
     # Not 1:1 with a field: several flags fill one list, and the default endpoint is open-r1's
     # (config_from_args merges them into GenerateConfig.endpoints).
     p.add_argument("--api-addr", action="append", default=None,
                    help="HOST:PORT of an endpoint (repeat for several; balanced by least in-flight)")
     p.add_argument("--base-url", action="append", default=None, help="full base URL, e.g. https://api.x.com/v1")
     # The flag is one comma list; the field is a tuple (config_from_args splits it).
-    p.add_argument("--drop-columns", default=None, metavar="COL,...",
-                   help="input columns to leave out of the output (e.g. an input's own 'generations')")
     p.set_defaults(func=cmd_generate)

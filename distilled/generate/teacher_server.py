@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -68,7 +67,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from distilled.generate.problems import latex_number, parse_problem, solve
-from distilled.settings import add_arguments, from_args, option
+from distilled.settings import add_arguments, from_args, option, split_list, to_argv
 
 FAULT_KINDS = ("429", "500", "reset", "slow", "truncated_json", "length", "stream_cut")
 DEFAULT_MODEL = "stand-in-teacher"
@@ -97,8 +96,8 @@ class TeacherConfig:
     """Every knob of the stand-in teacher; each documented field is also its ``distill serve-teacher``
     flag (:mod:`distilled.settings`), in this order in ``--help``.
 
-    ``faults`` and ``refuse_fields`` are tuples; the CLI gives them as comma lists ("429,500"), which
-    :meth:`__post_init__` splits, so one field serves both. The key itself (``api_key``) is never a
+    ``faults`` and ``refuse_fields`` are tuples; the CLI gives them as comma lists ("429,500"),
+    split by :func:`distilled.settings.from_args` (``sep=","``). The key itself (``api_key``) is never a
     flag (it would show in ``ps``): ``--api-key-env`` names the environment variable holding it.
     """
 
@@ -111,8 +110,8 @@ class TeacherConfig:
     """log-normal shape: p99/median = exp(2.326 * sigma)"""
     capacity: int = option(0, help="max requests served at once; the rest queue (0 = no cap)")
     fault_rate: float = option(0.0, help="share of requests that get an injected fault")
-    faults: tuple[str, ...] | str = option(
-        FAULT_KINDS, help=f"fault kinds to draw from (default {','.join(FAULT_KINDS)})")
+    faults: tuple[str, ...] = option(
+        FAULT_KINDS, sep=",", help=f"fault kinds to draw from (default {','.join(FAULT_KINDS)})")
     retry_after: float = option(1.0, help="seconds in the Retry-After of a 429")
     slow_ms: float = option(2000.0, help="extra delay of a 'slow' fault")
     reasoning_content: bool = option(
@@ -138,14 +137,14 @@ class TeacherConfig:
     answered with realistic top-K log-probabilities over that tokenizer's tokens of the answer
     (:mod:`distilled.kd.standin`), as a teacher sharing the student's vocabulary would; without it
     such requests get 400."""
-    refuse_fields: tuple[str, ...] | str = option(
-        (), metavar="F,...", help="answer 400 to requests carrying these fields (e.g. stream_options), like a "
+    refuse_fields: tuple[str, ...] = option(
+        (), sep=",", metavar="F,...", help="answer 400 to requests carrying these fields (e.g. stream_options), like a "
                                   "server without that option")
     api_key: str | None = None  # no flag: when set, requests need "Authorization: Bearer <key>"
 
     def __post_init__(self) -> None:
-        self.faults = _comma_list(self.faults)
-        self.refuse_fields = _comma_list(self.refuse_fields)
+        self.faults = split_list(self.faults)  # Python callers may pass "429,500" too
+        self.refuse_fields = split_list(self.refuse_fields)
         if self.api_key_env and self.api_key is None:
             self.api_key = os.environ.get(self.api_key_env) or None
             if self.api_key is None:
@@ -157,14 +156,6 @@ class TeacherConfig:
             raise ValueError(f"latency_dist must be 'lognormal' or 'fixed', got {self.latency_dist!r}")
         if not 0.0 <= self.wrong_rate <= 1.0 or not 0.0 <= self.fault_rate <= 1.0:
             raise ValueError("wrong_rate and fault_rate must be within [0, 1]")
-
-
-def _comma_list(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
-    """``"a, b"`` (the CLI form) or a sequence -> ``("a", "b")``; blanks dropped, ``None`` -> ``()``."""
-    if value is None:
-        return ()
-    items = value.split(",") if isinstance(value, str) else value
-    return tuple(s.strip() for s in items if s.strip())
 
 
 # --- answer composition (pure functions) --------------------------------------------------------
@@ -846,22 +837,7 @@ def teacher_flags(config: TeacherConfig) -> list[str]:
     >>> teacher_flags(TeacherConfig(capacity=4, faults=("429", "500"), stream_done=False))
     ['--capacity', '4', '--faults', '429,500', '--no-stream-done']
     """
-    out: list[str] = []
-    for f in dataclasses.fields(TeacherConfig):
-        if "help" not in f.metadata or f.name == "api_key_env":
-            continue
-        value = getattr(config, f.name)
-        default = _comma_list(f.default) if isinstance(value, tuple) else f.default
-        if value == default:
-            continue
-        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):  # store_true, or a --no- flag switching a True default off
-            out.append(flag)
-        elif isinstance(value, tuple):
-            out += [flag, ",".join(value)]
-        elif value is not None:
-            out += [flag, str(value)]
-    return out
+    return to_argv(config, skip=("api_key_env",))
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, timeout: float, log: Path | None) -> None:
