@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from distilled.paths import REPO_ROOT as REPO
+from distilled.settings import add_arguments, from_args, option
 
 OPEN_R1_SYSTEM_PROMPT = (
     "You are Open-R1, a language model trained by Hugging Face to help users. Your role as an assistant "
@@ -328,7 +329,17 @@ def _cmd_list(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_show(a: argparse.Namespace) -> int:
+@dataclass
+class ShowArgs:
+    """``distill recipe show``'s options (declared once: :mod:`distilled.settings`)."""
+
+    name: str = option(help="recipe name (`distill recipe list`)", positional=True)
+    tokens: float | None = option(None, help="padded tokens per epoch for the estimate")
+    mean_context: float = option(2500.0, help="mean attended context per token (default 2500, docs/scaling.md)")
+
+
+def _cmd_show(ns: argparse.Namespace) -> int:
+    a = from_args(ShowArgs, ns)
     try:
         r = get(a.name)
     except KeyError as exc:
@@ -356,10 +367,7 @@ def register_cli(sub: Any) -> None:
     lp = rsub.add_parser("list", help="the recipe table")
     lp.set_defaults(func=_cmd_list)
     sp = rsub.add_parser("show", help="one recipe: settings, commands, wall-time estimate")
-    sp.add_argument("name", help="recipe name (`distill recipe list`)")
-    sp.add_argument("--tokens", type=float, default=None, help="padded tokens per epoch for the estimate")
-    sp.add_argument("--mean-context", type=float, default=2500.0,
-                    help="mean attended context per token (default 2500, docs/scaling.md)")
+    add_arguments(sp, ShowArgs)
     sp.set_defaults(func=_cmd_show)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 

@@ -52,7 +52,12 @@ def _str2bool(value: str) -> bool:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    """MindFormers 1.9 ``run_mindformer.py`` arguments (same names and meaning)."""
+    """MindFormers 1.9 ``run_mindformer.py`` arguments (same names and meaning).
+
+    Why plain ``argparse`` and not :mod:`distilled.settings`: these flags are MindFormers' contract,
+    copied name for name, and each one overrides a YAML key (``MindFormerConfig``), not a field of a
+    config class of ours; the YAML is the one place the settings live.
+    """
     p = argparse.ArgumentParser(
         prog="run_mindformer.py",
         description="MindFormers-compatible training entry (project handlers, CPU shims, packed-data fix, "
