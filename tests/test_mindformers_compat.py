@@ -29,18 +29,7 @@ def ms_cpu():
 
 @pytest.fixture(scope="module")
 def tiny_llama(ms_cpu):
-    ms = ms_cpu
-    from mindformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(batch_size=1, seq_length=S, hidden_size=64, num_layers=2, num_heads=4, n_kv_heads=2,
-                      vocab_size=VOCAB, intermediate_size=128, qkv_has_bias=True, use_flash_attention=False,
-                      compute_dtype="float32", layernorm_compute_type="float32", softmax_compute_type="float32",
-                      rotary_dtype="float32", param_init_type="float32", use_past=False, pad_token_id=0,
-                      use_rope_slice=True, input_sliced_sig=True, theta=10000.0)
-    ms.set_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.set_train(True)
-    return model
+    return _fresh_llama(ms_cpu)
 
 
 def _labels(doc: np.ndarray) -> np.ndarray:
