@@ -628,8 +628,14 @@ def _run_twin(rec, data: Path, student: Path, out: Path) -> subprocess.Completed
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
 
 
+# mindspore-docs-7b's twin is configs/finetune_qwen2_5_tiny_cpu.yaml, the demo's YAML: tests/test_demo.py
+# runs it end to end (data -> run_mindformer.py -> convert -> eval) and tests/test_finetune_cpu.py
+# trains, resumes and exports it with 2 msrun workers, so it is not run a third time here.
+E2E_RECIPES = [r for r in RECIPES if r.name != "mindspore-docs-7b"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("rec", RECIPES, ids=lambda r: r.name)
+@pytest.mark.parametrize("rec", E2E_RECIPES, ids=lambda r: r.name)
 def test_recipe_end_to_end_on_its_cpu_twin(rec, tmp_path, qwen_tokenizer_dir):
     """data -> finetune (run_mindformer.py, graph mode, the twin YAML) -> convert -> eval (open-r1
     preset on a few offline problems) -> model card with the results, generating until <|im_end|>."""
@@ -644,7 +650,10 @@ def test_recipe_end_to_end_on_its_cpu_twin(rec, tmp_path, qwen_tokenizer_dir):
     tm = twin["model"]["model_config"]
     seq = int(tm["seq_length"])
     # 1. data: the recipe's own preprocessing command on rows shaped like its data set
-    n = {"openr1-distill-7b": 16, "magpie-lora-3b": 50}.get(rec.name, 40)  # ~4-8 packed rows of 512
+    # 4 packed rows of 512 each = 2 optimizer steps of global batch 2 (measured): the fewest that
+    # still show accumulation (steps = rows / global batch) and a falling loss; a step costs ~5 s
+    # here (151,936-row vocabulary), so more rows only make CI slower
+    n = {"openr1-distill-7b": 4, "magpie-lora-3b": 20, "openr1-stratos-1.5b": 16}[rec.name]
     rep = _preprocess(rec, _jsonl(tmp_path / "rows.jsonl", ROWS[rec.name](n, seed=3)), tmp_path / "packed",
                       qwen_tokenizer_dir, seq)
     rows = len(datasets.load_from_disk(str(tmp_path / "packed")))
