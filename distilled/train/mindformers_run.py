@@ -673,9 +673,35 @@ def shims_for(config: Any, no_packed_shim: bool = False, no_global_token_mean: b
     return names
 
 
+def run_scheduler(argv: list[str] | None = None) -> int:
+    """The msrun scheduler process: host the cluster's meta server, nothing else.
+
+    Why: msrun starts the training script once more as the scheduler (``MS_ROLE=MS_SCHED``), and
+    MindFormers' own script then imports MindFormers (about 9 s of CPU here), reads the YAML and
+    builds the whole context only to reach ``mindspore.communication.init()``, which, for the
+    scheduler, runs the meta server until the workers are done. Going straight there (with the
+    YAML's ``context.device_target``, as MindFormers would set it) saved about 5 s per 2-worker
+    launch on this 2-core machine (43 s -> 38 s for the LoRA msrun test) and keeps the scheduler
+    small; the workers are untouched.
+    """
+    import mindspore as ms
+    import yaml
+    from mindspore.communication import init
+
+    args, _ = build_arg_parser().parse_known_args(argv)
+    with open(args.config, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    target = args.device_target or (raw.get("context") or {}).get("device_target", "Ascend")
+    ms.set_context(device_target=target)
+    init()
+    return 0
+
+
 def run(argv: list[str] | None = None) -> int:
     """Entry of ``run_mindformer.py``: parse, adapt, check, shim, train. Returns an exit code."""
     os.environ.setdefault("GLOG_v", "3")
+    if os.environ.get("MS_ROLE") == "MS_SCHED":
+        return run_scheduler(argv)
     try:
         config, args = load_config(argv)
         world = world_size_from_env()
