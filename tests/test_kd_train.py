@@ -115,7 +115,7 @@ def test_kd_yaml_trains_through_run_mindformer_msrun(tmp_path, kd_packed):
     d, _ = kd_packed
     out = tmp_path / "out"
     cmd = (f"{REPO / 'run_mindformer.py'} --config {KD_YAML} --run_mode finetune --train_dataset_dir {d / 'packed'} "
-           f"--output_dir {out} --model.model_config.seq_length {S} --model.model_config.kd_top_k {K} --epochs 3")
+           f"--output_dir {out} --model.model_config.seq_length {S} --model.model_config.kd_top_k {K} --epochs 1")
     r = subprocess.run(["bash", str(REPO / "scripts" / "msrun_launcher.sh"), cmd, "2", "8257", str(out / "msrun_log"),
                         "True", "900"], cwd=REPO, capture_output=True, text=True, timeout=1500)
     logs = [p.read_text(errors="replace") for p in sorted((out / "msrun_log").glob("worker_*.log"))]
