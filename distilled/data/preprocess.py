@@ -611,8 +611,8 @@ def summary_line(rep: dict) -> str:
 class MergeConfig:
     """``distill merge``'s options (flags via :mod:`distilled.settings`); see :func:`merge`."""
 
-    shards: list[str] = option(positional=True, metavar="SHARD_DIR", help="")
-    output: str = option(metavar="DIR", help="")
+    shards: list[str] = option(positional=True, metavar="SHARD_DIR", help="packed output folders of distill preprocess to merge")
+    output: str = option(metavar="DIR", help="merged output directory (replaced atomically)")
     seed: int | None = option(None, help="shuffle packed rows with this seed")
     keep_handled: bool = option(False, help=f"keep the merged unpacked {HANDLED_FILE}")
     progress: bool = True  # the CLI's --quiet (see register_cli)

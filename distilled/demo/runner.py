@@ -70,9 +70,9 @@ class DemoConfig:
     learning_rate: float = option(
         5e-3, help="peak learning rate of the tiny student (the YAML's linear warm-up/decay schedule)")
     workers: int = option(2, help="msrun workers / verifier processes")
-    parity_steps: int = option(3, help="")
-    eval_max_tokens: int = option(256, help="")
-    seed: int = option(0, help="")
+    parity_steps: int = option(3, help="training steps the MindSpore-vs-torch parity stage compares")
+    eval_max_tokens: int = option(256, help="max new tokens per answer in the before/after eval")
+    seed: int = option(0, help="seed of every stage (same seed, same run)")
     # logits distillation (docs/logits-distillation.md): capture the stand-in teacher's top-K,
     # preprocess with aligned top-K columns, fine-tune KDLlamaForCausalLM (configs/*_kd.yaml)
     kd: bool = option(False, help="logits distillation: capture the teacher's top-K log-probabilities and "

@@ -92,7 +92,8 @@ class EvalConfig:
 
     tasks: str | Sequence[str] | None = option(
         None, help="comma list of math_500, aime24, aime25, gpqa_diamond, synth, jsonl:PATH")
-    engine: str = option("openai", help="", choices=["openai", "transformers", "vllm"])
+    engine: str = option("openai", help="openai: a running server; transformers/vllm: load --model here",
+                         choices=["openai", "transformers", "vllm"])
     api_addr: list[str] = option([], help="HOST:PORT (or base URL) of OpenAI-compatible servers")
     model: str | None = option(None, help="HF model folder (transformers/vllm engines)")
     model_name: str | None = option(None, help="served model id (openai) / display name in reports")
@@ -105,25 +106,25 @@ class EvalConfig:
     temperature: float | None = option(None, help="default 0.6")
     top_p: float | None = option(None, help="default 0.95")
     max_tokens: int | None = option(None, help="max new tokens per sample (default 32768)")
-    system_prompt: str | None = option(None, help="")
+    system_prompt: str | None = option(None, help="system turn before each problem (none by default)")
     prompt_template: str | None = option(
         None, help="math tasks: a str.format template with {prompt} instead of the pinned lighteval prompt "
                    "(e.g. the one the model was trained with); recorded as the prompt version")
     data_dir: str | None = option(
         None, help="folder with math500.jsonl, aime24.jsonl, aime25.jsonl, gpqa_diamond.jsonl")
     task_file: str | None = option(None, help="problems file (id, problem, answer) for the synth task")
-    output: str = option("runs/eval", help="")
+    output: str = option("runs/eval", help="run folder: samples, results.json, report.md (a rerun resumes)")
     limit: int | None = option(None, help="first K problems of each task")
-    seed: int = option(0, help="")
+    seed: int = option(0, help="sampling seed (also the GPQA answer shuffle)")
     batch_size: int = option(8, help="transformers batch / judging batch")
     max_concurrent: int = option(64, help="openai: requests in flight")
-    max_retries: int = option(8, help="")
-    request_timeout: float = option(600.0, help="")
+    max_retries: int = option(8, help="openai: retries per request")
+    request_timeout: float = option(600.0, help="openai: seconds per request attempt")
     api_key_env: str | None = option(None, help="environment variable holding the API key")
     tokenizer: str | None = option(
         None, help="openai + budget forcing: the served model's tokenizer folder (default: --model when given)")
-    verify_workers: int = option(2, help="")
-    verify_timeout: float = option(5.0, help="")
+    verify_workers: int = option(2, help="answer-checking processes")
+    verify_timeout: float = option(5.0, help="seconds per answer check (a hung check counts as wrong)")
     min_think_tokens: int | None = option(None, help="budget forcing: replace an earlier </think> with 'Wait'")
     max_think_tokens: int | None = option(None, help="budget forcing: cut thinking and force </think>")
     tensor_parallel_size: int = option(1, help="vllm engine")

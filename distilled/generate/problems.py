@@ -263,7 +263,7 @@ class SynthOptions:
 
     n: int = option(help="number of train problems")
     output: str = option(help="train JSONL path")
-    seed: int = option(0, help="")
+    seed: int = option(0, help="random seed (same seed, same files)")
     test_output: str | None = option(None, help="held-out test JSONL path")
     test_n: int = option(100, help="number of held-out test problems (default 100)")
     kinds: str = option(",".join(KINDS), help=f"comma list of kinds (default {','.join(KINDS)})")

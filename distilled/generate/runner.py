@@ -76,22 +76,22 @@ class GenerateConfig:
     library-only knobs (no flag)."""
 
     dataset_name: str = option(help="local .jsonl/.json/.parquet, a save_to_disk directory, or a hub id (online)")
-    output_file: str = option(help="")
+    output_file: str = option(help="output JSONL (appended to; a rerun resumes)")
     endpoints: list[str]  # --api-addr / --base-url (see register_cli)
     model: str = option("default", help="model name sent to the server (default 'default')")
-    dataset_config: str | None = option(None, help="")
-    split: str = option("train", help="")
-    prompt_column: str = option("problem", help="")
+    dataset_config: str | None = option(None, help="hub dataset config name")
+    split: str = option("train", help="dataset split (default train)")
+    prompt_column: str = option("problem", help="column holding the problem text (default problem)")
     uuid_column: str | None = option(None, help="column identifying a problem (default: the prompt column)")
     api_key_env: str | None = option(None, help="environment variable holding the API key")
-    num_generations: int = option(4, help="")
-    max_tokens: int = option(16384, help="")
+    num_generations: int = option(4, help="answers per problem (default 4)")
+    max_tokens: int = option(16384, help="max new tokens per answer (default 16384)")
     max_concurrent: int = option(64, help="max requests in flight over all endpoints")
-    temperature: float | None = option(0.6, help="")
-    top_p: float | None = option(0.95, help="")
+    temperature: float | None = option(0.6, help="sampling temperature (default 0.6, DeepSeek-R1's)")
+    top_p: float | None = option(0.95, help="nucleus sampling top-p (default 0.95)")
     prompt_template: str = option(
         DEFAULT_PROMPT_TEMPLATE, help="user message template with {prompt} (default: open-r1's)")
-    system_prompt: str | None = option(None, help="")
+    system_prompt: str | None = option(None, help="system turn sent before the user message (none by default)")
     request_timeout: float = option(  # per non-streamed attempt
         DEFAULT_REQUEST_TIMEOUT,
         help="seconds per non-streamed attempt (default 3600: 32k tokens at 10 tok/s per sequence)")

@@ -102,10 +102,11 @@ class TeacherConfig:
     """
 
     model: str = option(DEFAULT_MODEL, help="model id served (requests may also say 'default')")
-    seed: int = option(0, help="")
+    seed: int = option(0, help="seed of the answers, wrong answers, latencies and faults (same seed, same run)")
     wrong_rate: float = option(0.2, help="share of deliberately wrong answers")
     latency_ms: float = option(0.0, help="mean latency per request in ms (0 = none)")
-    latency_dist: str = option("lognormal", help="", choices=("lognormal", "fixed"))
+    latency_dist: str = option("lognormal", help="latency distribution around --latency-ms",
+                               choices=("lognormal", "fixed"))
     latency_sigma: float = option(1.0, help="log-normal sigma (1.0: p99 ~ 10x median)")
     """log-normal shape: p99/median = exp(2.326 * sigma)"""
     capacity: int = option(0, help="max requests served at once; the rest queue (0 = no cap)")
@@ -926,8 +927,8 @@ def spawn_teacher(flags: Sequence[str] | TeacherConfig = (), *, host: str = "127
 class ServeArgs:
     """Where ``distill serve-teacher`` listens (flags before the :class:`TeacherConfig` ones)."""
 
-    port: int = option(help="")
-    host: str = option("127.0.0.1", help="")
+    port: int = option(help="TCP port to listen on")
+    host: str = option("127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -43,14 +43,14 @@ class ScoreConfig:
     output: str = option(help="sidecar to write (e.g. runs/scored.topk.bin); resumable")
     tokenizer: str = option(help="the student's tokenizer folder, or 'qwen2.5'")
     top_logprobs: int = option(20, help=f"K, 1..{MAX_TOP_LOGPROBS} (default 20)")
-    model: str = option("default", help="")
+    model: str = option("default", help="served model id of the teacher")
     api_addr: list[str] | None = option(None, append=True, help="HOST:PORT (repeatable)")
     base_url: list[str] | None = option(None, append=True, help="full base URL (repeatable)")
-    api_key_env: str | None = option(None, help="")
+    api_key_env: str | None = option(None, help="environment variable holding the API key (hosted APIs)")
     uuid_column: str = option("problem_key", help="column naming the problem (distill generate's problem_key by "
                                                   "default)")
     """distill generate's resume key, kept by distill reject."""
-    messages_column: str = option("messages", help="")
+    messages_column: str = option("messages", help="column holding the conversation to score")
     generations_column: str | None = option(None, help="score every generation of this list column")
     """Score every generation of a generations.jsonl row (instead of one ``messages`` answer)."""
     prompt_column: str = option("prompt", help="with --generations-column: the user prompt column")
@@ -58,9 +58,9 @@ class ScoreConfig:
     chat_template: str | None = option(None, help="the teacher's chat template (.jinja); default the tokenizer's")
     server_kind: str = option("openai", choices=("openai", "vllm"),
                               help="vllm: also request prompt_logprobs and token ids (exact)")
-    max_concurrent: int = option(16, help="")
-    limit: int | None = option(None, help="")
-    progress: bool = option(True, flag="--no-progress", help="")
+    max_concurrent: int = option(16, help="requests in flight at once")
+    limit: int | None = option(None, help="only the first K rows")
+    progress: bool = option(True, flag="--no-progress", help="no progress bar")
     endpoints: list[str] = field(default_factory=list)
     generation_index_column: str = "kept_generation_index"
     max_retries: int = 8

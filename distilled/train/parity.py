@@ -382,7 +382,7 @@ class ParityArgs:
     weights: str = option(help="HF safetensors directory loaded into both backends")
     data: str = option(help="packed Arrow directory")
     steps: int = option(20, help="training steps to compare (default 20)")
-    dtype: str = option("float32", choices=sorted(TOLERANCES), help="")
+    dtype: str = option("float32", choices=sorted(TOLERANCES), help="compute dtype on both backends (its tolerances apply)")
     report: str | None = option(None, help="write parity.json, parity.md and parity_loss.png here")
     check: str = option("train", choices=["train", "packing", "kd", "all"],
                         help="train: losses/grads/logits/drift; packing: packed vs per-document loss on each backend")
